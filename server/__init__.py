@@ -1,0 +1,1 @@
+"""The platform side: aggregation, evaluation, checkpoints and the Flower ServerApp."""

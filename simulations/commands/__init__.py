@@ -1,0 +1,1 @@
+"""Subcommands of the ``fedshop`` CLI, one module per group."""
