@@ -1,0 +1,173 @@
+"""The run configuration: one TOML file, parsed once into frozen dataclasses.
+
+Sections: ``[federation]``, ``[training]``, ``[privacy]``, ``[model]``, ``[evaluation]``,
+``[data]`` plus a top-level ``seed``. ``[privacy]`` is what the platform *requests*; each
+merchant's own configuration caps it (a merchant may spend less, never more).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from common.accounting import AccountantKind, PrivacyUnit
+from common.configparse import as_plain_dict, from_mapping, load_toml
+from common.errors import ConfigError
+from common.model import ModelSpec
+
+
+class StrategyKind(Enum):
+    FEDAVG = "fedavg"
+    FEDPROX = "fedprox"
+    FEDADAM = "fedadam"
+
+
+class DataSource(Enum):
+    COMPLETEJOURNEY = "completejourney"
+    SYNTHETIC = "synthetic"
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    rounds: int = 5
+    strategy: StrategyKind = StrategyKind.FEDAVG
+    min_merchants: int = 2
+    round_timeout_s: float = 900.0
+    proximal_mu: float = 0.01
+    server_learning_rate: float = 0.01
+    max_update_norm: float = 1e4
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise ConfigError(f"federation.rounds must be >= 1, got {self.rounds}")
+        if self.min_merchants < 1:
+            raise ConfigError(f"federation.min_merchants must be >= 1, got {self.min_merchants}")
+        if not self.round_timeout_s > 0:
+            raise ConfigError("federation.round_timeout_s must be > 0")
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    batch_size: int = 1024
+    local_epochs: int = 1
+    learning_rate: float = 3e-3
+    negatives: int = 4
+    events_per_customer: int = 32
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "local_epochs", "negatives", "events_per_customer"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"training.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"training.learning_rate must be > 0, got {self.learning_rate}")
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """Requested DP settings. ``enabled = false`` is for non-private baselines only."""
+
+    enabled: bool = True
+    unit: PrivacyUnit = PrivacyUnit.EVENT
+    epsilon_cap: float = 3.0
+    delta: float = 1e-5
+    clipping_norm: float = 1.0
+    noise_multiplier: float | None = None  # None: calibrate to epsilon_cap over the planned rounds
+    accountant: AccountantKind = AccountantKind.RDP
+
+    def __post_init__(self) -> None:
+        if not (self.epsilon_cap > 0 and math.isfinite(self.epsilon_cap)):
+            raise ConfigError(f"privacy.epsilon_cap must be > 0, got {self.epsilon_cap}")
+        if not (0 < self.delta < 1):
+            raise ConfigError(f"privacy.delta must be in (0, 1), got {self.delta}")
+        if not (self.clipping_norm > 0 and math.isfinite(self.clipping_norm)):
+            raise ConfigError(f"privacy.clipping_norm must be > 0, got {self.clipping_norm}")
+        if self.noise_multiplier is not None and not self.noise_multiplier > 0:
+            raise ConfigError(f"privacy.noise_multiplier must be > 0, got {self.noise_multiplier}")
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    candidates: int = 100
+    max_cases_per_merchant: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.candidates < 2 or self.max_cases_per_merchant < 1:
+            raise ConfigError("evaluation.candidates must be >= 2 and max_cases_per_merchant >= 1")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: DataSource = DataSource.COMPLETEJOURNEY
+    top_n: int = 10
+    min_rows: int = 10_000
+    train_weeks: tuple[int, ...] = (1, 40)
+    valid_weeks: tuple[int, ...] = (41, 44)
+    test_weeks: tuple[int, ...] = (45, 53)
+    synthetic_events_per_merchant: int = 6000
+
+    def __post_init__(self) -> None:
+        for name in ("train_weeks", "valid_weeks", "test_weeks"):
+            weeks = getattr(self, name)
+            if len(weeks) != 2 or not (1 <= weeks[0] <= weeks[1] <= 53):
+                raise ConfigError(f"data.{name} must be [first, last] within 1..53, got {weeks}")
+        if not (self.train_weeks[1] < self.valid_weeks[0] <= self.valid_weeks[1] < self.test_weeks[0]):
+            raise ConfigError("data: train, valid and test weeks must be ordered and disjoint")
+        if self.top_n < 1:
+            raise ConfigError(f"data.top_n must be >= 1, got {self.top_n}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    seed: int = 20261123
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    model: ModelSpec = field(default_factory=ModelSpec)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        return from_mapping(cls, data)
+
+    @classmethod
+    def from_toml(cls, path: Path) -> RunConfig:
+        try:
+            return from_mapping(cls, load_toml(path))
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        plain: dict[str, Any] = as_plain_dict(self)
+        if plain["privacy"]["noise_multiplier"] is None:
+            del plain["privacy"]["noise_multiplier"]
+        return plain
+
+    def sha256(self) -> str:
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def dump_toml(data: dict[str, Any]) -> str:
+    """Minimal TOML writer for the two-level tables fedshop writes (no external dependency)."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int | float):
+            return repr(v)
+        if isinstance(v, list | tuple):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return json.dumps(str(v))
+
+    lines = [f"{k} = {value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    for section, table in data.items():
+        if isinstance(table, dict):
+            lines.append(f"\n[{section}]")
+            lines.extend(f"{k} = {value(v)}" for k, v in table.items() if v is not None)
+    return "\n".join(lines) + "\n"

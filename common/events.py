@@ -1,0 +1,683 @@
+"""The merchant event schema: one canonical table that every other part of fedshop reads.
+
+A merchant's purchase log becomes a pandas DataFrame with fixed column names, dtypes and
+constraints. :func:`validate_events` is the single gate into that form: it converts what it
+can, and otherwise raises :class:`~common.errors.DataValidationError` naming the file, the
+first offending data row and the column, so a merchant can fix the file without guessing.
+
+Row numbers in errors are 1-based data rows as a person counts them in the file, header
+excluded: row 1 is the first line after the CSV header (line 2 of the file) or the first
+row of a Parquet file. Naive timestamps (without a UTC offset) are taken as UTC.
+"""
+
+from __future__ import annotations
+
+import difflib
+import gzip
+import io
+import os
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from enum import Enum
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import pandas as pd
+
+from common.errors import ConfigError, DataValidationError
+
+MERCHANT_ID = "merchant_id"
+CUSTOMER_ID = "customer_id"
+PRODUCT_ID = "product_id"
+TIMESTAMP = "timestamp"
+QUANTITY = "quantity"
+PRICE = "price"
+CATEGORY = "category"
+DEPARTMENT = "department"
+BRAND = "brand"
+LABEL = "label"
+
+COLUMN_MEANINGS: Mapping[str, str] = {
+    MERCHANT_ID: "the merchant (shop) that recorded the event; one federated client each",
+    CUSTOMER_ID: "the merchant's own identifier of the buyer (pseudonymous)",
+    PRODUCT_ID: "the product bought, in the catalogue shared by the federation",
+    TIMESTAMP: "when the purchase happened, UTC",
+    QUANTITY: "units bought in this event",
+    PRICE: "unit price paid (total paid / quantity)",
+    CATEGORY: "product category, '' if unknown",
+    DEPARTMENT: "product department, '' if unknown",
+    BRAND: "product brand, '' if unknown",
+    LABEL: "optional binary target (1 = positive, 0 = negative)",
+}
+
+ID_COLUMNS: tuple[str, ...] = (MERCHANT_ID, CUSTOMER_ID, PRODUCT_ID)
+TEXT_COLUMNS: tuple[str, ...] = (CATEGORY, DEPARTMENT, BRAND)
+REQUIRED_COLUMNS: tuple[str, ...] = (
+    *ID_COLUMNS,
+    TIMESTAMP,
+    QUANTITY,
+    PRICE,
+    *TEXT_COLUMNS,
+)
+OPTIONAL_COLUMNS: tuple[str, ...] = (LABEL,)
+KNOWN_COLUMNS: tuple[str, ...] = REQUIRED_COLUMNS + OPTIONAL_COLUMNS
+KEY_COLUMNS: tuple[str, ...] = (MERCHANT_ID, CUSTOMER_ID, PRODUCT_ID, TIMESTAMP)
+SORT_COLUMNS: tuple[str, ...] = (MERCHANT_ID, TIMESTAMP, CUSTOMER_ID, PRODUCT_ID)
+
+DROP = "-"
+"""Mapping target that drops a source column (``--map internal_notes=-``)."""
+
+DEFAULT_MAX_BYTES = 512 * 1024 * 1024
+TIMESTAMP_DTYPE = "datetime64[ns, UTC]"
+_BOOLS = (bool, np.bool_)
+
+
+class EventFormat(Enum):
+    """File formats :func:`read_events` accepts, chosen by file suffix."""
+
+    CSV = ".csv"
+    CSV_GZ = ".csv.gz"
+    PARQUET = ".parquet"
+
+
+def _as_utc(value: pd.Timestamp) -> pd.Timestamp:
+    return value.tz_localize("UTC") if value.tzinfo is None else value.tz_convert("UTC")
+
+
+_EARLIEST = pd.Timestamp("1990-01-01", tz="UTC")
+_LATEST = pd.Timestamp("2100-01-01", tz="UTC")
+
+
+@dataclass(frozen=True)
+class TimeBounds:
+    """Accepted timestamp range [earliest, latest): catches epoch-zero and typo years."""
+
+    earliest: pd.Timestamp = _EARLIEST
+    latest: pd.Timestamp = _LATEST
+
+    def __post_init__(self) -> None:
+        for name in ("earliest", "latest"):
+            value = pd.Timestamp(getattr(self, name))
+            object.__setattr__(self, name, _as_utc(value))
+        if not self.earliest < self.latest:
+            raise ConfigError(
+                f"timestamp bounds: earliest {self.earliest} must be before latest {self.latest}"
+            )
+
+    def describe(self) -> str:
+        return f"{self.earliest:%Y-%m-%d %H:%M:%S}..{self.latest:%Y-%m-%d %H:%M:%S} UTC"
+
+
+DEFAULT_BOUNDS = TimeBounds()
+
+
+@dataclass(frozen=True)
+class EventSummary:
+    """What a person checks first after an import: sizes and the time range."""
+
+    rows: int
+    merchants: int
+    customers: int
+    products: int
+    first: pd.Timestamp
+    last: pd.Timestamp
+    has_label: bool
+
+    def lines(self) -> list[str]:
+        return [
+            f"rows:      {self.rows:,}",
+            f"merchants: {self.merchants:,}",
+            f"customers: {self.customers:,}",
+            f"products:  {self.products:,}",
+            f"from:      {self.first.isoformat()}",
+            f"to:        {self.last.isoformat()}",
+            f"label:     {'yes' if self.has_label else 'no'}",
+        ]
+
+
+@dataclass(frozen=True)
+class ImportReport:
+    """The result of :func:`import_events`: where the validated table went and what it holds."""
+
+    source: str
+    destination: str
+    bytes_written: int
+    summary: EventSummary
+
+
+def summarize(frame: pd.DataFrame) -> EventSummary:
+    """Summary of a canonical frame (customers are counted per merchant, then summed)."""
+    customers = frame.groupby(MERCHANT_ID, sort=False)[CUSTOMER_ID].nunique().sum()
+    return EventSummary(
+        rows=len(frame),
+        merchants=int(frame[MERCHANT_ID].nunique()),
+        customers=int(customers),
+        products=int(frame[PRODUCT_ID].nunique()),
+        first=frame[TIMESTAMP].min(),
+        last=frame[TIMESTAMP].max(),
+        has_label=LABEL in frame.columns,
+    )
+
+
+# --------------------------------------------------------------------------- column checks
+
+
+@dataclass(frozen=True)
+class _Checked:
+    """One converted column and the mask of rows that failed, with what was expected."""
+
+    values: pd.Series
+    bad: np.ndarray
+    expected: str
+
+
+def _object_kinds(series: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """Masks (is text, is missing) for an object/string column."""
+    values = series.to_numpy(dtype=object)
+    missing = pd.isna(values)
+    is_text = np.fromiter((isinstance(v, str) for v in values), dtype=bool, count=len(values))
+    return is_text, missing
+
+
+def _text_column(series: pd.Series, *, id_column: bool) -> _Checked:
+    """Ids must be non-empty text or integers; descriptive text may be missing ('')."""
+    expected = "a non-empty text or integer id" if id_column else "text (or empty)"
+    if isinstance(series.dtype, pd.CategoricalDtype):
+        series = series.astype(object)
+    n = len(series)
+    if pd.api.types.is_bool_dtype(series.dtype):
+        return _Checked(pd.Series([""] * n, dtype="str"), np.ones(n, dtype=bool), expected)
+    if pd.api.types.is_integer_dtype(series.dtype):
+        return _Checked(series.astype("str"), np.zeros(n, dtype=bool), expected)
+    if pd.api.types.is_string_dtype(series.dtype) or series.dtype == object:
+        is_text, missing = _object_kinds(series)
+        values = series.to_numpy(dtype=object)
+        is_int = np.fromiter(
+            (
+                isinstance(v, int | np.integer) and not isinstance(v, bool | np.bool_)
+                for v in values
+            ),
+            dtype=bool,
+            count=n,
+        )
+        bad = ~(is_text | is_int | missing)
+        as_text = pd.Series(
+            [
+                v if t else (str(int(v)) if i else "")
+                for v, t, i in zip(values, is_text, is_int, strict=True)
+            ],
+            dtype="str",
+        ).str.strip()
+        if id_column:
+            bad |= as_text.to_numpy() == ""
+        return _Checked(as_text, bad, expected)
+    # floats, datetimes and anything else are a type error for text columns
+    return _Checked(pd.Series([""] * n, dtype="str"), np.ones(n, dtype=bool), expected)
+
+
+def _numeric(series: pd.Series) -> tuple[pd.Series, np.ndarray]:
+    """Float values and a mask of cells that are not numbers at all."""
+    n = len(series)
+    if pd.api.types.is_bool_dtype(series.dtype):
+        return pd.Series(np.full(n, np.nan)), np.ones(n, dtype=bool)
+    if pd.api.types.is_numeric_dtype(series.dtype):
+        return series.astype("float64").reset_index(drop=True), np.zeros(n, dtype=bool)
+    if pd.api.types.is_string_dtype(series.dtype) or series.dtype == object:
+        values = series.to_numpy(dtype=object)
+        is_bool = np.fromiter((isinstance(v, bool | np.bool_) for v in values), dtype=bool, count=n)
+        cleaned = pd.Series(
+            [
+                v.strip() if isinstance(v, str) else (None if b else v)
+                for v, b in zip(values, is_bool, strict=True)
+            ],
+            dtype=object,
+        )
+        numbers = pd.to_numeric(cleaned, errors="coerce").astype("float64")
+        return numbers, is_bool
+    return pd.Series(np.full(n, np.nan)), np.ones(n, dtype=bool)
+
+
+def _number_column(series: pd.Series, *, strictly_positive: bool) -> _Checked:
+    numbers, wrong_type = _numeric(series)
+    arr = numbers.to_numpy()
+    with np.errstate(invalid="ignore"):
+        ok = np.isfinite(arr) & ((arr > 0) if strictly_positive else (arr >= 0))
+    expected = "a finite number > 0" if strictly_positive else "a finite number >= 0"
+    return _Checked(numbers, wrong_type | ~ok, expected)
+
+
+def _label_column(series: pd.Series) -> _Checked:
+    numbers, wrong_type = _numeric(series)
+    arr = numbers.to_numpy()
+    ok = (arr == 0.0) | (arr == 1.0)
+    return _Checked(numbers, wrong_type | ~ok, "0 or 1")
+
+
+def _timestamp_column(series: pd.Series, bounds: TimeBounds) -> _Checked:
+    expected = f"an ISO 8601 timestamp in {bounds.describe()} (naive times are UTC)"
+    n = len(series)
+    if isinstance(series.dtype, pd.DatetimeTZDtype):
+        parsed = series.dt.tz_convert("UTC")
+        wrong = np.zeros(n, dtype=bool)
+    elif pd.api.types.is_datetime64_dtype(series.dtype):
+        parsed = series.dt.tz_localize("UTC")
+        wrong = np.zeros(n, dtype=bool)
+    elif pd.api.types.is_string_dtype(series.dtype) or series.dtype == object:
+        values = series.to_numpy(dtype=object)
+        usable = np.fromiter((isinstance(v, str | datetime) for v in values), dtype=bool, count=n)
+        cleaned = pd.Series(
+            [
+                (v.strip() if isinstance(v, str) else v) if u else None
+                for v, u in zip(values, usable, strict=True)
+            ],
+            dtype=object,
+        )
+        parsed = pd.to_datetime(cleaned, errors="coerce", utc=True, format="ISO8601")
+        wrong = ~usable
+    else:
+        return _Checked(
+            pd.Series(pd.NaT, index=range(n), dtype=TIMESTAMP_DTYPE),
+            np.ones(n, dtype=bool),
+            expected,
+        )
+    parsed = parsed.reset_index(drop=True)
+    in_range = (parsed >= bounds.earliest) & (parsed < bounds.latest)
+    bad = wrong | ~in_range.fillna(False).to_numpy(dtype=bool)
+    parsed = parsed.where(~pd.Series(bad), pd.NaT).astype(TIMESTAMP_DTYPE)
+    return _Checked(parsed, bad, expected)
+
+
+# --------------------------------------------------------------------------- frame checks
+
+
+def _suggest(name: str, candidates: Sequence[str]) -> str | None:
+    lowered = {c.lower(): c for c in candidates}
+    if name.strip().lower() in lowered:
+        return lowered[name.strip().lower()]
+    match = difflib.get_close_matches(name.lower(), list(lowered), n=1, cutoff=0.5)
+    return lowered[match[0]] if match else None
+
+
+def _check_columns(columns: list[str], *, source: str, extra_columns: Sequence[str]) -> None:
+    """Reject duplicate, missing and unknown columns, suggesting the closest known names."""
+    seen: set[str] = set()
+    for name in columns:
+        if name in seen:
+            raise DataValidationError(f"column {name!r} appears twice", file=source, column=name)
+        seen.add(name)
+    allowed = set(KNOWN_COLUMNS) | set(extra_columns)
+    unknown = [c for c in columns if c not in allowed]
+    missing = [c for c in REQUIRED_COLUMNS if c not in seen]
+    if missing:
+        name = missing[0]
+        hint = _suggest(name, unknown)
+        detail = (
+            f"; the file has {hint!r}: did you mean {name!r}? (map it with --map {hint}={name})"
+            if hint
+            else f" (the file has: {', '.join(map(repr, columns)) or 'no columns'})"
+        )
+        raise DataValidationError(
+            f"missing required column {name!r}{detail}", file=source, column=name
+        )
+    if unknown:
+        notes = []
+        for name in unknown:
+            hint = _suggest(name, [c for c in KNOWN_COLUMNS if c not in seen])
+            notes.append(f"{name!r}" + (f" (did you mean {hint!r}?)" if hint else ""))
+        raise DataValidationError(
+            f"unknown column(s) {', '.join(notes)}; map each to a field or drop it "
+            f"(--map {unknown[0]}={DROP})",
+            file=source,
+            column=unknown[0],
+        )
+
+
+def _cell_repr(value: Any) -> str:
+    if isinstance(value, np.generic):
+        value = value.item()
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _first_bad_cell(
+    raw: pd.DataFrame, checked: Mapping[str, _Checked]
+) -> tuple[int, str, str] | None:
+    """(row index, column, message) of the first bad cell; columns break ties in order."""
+    best: tuple[int, int, str] | None = None
+    for order, (column, result) in enumerate(checked.items()):
+        hits = np.flatnonzero(result.bad)
+        if hits.size and (best is None or (int(hits[0]), order) < best[:2]):
+            best = (int(hits[0]), order, column)
+    if best is None:
+        return None
+    row, _, column = best
+    got = _cell_repr(raw[column].iloc[row])
+    return row, column, f"expected {checked[column].expected}, got {got}"
+
+
+def _first_duplicate(keys: pd.DataFrame, usable: np.ndarray) -> tuple[int, int] | None:
+    """(earlier row, later row) of the first repeated key among rows whose key cells are valid."""
+    dup = keys.duplicated(keep="first").to_numpy() & usable
+    hits = np.flatnonzero(dup)
+    if not hits.size:
+        return None
+    later = int(hits[0])
+    same = (keys == keys.iloc[later]).all(axis=1).to_numpy() & usable
+    return int(np.flatnonzero(same)[0]), later
+
+
+def validate_events(
+    frame: pd.DataFrame,
+    *,
+    source: str,
+    max_rows: int | None = None,
+    extra_columns: Sequence[str] = (),
+    bounds: TimeBounds = DEFAULT_BOUNDS,
+) -> pd.DataFrame:
+    """A new canonical event frame, or :class:`DataValidationError` for the first bad row.
+
+    ``extra_columns`` names non-schema columns the caller knows about (e.g. ``"week"`` from
+    the Complete Journey adapter); they are passed through unchanged.
+    """
+    clash = [c for c in extra_columns if c in KNOWN_COLUMNS]
+    if clash:
+        raise ConfigError(f"extra_columns {clash} are schema columns, not extras")
+    raw = frame.copy(deep=False)
+    raw.columns = [str(c).strip() for c in raw.columns]
+    _check_columns(list(raw.columns), source=source, extra_columns=extra_columns)
+    raw = raw.reset_index(drop=True)
+    if len(raw) == 0:
+        raise DataValidationError("the file has no data rows", file=source)
+    if max_rows is not None and len(raw) > max_rows:
+        raise DataValidationError(
+            f"more than {max_rows:,} data rows (the --max-rows limit)",
+            file=source,
+            row=max_rows + 1,
+        )
+    checked = _check_cells(raw, bounds)
+    _raise_first_problem(raw, checked, source)
+    out = pd.DataFrame({name: result.values for name, result in checked.items()})
+    for name in extra_columns:
+        if name in raw.columns:
+            out[name] = raw[name].to_numpy()
+    return out.sort_values(list(SORT_COLUMNS), kind="stable").reset_index(drop=True)
+
+
+def _check_cells(raw: pd.DataFrame, bounds: TimeBounds) -> dict[str, _Checked]:
+    checkers: dict[str, Callable[[pd.Series], _Checked]] = {
+        MERCHANT_ID: lambda s: _text_column(s, id_column=True),
+        CUSTOMER_ID: lambda s: _text_column(s, id_column=True),
+        PRODUCT_ID: lambda s: _text_column(s, id_column=True),
+        TIMESTAMP: lambda s: _timestamp_column(s, bounds),
+        QUANTITY: lambda s: _number_column(s, strictly_positive=True),
+        PRICE: lambda s: _number_column(s, strictly_positive=False),
+        CATEGORY: lambda s: _text_column(s, id_column=False),
+        DEPARTMENT: lambda s: _text_column(s, id_column=False),
+        BRAND: lambda s: _text_column(s, id_column=False),
+        LABEL: _label_column,
+    }
+    return {name: check(raw[name]) for name, check in checkers.items() if name in raw.columns}
+
+
+def _raise_first_problem(raw: pd.DataFrame, checked: Mapping[str, _Checked], source: str) -> None:
+    """Raise for whichever comes first in the file: a bad cell or a repeated key."""
+    cell = _first_bad_cell(raw, checked)
+    keys = pd.DataFrame({name: checked[name].values for name in KEY_COLUMNS})
+    usable = ~np.logical_or.reduce([checked[name].bad for name in KEY_COLUMNS])
+    duplicate = _first_duplicate(keys, usable)
+    if duplicate is not None and (cell is None or duplicate[1] < cell[0]):
+        earlier, later = duplicate
+        key = tuple(str(v) for v in keys.iloc[later])
+        raise DataValidationError(
+            f"duplicate key {KEY_COLUMNS} = {key}: rows {earlier + 1} and {later + 1} "
+            "(aggregate repeated purchases into one row)",
+            file=source,
+            row=later + 1,
+        )
+    if cell is not None:
+        row, column, message = cell
+        raise DataValidationError(message, file=source, row=row + 1, column=column)
+
+
+# --------------------------------------------------------------------------- files
+
+
+def event_format(path: Path) -> EventFormat:
+    """The format of ``path`` from its suffix; anything else is a clear error."""
+    name = path.name.lower()
+    for fmt in sorted(EventFormat, key=lambda f: -len(f.value)):
+        if name.endswith(fmt.value):
+            return fmt
+    accepted = ", ".join(f.value for f in EventFormat)
+    raise DataValidationError(f"unsupported file type (accepted: {accepted})", file=str(path))
+
+
+def _checked_size(path: Path, max_bytes: int) -> int:
+    if max_bytes <= 0:
+        raise ConfigError(f"max_bytes must be > 0, got {max_bytes}")
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise DataValidationError("the file does not exist", file=str(path)) from None
+    except OSError as exc:
+        raise DataValidationError(f"cannot read the file: {exc.strerror}", file=str(path)) from None
+    if not path.is_file():
+        raise DataValidationError("not a regular file", file=str(path))
+    if info.st_size > max_bytes:
+        raise DataValidationError(
+            f"the file is {info.st_size:,} bytes, more than the limit of {max_bytes:,} bytes "
+            "(raise it with --max-mb)",
+            file=str(path),
+        )
+    return info.st_size
+
+
+class _LimitedReader(io.RawIOBase):
+    """Stops reading past ``limit`` bytes, so a small .csv.gz cannot inflate without bound."""
+
+    def __init__(self, inner: BinaryIO, *, limit: int, source: str) -> None:
+        super().__init__()
+        self._inner = inner
+        self._limit = limit
+        self._count = 0
+        self._source = source
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._inner.read(len(buffer))
+        self._count += len(data)
+        if self._count > self._limit:
+            raise DataValidationError(
+                f"the decompressed data is more than the limit of {self._limit:,} bytes "
+                "(raise it with --max-mb)",
+                file=self._source,
+            )
+        buffer[: len(data)] = data
+        return len(data)
+
+
+def _read_csv(
+    path: Path, fmt: EventFormat, *, max_bytes: int, max_rows: int | None
+) -> pd.DataFrame:
+    source = str(path)
+    opener = gzip.open if fmt is EventFormat.CSV_GZ else open
+    try:
+        with opener(path, "rb") as inner:
+            limited = io.BufferedReader(_LimitedReader(inner, limit=max_bytes, source=source))
+            return pd.read_csv(
+                limited,
+                dtype=str,
+                keep_default_na=False,
+                na_filter=False,
+                encoding="utf-8-sig",
+                nrows=None if max_rows is None else max_rows + 1,
+            )
+    except pd.errors.EmptyDataError:
+        raise DataValidationError("the file is empty (no header line)", file=source) from None
+    except pd.errors.ParserError as exc:
+        raise DataValidationError(f"not a valid CSV file: {exc}", file=source) from None
+    except UnicodeDecodeError:
+        raise DataValidationError("not UTF-8 text", file=source) from None
+    except (OSError, EOFError) as exc:
+        raise DataValidationError(f"cannot read the file: {exc}", file=source) from None
+
+
+def _read_parquet(path: Path, *, max_rows: int | None) -> pd.DataFrame:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    source = str(path)
+    try:
+        rows = pq.ParquetFile(path).metadata.num_rows
+        if max_rows is not None and rows > max_rows:
+            raise DataValidationError(
+                f"{rows:,} data rows, more than the --max-rows limit of {max_rows:,}",
+                file=source,
+                row=max_rows + 1,
+            )
+        return pd.read_parquet(path)
+    except (OSError, ValueError, TypeError, pa.ArrowException) as exc:
+        raise DataValidationError(f"not a readable Parquet file: {exc}", file=source) from None
+
+
+def apply_mapping(
+    frame: pd.DataFrame, mapping: Mapping[str, str] | None, *, source: str
+) -> pd.DataFrame:
+    """Rename source columns to schema fields (``DROP`` removes a column)."""
+    if not mapping:
+        return frame
+    targets = [t for t in mapping.values() if t != DROP]
+    for src, target in mapping.items():
+        if target != DROP and target not in KNOWN_COLUMNS:
+            hint = _suggest(target, KNOWN_COLUMNS)
+            extra = (
+                f"; did you mean {hint!r}?" if hint else f" (fields: {', '.join(KNOWN_COLUMNS)})"
+            )
+            raise ConfigError(f"mapping {src}={target}: {target!r} is not a schema field{extra}")
+        if targets.count(target) > 1:
+            raise ConfigError(f"mapping: more than one column is mapped to {target!r}")
+    columns = [str(c).strip() for c in frame.columns]
+    absent = [src for src in mapping if src not in columns]
+    if absent:
+        raise DataValidationError(
+            f"mapped column(s) {', '.join(map(repr, absent))} not in the file "
+            f"(it has: {', '.join(map(repr, columns))})",
+            file=source,
+            column=absent[0],
+        )
+    for target in targets:
+        if target in columns and mapping.get(target, target) == target:
+            raise DataValidationError(
+                f"the file already has a column {target!r} and the mapping renames another to it",
+                file=source,
+                column=target,
+            )
+    renamed = frame.copy(deep=False)
+    renamed.columns = columns
+    dropped = [src for src, t in mapping.items() if t == DROP]
+    return renamed.drop(columns=dropped).rename(
+        columns={s: t for s, t in mapping.items() if t != DROP}
+    )
+
+
+def read_events(
+    path: str | Path,
+    *,
+    mapping: Mapping[str, str] | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_rows: int | None = None,
+    merchant_id: str | None = None,
+    extra_columns: Sequence[str] = (),
+    bounds: TimeBounds = DEFAULT_BOUNDS,
+) -> pd.DataFrame:
+    """Read a CSV (.csv, .csv.gz) or Parquet file into a validated canonical frame.
+
+    The size is checked before reading; ``merchant_id`` fills that column for a file
+    that has none (a file that has one keeps it, and then passing one is an error).
+    """
+    path = Path(path)
+    fmt = event_format(path)
+    _checked_size(path, max_bytes)
+    if fmt is EventFormat.PARQUET:
+        raw = _read_parquet(path, max_rows=max_rows)
+    else:
+        raw = _read_csv(path, fmt, max_bytes=max_bytes, max_rows=max_rows)
+    raw = apply_mapping(raw, mapping, source=str(path))
+    if merchant_id is not None:
+        raw = _with_merchant(raw, merchant_id, source=str(path))
+    return validate_events(
+        raw, source=str(path), max_rows=max_rows, extra_columns=extra_columns, bounds=bounds
+    )
+
+
+def _with_merchant(frame: pd.DataFrame, merchant_id: str, *, source: str) -> pd.DataFrame:
+    if not merchant_id.strip():
+        raise ConfigError("--merchant-id must not be empty")
+    if MERCHANT_ID in frame.columns:
+        raise DataValidationError(
+            "the file has its own merchant_id column; drop --merchant-id or map the column away",
+            file=source,
+            column=MERCHANT_ID,
+        )
+    out = frame.copy()
+    out.insert(0, MERCHANT_ID, merchant_id.strip())
+    return out
+
+
+def _check_writable(frame: pd.DataFrame, path: Path) -> None:
+    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
+    if missing:
+        raise DataValidationError(f"not a canonical event frame: missing {missing}", file=str(path))
+    if str(frame[TIMESTAMP].dtype) != TIMESTAMP_DTYPE:
+        raise DataValidationError(
+            f"not a canonical event frame: timestamp dtype is {frame[TIMESTAMP].dtype}",
+            file=str(path),
+            column=TIMESTAMP,
+        )
+    if event_format(path) is not EventFormat.PARQUET:
+        raise DataValidationError("event tables are written as .parquet", file=str(path))
+
+
+def write_events(frame: pd.DataFrame, path: str | Path) -> int:
+    """Write a canonical frame as Parquet atomically (temp file + rename); returns bytes."""
+    path = Path(path)
+    _check_writable(frame, path)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            frame.to_parquet(handle, index=False)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return path.stat().st_size
+
+
+def import_events(
+    source: str | Path,
+    destination: str | Path,
+    *,
+    mapping: Mapping[str, str] | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_rows: int | None = None,
+    merchant_id: str | None = None,
+) -> ImportReport:
+    """Validate ``source`` completely, then write it to ``destination``; all or nothing."""
+    source, destination = Path(source), Path(destination)
+    if event_format(destination) is not EventFormat.PARQUET:
+        raise ConfigError(f"destination {destination} must end in .parquet")
+    if destination.resolve() == source.resolve():
+        raise ConfigError(f"destination {destination} is the source file")
+    frame = read_events(
+        source, mapping=mapping, max_bytes=max_bytes, max_rows=max_rows, merchant_id=merchant_id
+    )
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    size = write_events(frame, destination)
+    return ImportReport(str(source), str(destination), size, summarize(frame))

@@ -1,0 +1,70 @@
+"""Held-out evaluation cases the platform scores the global model on.
+
+Stored as a plain NumPy archive (history, candidates, and the merchant each case came from),
+so the server never needs the merchants' raw events.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.evaluation import model_scores, ranking_metrics
+from common.features import RecordTensors
+from server.checkpoint import atomic_write_bytes
+
+
+@dataclass(frozen=True)
+class EvaluationSet:
+    records: RecordTensors
+    merchant_index: np.ndarray  # [cases] index into merchants
+    merchants: tuple[str, ...]
+
+    def save(self, path: Path) -> None:
+        buffer = io.BytesIO()
+        np.savez(
+            buffer,
+            history=self.records.history.numpy(),
+            items=self.records.items.numpy(),
+            categories=self.records.categories.numpy(),
+            departments=self.records.departments.numpy(),
+            merchant_index=self.merchant_index,
+            merchants=np.array(self.merchants, dtype=np.str_),
+        )
+        atomic_write_bytes(path, buffer.getvalue())
+
+    @classmethod
+    def load(cls, path: Path) -> EvaluationSet:
+        with np.load(path, allow_pickle=False) as data:
+            history = torch.from_numpy(data["history"])
+            records = RecordTensors(
+                history=history,
+                items=torch.from_numpy(data["items"]),
+                categories=torch.from_numpy(data["categories"]),
+                departments=torch.from_numpy(data["departments"]),
+                mask=torch.ones(history.shape[:2], dtype=torch.float32),
+            )
+            return cls(records, data["merchant_index"], tuple(str(m) for m in data["merchants"]))
+
+    @classmethod
+    def concatenate(cls, parts: list[tuple[str, RecordTensors]]) -> EvaluationSet:
+        tensors = [torch.cat([p.tensors()[i] for _, p in parts]) for i in range(5)]
+        index = np.concatenate([np.full(len(p), i, dtype=np.int64) for i, (_, p) in enumerate(parts)])
+        return cls(RecordTensors(*tensors), index, tuple(name for name, _ in parts))
+
+    def evaluate(self, model: torch.nn.Module) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+        """Overall metrics and metrics per merchant."""
+        scores = model_scores(model, self.records)
+        return self.metrics_of(scores)
+
+    def metrics_of(self, scores: np.ndarray) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+        per_merchant = {
+            name: ranking_metrics(scores[self.merchant_index == i])
+            for i, name in enumerate(self.merchants)
+            if (self.merchant_index == i).any()
+        }
+        return ranking_metrics(scores), per_merchant

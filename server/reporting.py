@@ -1,0 +1,79 @@
+"""What a run leaves behind: metrics as CSV and JSON, plots as PNG, and a console table."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from server.checkpoint import atomic_write_bytes
+
+
+def round_table(history: list[dict[str, Any]]) -> str:
+    merchants = sorted({m for row in history for m in row["epsilon"]})
+    head = f"{'round':>5} {'loss':>8} {'AUC':>7} {'NDCG@10':>8} {'HR@10':>7} {'eps max':>8}  trained/refused/failed"
+    lines = [head, "-" * len(head)]
+    for row in history:
+        m = row["metrics"]
+        loss = f"{row['train_loss']:.4f}" if row["train_loss"] is not None else "-"
+        lines.append(
+            f"{row['round']:>5} {loss:>8} {m.get('auc', float('nan')):>7.4f} "
+            f"{m.get('ndcg@10', float('nan')):>8.4f} {m.get('hr@10', float('nan')):>7.4f} "
+            f"{row['epsilon_max']:>8.3f}  {len(row['trained'])}/{len(row['refused'])}/{len(row['failed'])}"
+        )
+    if merchants and history:
+        last = history[-1]["epsilon"]
+        lines.append("")
+        lines.append("cumulative epsilon per merchant after the last round:")
+        lines.extend(f"  {m:<14} {last.get(m, 0.0):.3f}" for m in merchants)
+    return "\n".join(lines)
+
+
+def write_metrics(run_dir: Path, history: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+    merchants = sorted({m for row in history for m in row["epsilon"]})
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["round", "train_loss", "auc", "hr@10", "ndcg@10", "epsilon_max", "trained",
+                     "refused", "failed", "seconds", *[f"epsilon[{m}]" for m in merchants]])
+    for row in history:
+        m = row["metrics"]
+        writer.writerow([row["round"], row["train_loss"], m.get("auc"), m.get("hr@10"),
+                         m.get("ndcg@10"), row["epsilon_max"], len(row["trained"]),
+                         len(row["refused"]), len(row["failed"]), round(row["seconds"], 3),
+                         *[row["epsilon"].get(x) for x in merchants]])
+    atomic_write_bytes(run_dir / "metrics.csv", buffer.getvalue().encode())
+    atomic_write_bytes(run_dir / "metrics.json",
+                       json.dumps({"rounds": history, "summary": summary}, indent=1).encode())
+
+
+def write_plots(run_dir: Path, history: list[dict[str, Any]], epsilon_cap: float) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [row["round"] for row in history]
+    paths = []
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for key in ("auc", "ndcg@10", "hr@10"):
+        axes[0].plot(rounds, [row["metrics"].get(key) for row in history], marker="o", label=key)
+    axes[0].set_xlabel("round")
+    axes[0].set_title("global model on held-out weeks")
+    axes[0].legend()
+    merchants = sorted({m for row in history for m in row["epsilon"]})
+    for merchant in merchants:
+        axes[1].plot(rounds, [row["epsilon"].get(merchant, 0.0) for row in history], marker=".",
+                     label=merchant)
+    axes[1].axhline(epsilon_cap, color="red", linestyle="--", label="cap")
+    axes[1].set_xlabel("round")
+    axes[1].set_title("cumulative epsilon per merchant")
+    axes[1].legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(run_dir / "plots" / "rounds.png", buffer.getvalue())
+    paths.append(run_dir / "plots" / "rounds.png")
+    return paths

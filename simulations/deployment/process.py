@@ -1,0 +1,177 @@
+"""Child processes that are always stopped: own process group, log file, parent-death signal.
+
+Flower's SuperLink and SuperNode each start helpers (SuperExec, ServerApp, ClientApp
+processes). Starting every child in its own session lets us stop the whole tree with one
+``killpg``; asking the kernel to signal the child when we die (``PR_SET_PDEATHSIG``) keeps a
+``kill -9`` of ``fedshop`` from leaving an orphaned SuperLink holding the port.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import IO
+
+from common.errors import DeploymentError
+
+QUIET_FLOWER_ENV: Mapping[str, str] = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+_PR_SET_PDEATHSIG = 1
+
+
+def flower_env(flwr_home: Path, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of every Flower process we start: offline, with a private FLWR_HOME."""
+    env = dict(os.environ if base is None else base)
+    env.update(QUIET_FLOWER_ENV)
+    env["FLWR_HOME"] = str(flwr_home)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def flower_bin(name: str) -> str:
+    """The Flower executable next to this interpreter (the venv), else whatever PATH finds."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free right now on ``host`` (the kernel picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def port_accepts(host: str, port: int, timeout: float = 0.5) -> bool:
+    """Whether something accepts TCP connections on ``host:port``."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _die_with_parent() -> None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: the finally blocks still stop children
+        pass
+
+
+@dataclass
+class ManagedProcess:
+    """One supervised child: its process group is its PID."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path | None
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def log_text(self) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def log_tail(self, lines: int = 20) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+    def wait_for_log(self, pattern: str, *, timeout: float) -> None:
+        """Block until the log matches ``pattern``; raise if the process exits or time runs out."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if regex.search(self.log_text()):
+                return
+            if not self.alive():
+                raise DeploymentError(
+                    f"{self.name} exited with code {self.popen.returncode} before it was ready;"
+                    f" last log lines:\n{self.log_tail()}"
+                )
+            time.sleep(0.2)
+        raise DeploymentError(f"{self.name} was not ready after {timeout:.0f} s: {self.log_tail()}")
+
+    def signal_group(self, sig: int) -> None:
+        try:
+            os.killpg(self.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def stop(self, *, grace: float = 10.0) -> int | None:
+        """SIGTERM the whole group, SIGKILL what is left after ``grace`` seconds; reap."""
+        self.signal_group(signal.SIGTERM)
+        try:
+            self.popen.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+        self.signal_group(signal.SIGKILL)  # helpers that ignored SIGTERM or outlived the leader
+        try:
+            return self.popen.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            return None
+
+
+def start_process(
+    name: str,
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str],
+    log_path: Path | None,
+    cwd: Path | None = None,
+) -> ManagedProcess:
+    """Start ``argv`` in a new session; output goes to ``log_path`` (or is inherited)."""
+    handle: IO[bytes] | None = None
+    if log_path is not None:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        handle = log_path.open("ab")
+    try:
+        popen = subprocess.Popen(
+            list(argv),
+            env=dict(env),
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=handle,
+            stderr=subprocess.STDOUT if handle is not None else None,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,  # noqa: PLW1509 - no threads are running yet
+        )
+    except FileNotFoundError:
+        raise DeploymentError(f"cannot start {name}: {argv[0]} not found (is flwr installed?)") from None
+    finally:
+        if handle is not None:
+            handle.close()
+    return ManagedProcess(name=name, popen=popen, log_path=log_path)
+
+
+@contextmanager
+def terminate_on_sigterm() -> Iterator[None]:
+    """Turn SIGTERM (systemd stop, ``kill``) into KeyboardInterrupt so ``finally`` blocks run."""
+
+    def _raise(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _raise)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

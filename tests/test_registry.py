@@ -1,0 +1,219 @@
+"""Model registry: signed manifests, atomic registration, gate, promotion and rollback."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from common.errors import ConfigError, IntegrityError
+from server.registry import ModelRegistry, PromotionAction, canonical_json, gate
+
+NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
+
+
+@pytest.fixture()
+def key() -> Ed25519PrivateKey:
+    return Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
+
+
+def open_registry(root: Path, key: Ed25519PrivateKey) -> ModelRegistry:
+    return ModelRegistry(root, signing_key=key, verify_key=key.public_key())
+
+
+def weights(seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "embedding.weight": rng.normal(size=(5, 3)).astype(np.float32),
+        "head.bias": rng.normal(size=(3,)),
+    }
+
+
+def register(reg: ModelRegistry, seed: int, ndcg: float, parent: int | None = None) -> int:
+    version = reg.register(
+        weights(seed),
+        parent=parent,
+        round=seed,
+        merchants=["m2", "m1"],
+        metrics={"ndcg@10": ndcg, "loss": 1.0 - ndcg},
+        privacy={"m1": 0.5, "m2": 1.25},
+        now=NOW,
+    )
+    return version.id
+
+
+def test_register_roundtrip_and_restart(tmp_path: Path, key: Ed25519PrivateKey) -> None:
+    reg = open_registry(tmp_path, key)
+    first = register(reg, 1, 0.20)
+    second = register(reg, 2, 0.25, parent=first)
+    assert (first, second) == (1, 2)
+    reopened = ModelRegistry(tmp_path, signing_key=None, verify_key=key.public_key())
+    version = reopened.get(2)
+    assert version.parent == 1 and version.round == 2
+    assert version.merchants == ("m1", "m2")
+    assert version.privacy == {"m1": 0.5, "m2": 1.25}
+    assert version.metrics["ndcg@10"] == pytest.approx(0.25)
+    arrays = reopened.load_arrays(2)
+    for name, expected in weights(2).items():
+        np.testing.assert_array_equal(arrays[name], expected)
+        assert arrays[name].dtype == expected.dtype
+    assert [v.id for v in reopened.list()] == [1, 2]
+    with pytest.raises(ConfigError, match="signing key"):
+        reopened.register(weights(3), parent=None, round=3, merchants=[], metrics={}, privacy={})
+
+
+def test_register_validates_before_writing(tmp_path: Path, key: Ed25519PrivateKey) -> None:
+    reg = open_registry(tmp_path, key)
+    bad = {"w": np.array([1.0, np.nan])}
+    with pytest.raises(ConfigError, match="NaN"):
+        reg.register(bad, parent=None, round=0, merchants=["m1"], metrics={}, privacy={"m1": 1})
+    with pytest.raises(ConfigError, match="only float"):
+        reg.register(
+            {"w": np.arange(3)}, parent=None, round=0, merchants=[], metrics={}, privacy={}
+        )
+    with pytest.raises(ConfigError, match=r"\['m2'\]"):
+        reg.register(weights(1), parent=None, round=0, merchants=["m1", "m2"], metrics={}, privacy={"m1": 1})
+    with pytest.raises(ConfigError, match="-1"):
+        reg.register(weights(1), parent=None, round=0, merchants=["m1"], metrics={}, privacy={"m1": -1})
+    with pytest.raises(ConfigError, match="parent version 7"):
+        reg.register(weights(1), parent=7, round=0, merchants=[], metrics={}, privacy={})
+    assert reg.list() == []
+    assert list((tmp_path / "versions").iterdir()) == []
+
+
+@pytest.mark.parametrize("step", ["after_weights", "after_manifest", "before_commit"])
+def test_crash_during_register_leaves_no_version(
+    tmp_path: Path, key: Ed25519PrivateKey, step: str
+) -> None:
+    reg = open_registry(tmp_path, key)
+    register(reg, 1, 0.2)
+
+    def crash(at: str) -> None:
+        if at == step:
+            raise KeyboardInterrupt(at)
+
+    reg._fault_hook = crash
+    with pytest.raises(KeyboardInterrupt):
+        register(reg, 2, 0.3, parent=1)
+    restarted = open_registry(tmp_path, key)
+    assert [v.id for v in restarted.list()] == [1]
+    again = register(restarted, 3, 0.4, parent=1)
+    assert again == 2  # the id of the crashed attempt is reused, its stray files overwritten
+    np.testing.assert_array_equal(restarted.load_arrays(2)["head.bias"], weights(3)["head.bias"])
+
+
+def test_changed_weights_file_is_detected(tmp_path: Path, key: Ed25519PrivateKey) -> None:
+    reg = open_registry(tmp_path, key)
+    register(reg, 1, 0.2)
+    path = tmp_path / "versions" / "v000001.npz"
+    tampered = weights(1)
+    tampered["head.bias"][0] += 1e-3
+    with path.open("wb") as handle:
+        np.savez(handle, **tampered)  # type: ignore[arg-type]
+    with pytest.raises(IntegrityError, match=r"v000001\.npz changed"):
+        reg.load_arrays(1)
+    with pytest.raises(IntegrityError):
+        reg.promote(1, reason="should refuse tampered weights")
+
+
+def test_forged_manifest_is_detected(tmp_path: Path, key: Ed25519PrivateKey) -> None:
+    reg = open_registry(tmp_path, key)
+    register(reg, 1, 0.2)
+    path = tmp_path / "versions" / "v000001.manifest.json"
+    envelope = json.loads(path.read_text())
+    envelope["manifest"]["privacy"]["m2"] = 0.01  # understate a merchant's epsilon
+    path.write_text(json.dumps(envelope))
+    with pytest.raises(IntegrityError, match=r"v000001\.manifest\.json does not verify"):
+        reg.get(1)
+    # Re-signing with another key does not help either.
+    forger = Ed25519PrivateKey.generate()
+    envelope["signature"] = forger.sign(canonical_json(envelope["manifest"])).hex()
+    path.write_text(json.dumps(envelope))
+    with pytest.raises(IntegrityError, match="does not verify"):
+        reg.load_arrays(1)
+
+
+def test_swapped_manifests_are_detected(tmp_path: Path, key: Ed25519PrivateKey) -> None:
+    reg = open_registry(tmp_path, key)
+    register(reg, 1, 0.2)
+    register(reg, 2, 0.3, parent=1)
+    one = tmp_path / "versions" / "v000001.manifest.json"
+    two = tmp_path / "versions" / "v000002.manifest.json"
+    one_bytes = one.read_bytes()
+    one.write_bytes(two.read_bytes())
+    two.write_bytes(one_bytes)
+    with pytest.raises(IntegrityError, match="another version"):
+        reg.get(1)
+
+
+def test_gate_rules() -> None:
+    assert gate({"ndcg@10": 0.295}, {"ndcg@10": 0.30}).promote  # within tolerance
+    decision = gate({"ndcg@10": 0.28}, {"ndcg@10": 0.30})
+    assert not decision.promote and "worse by 0.02" in decision.reason
+    assert gate({"ndcg@10": 0.1}, None).promote
+    assert not gate({"loss": 0.1}, {"ndcg@10": 0.3}).promote
+    assert not gate({"ndcg@10": float("nan")}, {"ndcg@10": 0.3}).promote
+    assert gate({"loss": 0.50}, {"loss": 0.45}, metric="loss", tolerance=0.05, higher_is_better=False).promote
+    assert not gate({"loss": 0.51}, {"loss": 0.45}, metric="loss", tolerance=0.05, higher_is_better=False).promote
+    with pytest.raises(ConfigError, match="-0.1"):
+        gate({"ndcg@10": 0.3}, None, tolerance=-0.1)
+
+
+def test_gate_candidate_promotes_or_keeps(tmp_path: Path, key: Ed25519PrivateKey) -> None:
+    reg = open_registry(tmp_path, key)
+    assert reg.promoted() is None
+    first = register(reg, 1, 0.30)
+    assert reg.gate_candidate(first, now=NOW).promote
+    worse = register(reg, 2, 0.25, parent=first)
+    decision = reg.gate_candidate(worse, now=NOW)
+    assert not decision.promote
+    promoted = reg.promoted()
+    assert promoted is not None and promoted.id == first
+    assert reg.get(worse).id == worse  # kept in the registry
+    better = register(reg, 3, 0.31, parent=first)
+    assert reg.gate_candidate(better, now=NOW).promote
+    history = reg.gate_history()
+    assert [(c, cur, p) for c, cur, p, _ in history] == [(1, None, True), (2, 1, False), (3, 1, True)]
+    assert "kept, not promoted" in history[1][3]
+
+
+def test_rollback_is_a_stack_and_survives_restart(tmp_path: Path, key: Ed25519PrivateKey) -> None:
+    reg = open_registry(tmp_path, key)
+    for seed in (1, 2, 3, 4):
+        register(reg, seed, 0.1 * seed)
+    with pytest.raises(ConfigError, match="nothing to roll back"):
+        reg.rollback(reason="empty", now=NOW)
+    for version in (1, 2, 3):
+        reg.promote(version, reason=f"manual {version}", now=NOW)
+    assert reg.rollback(reason="bad ctr", now=NOW).id == 2
+    reg = open_registry(tmp_path, key)  # restart in the middle
+    promoted = reg.promoted()
+    assert promoted is not None and promoted.id == 2
+    reg.promote(4, reason="manual 4", now=NOW)
+    assert reg.rollback(reason="again", now=NOW).id == 2
+    assert reg.rollback(reason="and again", now=NOW).id == 1
+    with pytest.raises(ConfigError, match="nothing to roll back"):
+        reg.rollback(reason="no more", now=NOW)
+    actions = [(p.version_id, p.action) for p in reg.history()]
+    assert actions == [
+        (1, PromotionAction.PROMOTE),
+        (2, PromotionAction.PROMOTE),
+        (3, PromotionAction.PROMOTE),
+        (2, PromotionAction.ROLLBACK),
+        (4, PromotionAction.PROMOTE),
+        (2, PromotionAction.ROLLBACK),
+        (1, PromotionAction.ROLLBACK),
+    ]
+    assert reg.history()[3].reason == "bad ctr"
+
+
+def test_unknown_version_names_the_id(tmp_path: Path, key: Ed25519PrivateKey) -> None:
+    reg = open_registry(tmp_path, key)
+    with pytest.raises(ConfigError, match="42"):
+        reg.get(42)
+    with pytest.raises(ConfigError, match="reason"):
+        reg.promote(1, reason=" ")
