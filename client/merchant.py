@@ -27,6 +27,7 @@ class MerchantConfig:
     cohort: str = "history"
     device: str = "auto"  # "auto" takes a CUDA device when one is present
     threads: int = 1
+    allow_non_private: bool = False  # only for a data scientist's own baselines in simulation
 
     def __post_init__(self) -> None:
         if not self.id or any(c in self.id for c in "/\\\0"):
@@ -74,4 +75,5 @@ class MerchantConfig:
             f'cohort = "{self.cohort}"\n'
             f'device = "{self.device}"\n'
             f"threads = {self.threads}\n"
+            f"allow_non_private = {'true' if self.allow_non_private else 'false'}\n"
         )

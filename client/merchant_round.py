@@ -22,7 +22,7 @@ import torch
 
 from client.data import PreparedData, prepared_data
 from client.merchant import MerchantConfig
-from client.training import DPSettings, LocalTraining, steps_per_round, train_round
+from client.training import DPSettings, LocalTraining, RoundResult, steps_per_round, train_round
 from common.accounting import MechanismStep, PrivacyUnit, epsilon_spent, noise_for_target
 from common.config import RunConfig
 from common.errors import ConfigError, FedshopError, PrivacyBudgetExceeded
@@ -182,10 +182,10 @@ def _run(request: TrainRequest, merchant: MerchantConfig) -> TrainReply:
     if arrays_sha256(request.arrays) != request.model_in_sha256:
         raise ConfigError("received model does not match its announced hash")
     config = request.config
-    if not config.privacy.enabled:
-        raise ConfigError(f"merchant {merchant.id} trains only with differential privacy")
     torch.set_num_threads(merchant.threads)
     data = prepared_data(merchant.data, config.model)
+    if not config.privacy.enabled:
+        return _run_non_private(request, merchant, data)
     with MerchantLedger.open(merchant.ledger_path, merchant_id=merchant.id,
                              signing_key=load_signing_key(merchant.signing_key)) as ledger:
         existing = ledger.find(request.run_id, request.round)
@@ -223,7 +223,20 @@ def _run(request: TrainRequest, merchant: MerchantConfig) -> TrainReply:
     return TrainReply(Outcome.TRAINED, merchant.id, "", result.arrays, metrics, entry.to_wire())
 
 
-def _train(request: TrainRequest, merchant: MerchantConfig, data: PreparedData, plan: RoundPlan):  # noqa: ANN202
+def _run_non_private(request: TrainRequest, merchant: MerchantConfig, data: PreparedData) -> TrainReply:
+    """A baseline round without DP: only if the merchant's own configuration allows it, and
+    never recorded as a DP release (there is no epsilon to record)."""
+    if not merchant.allow_non_private:
+        raise ConfigError(f"merchant {merchant.id} trains only with differential privacy "
+                          "(allow_non_private is false in its configuration)")
+    result = _train(request, merchant, data, None)
+    metrics = {"num-examples": float(result.num_records), "train-loss": result.mean_loss,
+               "train-seconds": result.seconds}
+    return TrainReply(Outcome.TRAINED, merchant.id, "non-private", result.arrays, metrics)
+
+
+def _train(request: TrainRequest, merchant: MerchantConfig, data: PreparedData,
+           plan: RoundPlan | None) -> RoundResult:
     config = request.config
     stream = ("merchant", merchant.id, "round", request.round)
     records = training_records(
@@ -243,12 +256,12 @@ def _train(request: TrainRequest, merchant: MerchantConfig, data: PreparedData, 
         settings=LocalTraining(batch_size=config.training.batch_size,
                                local_epochs=config.training.local_epochs,
                                learning_rate=config.training.learning_rate, proximal_mu=mu),
-        dp=DPSettings(noise_multiplier=plan.mechanism.noise_multiplier,
-                      clipping_norm=config.privacy.clipping_norm),
+        dp=None if plan is None else DPSettings(noise_multiplier=plan.mechanism.noise_multiplier,
+                                                clipping_norm=config.privacy.clipping_norm),
         sampling_generator=torch_stream(request.seed, *stream, "sampling"),
         noise_generator=torch_stream(request.seed, *stream, "noise", device=device),
     )
-    if result.mechanism != plan.mechanism:
+    if plan is not None and result.mechanism != plan.mechanism:
         raise ConfigError(f"trained mechanism {result.mechanism} differs from plan {plan.mechanism}")
     if not all(np.isfinite(a).all() for a in result.arrays.values()):
         raise ConfigError("training produced non-finite weights; nothing released")

@@ -187,7 +187,7 @@ def load_certificate(path: Path) -> x509.Certificate:
 
 
 def _spki(public_key: object) -> bytes:
-    return public_key.public_bytes(  # type: ignore[attr-defined, no-any-return]
+    return public_key.public_bytes(  # type: ignore[attr-defined]
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
 
@@ -332,7 +332,9 @@ def verify_key_matches_cert(*, key_path: Path, cert_path: Path) -> None:
 
 def public_key_fingerprint(public_key: ec.EllipticCurvePublicKey) -> str:
     """``SHA256:<hex>`` over the OpenSSH public-key blob: the id to log and compare."""
-    blob = public_key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    blob = public_key.public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
     return "SHA256:" + hashlib.sha256(blob.split()[1]).hexdigest()
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
@@ -174,70 +174,73 @@ class _Checked:
     expected: str
 
 
-def _object_kinds(series: pd.Series) -> tuple[np.ndarray, np.ndarray]:
-    """Masks (is text, is missing) for an object/string column."""
+def _is_texty(series: pd.Series) -> bool:
+    return pd.api.types.is_string_dtype(series.dtype) or series.dtype == object
+
+
+def _slow_text(series: pd.Series) -> tuple[pd.Series, np.ndarray]:
+    """Mixed object columns, cell by cell: text and integers pass, anything else is bad."""
     values = series.to_numpy(dtype=object)
     missing = pd.isna(values)
     is_text = np.fromiter((isinstance(v, str) for v in values), dtype=bool, count=len(values))
-    return is_text, missing
+    is_int = np.fromiter(
+        (isinstance(v, int | np.integer) and not isinstance(v, _BOOLS) for v in values),
+        dtype=bool,
+        count=len(values),
+    )
+    pieces = zip(values, is_text, is_int, strict=True)
+    text = pd.Series([v if t else (str(int(v)) if i else "") for v, t, i in pieces], dtype="str")
+    return text, ~(is_text | is_int | missing)
+
+
+def _text_values(series: pd.Series) -> tuple[pd.Series, np.ndarray]:
+    """Text values (missing becomes '') and a mask of cells of the wrong type."""
+    n = len(series)
+    series = series.reset_index(drop=True)
+    if isinstance(series.dtype, pd.CategoricalDtype):
+        series = series.astype(object)
+    if pd.api.types.is_integer_dtype(series.dtype) and not pd.api.types.is_bool_dtype(series):
+        return series.astype("str"), np.zeros(n, dtype=bool)
+    if _is_texty(series):
+        if pd.api.types.infer_dtype(series, skipna=True) in ("string", "empty"):
+            return series.fillna("").astype("str"), np.zeros(n, dtype=bool)
+        return _slow_text(series)
+    # booleans, floats, datetimes and anything else are a type error for text columns
+    return pd.Series([""] * n, dtype="str"), np.ones(n, dtype=bool)
 
 
 def _text_column(series: pd.Series, *, id_column: bool) -> _Checked:
     """Ids must be non-empty text or integers; descriptive text may be missing ('')."""
     expected = "a non-empty text or integer id" if id_column else "text (or empty)"
-    if isinstance(series.dtype, pd.CategoricalDtype):
-        series = series.astype(object)
-    n = len(series)
-    if pd.api.types.is_bool_dtype(series.dtype):
-        return _Checked(pd.Series([""] * n, dtype="str"), np.ones(n, dtype=bool), expected)
-    if pd.api.types.is_integer_dtype(series.dtype):
-        return _Checked(series.astype("str"), np.zeros(n, dtype=bool), expected)
-    if pd.api.types.is_string_dtype(series.dtype) or series.dtype == object:
-        is_text, missing = _object_kinds(series)
-        values = series.to_numpy(dtype=object)
-        is_int = np.fromiter(
-            (
-                isinstance(v, int | np.integer) and not isinstance(v, bool | np.bool_)
-                for v in values
-            ),
-            dtype=bool,
-            count=n,
-        )
-        bad = ~(is_text | is_int | missing)
-        as_text = pd.Series(
-            [
-                v if t else (str(int(v)) if i else "")
-                for v, t, i in zip(values, is_text, is_int, strict=True)
-            ],
-            dtype="str",
-        ).str.strip()
-        if id_column:
-            bad |= as_text.to_numpy() == ""
-        return _Checked(as_text, bad, expected)
-    # floats, datetimes and anything else are a type error for text columns
-    return _Checked(pd.Series([""] * n, dtype="str"), np.ones(n, dtype=bool), expected)
+    values, bad = _text_values(series)
+    values = values.str.strip()
+    if id_column:
+        bad = bad | (values.to_numpy() == "")
+    return _Checked(values, bad, expected)
+
+
+def _floats(values: Any) -> pd.Series:
+    numbers = pd.Series(pd.to_numeric(values, errors="coerce"))
+    return pd.Series(numbers.to_numpy(dtype="float64", na_value=np.nan))
 
 
 def _numeric(series: pd.Series) -> tuple[pd.Series, np.ndarray]:
     """Float values and a mask of cells that are not numbers at all."""
     n = len(series)
+    series = series.reset_index(drop=True)
     if pd.api.types.is_bool_dtype(series.dtype):
         return pd.Series(np.full(n, np.nan)), np.ones(n, dtype=bool)
     if pd.api.types.is_numeric_dtype(series.dtype):
-        return series.astype("float64").reset_index(drop=True), np.zeros(n, dtype=bool)
-    if pd.api.types.is_string_dtype(series.dtype) or series.dtype == object:
-        values = series.to_numpy(dtype=object)
-        is_bool = np.fromiter((isinstance(v, bool | np.bool_) for v in values), dtype=bool, count=n)
-        cleaned = pd.Series(
-            [
-                v.strip() if isinstance(v, str) else (None if b else v)
-                for v, b in zip(values, is_bool, strict=True)
-            ],
-            dtype=object,
-        )
-        numbers = pd.to_numeric(cleaned, errors="coerce").astype("float64")
-        return numbers, is_bool
-    return pd.Series(np.full(n, np.nan)), np.ones(n, dtype=bool)
+        return _floats(series), np.zeros(n, dtype=bool)
+    if not _is_texty(series):
+        return pd.Series(np.full(n, np.nan)), np.ones(n, dtype=bool)
+    if pd.api.types.infer_dtype(series, skipna=True) in ("string", "empty"):
+        return _floats(series.astype("str").str.strip()), np.zeros(n, dtype=bool)
+    values = series.to_numpy(dtype=object)
+    is_bool = np.fromiter((isinstance(v, _BOOLS) for v in values), dtype=bool, count=n)
+    pairs = zip(values, is_bool, strict=True)
+    cleaned = [v.strip() if isinstance(v, str) else (None if b else v) for v, b in pairs]
+    return _floats(pd.Series(cleaned, dtype=object)), is_bool
 
 
 def _number_column(series: pd.Series, *, strictly_positive: bool) -> _Checked:
@@ -256,34 +259,34 @@ def _label_column(series: pd.Series) -> _Checked:
     return _Checked(numbers, wrong_type | ~ok, "0 or 1")
 
 
+def _parse_times(series: pd.Series) -> tuple[pd.Series, np.ndarray]:
+    """UTC timestamps (NaT where unparseable) and a mask of cells of the wrong type."""
+    n = len(series)
+    series = series.reset_index(drop=True)
+    if isinstance(series.dtype, pd.DatetimeTZDtype):
+        return series.dt.tz_convert("UTC"), np.zeros(n, dtype=bool)
+    if pd.api.types.is_datetime64_dtype(series.dtype):
+        return series.dt.tz_localize("UTC"), np.zeros(n, dtype=bool)
+    if not _is_texty(series):
+        return pd.Series(pd.NaT, index=range(n), dtype=TIMESTAMP_DTYPE), np.ones(n, dtype=bool)
+    if pd.api.types.infer_dtype(series, skipna=True) in ("string", "empty"):
+        text = series.astype("str").str.strip()
+        return _to_utc(text), np.zeros(n, dtype=bool)
+    values = series.to_numpy(dtype=object)
+    usable = np.fromiter((isinstance(v, str | datetime) for v in values), dtype=bool, count=n)
+    pairs = zip(values, usable, strict=True)
+    cleaned = [(v.strip() if isinstance(v, str) else v) if u else None for v, u in pairs]
+    return _to_utc(pd.Series(cleaned, dtype=object)), ~usable
+
+
+def _to_utc(values: pd.Series) -> pd.Series:
+    parsed = pd.to_datetime(values, errors="coerce", utc=True, format="ISO8601")
+    return pd.Series(parsed).reset_index(drop=True)
+
+
 def _timestamp_column(series: pd.Series, bounds: TimeBounds) -> _Checked:
     expected = f"an ISO 8601 timestamp in {bounds.describe()} (naive times are UTC)"
-    n = len(series)
-    if isinstance(series.dtype, pd.DatetimeTZDtype):
-        parsed = series.dt.tz_convert("UTC")
-        wrong = np.zeros(n, dtype=bool)
-    elif pd.api.types.is_datetime64_dtype(series.dtype):
-        parsed = series.dt.tz_localize("UTC")
-        wrong = np.zeros(n, dtype=bool)
-    elif pd.api.types.is_string_dtype(series.dtype) or series.dtype == object:
-        values = series.to_numpy(dtype=object)
-        usable = np.fromiter((isinstance(v, str | datetime) for v in values), dtype=bool, count=n)
-        cleaned = pd.Series(
-            [
-                (v.strip() if isinstance(v, str) else v) if u else None
-                for v, u in zip(values, usable, strict=True)
-            ],
-            dtype=object,
-        )
-        parsed = pd.to_datetime(cleaned, errors="coerce", utc=True, format="ISO8601")
-        wrong = ~usable
-    else:
-        return _Checked(
-            pd.Series(pd.NaT, index=range(n), dtype=TIMESTAMP_DTYPE),
-            np.ones(n, dtype=bool),
-            expected,
-        )
-    parsed = parsed.reset_index(drop=True)
+    parsed, wrong = _parse_times(series)
     in_range = (parsed >= bounds.earliest) & (parsed < bounds.latest)
     bad = wrong | ~in_range.fillna(False).to_numpy(dtype=bool)
     parsed = parsed.where(~pd.Series(bad), pd.NaT).astype(TIMESTAMP_DTYPE)
@@ -475,10 +478,14 @@ def _checked_size(path: Path, max_bytes: int) -> int:
     return info.st_size
 
 
+class _Readable(Protocol):
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
 class _LimitedReader(io.RawIOBase):
     """Stops reading past ``limit`` bytes, so a small .csv.gz cannot inflate without bound."""
 
-    def __init__(self, inner: BinaryIO, *, limit: int, source: str) -> None:
+    def __init__(self, inner: _Readable, *, limit: int, source: str) -> None:
         super().__init__()
         self._inner = inner
         self._limit = limit

@@ -1,21 +1,26 @@
 """Drift detection on each merchant's loss, to decide when to run an early round.
 
 Input: for every merchant, the loss of the serving model on that merchant's newest cohort, one
-value per observation, oldest first. Method: a one-sided Page-Hinkley test with a fixed reference
-(equivalently Page's CUSUM) on robustly standardised losses:
+value per observation, oldest first. Method: a one-sided Page-Hinkley test (in its CUSUM form)
+on losses standardised against a trailing robust reference:
 
-1. The first ``warmup`` observations after a (re)start set the reference level (median) and scale
-   (1.4826 x median absolute deviation, floored so a flat series cannot divide by zero).
+1. The reference level (median) and scale (1.4826 x median absolute deviation, floored at
+   ``min_relative_scale`` x level so a flat series cannot divide by zero) come from the values
+   since the last (re)start, at most ``window`` of them, leaving out the newest ``guard`` ones so
+   that a fresh change does not contaminate its own reference. The first ``warmup`` values after
+   a (re)start only feed the reference.
 2. Each later loss becomes ``z = (loss - median) / scale``, clipped to ``[-clip, clip]`` so that a
    single outlier cannot raise an alarm on its own.
 3. ``g = max(0, g + z - delta)``; an alarm is raised when ``g > threshold``. Only increases of
    the loss count: a model getting better on new data is not a reason to retrain early.
 4. After an alarm the detector restarts, learning the new level from the next ``warmup`` values.
 
-With the defaults (warmup 8, delta 0.5, threshold 8, clip 4) a shift of 3 scale units is found
-within 4 observations, a shift of 1 unit in about 16; on stationary Gaussian noise false alarms
-are rare (see ``tests/test_drift.py`` for the measured rates). Everything here is a pure function
-of its input: the same histories always give the same decision.
+Measured with the defaults on Gaussian noise (500 seeded series each): a shift of 3 scale units
+is found after a median of 4 observations (95th percentile 7), a shift of 2 units after a median
+of 6 (95th percentile 16); a shift of 1 unit is found within 40 observations in only about 40%
+of series (median 15): small shifts are slow by design. A stationary series of 200 observations
+raises at least one false alarm in about 4% of series. Everything here is a pure function of its
+input: the same histories always give the same decision.
 """
 
 from __future__ import annotations
@@ -36,9 +41,11 @@ class DriftConfig:
     """Parameters of the detector, in units of the robust scale of each merchant's loss."""
 
     warmup: int = 8
-    delta: float = 0.5
-    threshold: float = 8.0
+    delta: float = 0.75
+    threshold: float = 10.0
     clip: float = 4.0
+    guard: int = 8
+    window: int = 64
     min_relative_scale: float = 0.01
     min_merchants: int = 1
 
@@ -55,6 +62,11 @@ class DriftConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and ok):
                 raise ConfigError(f"drift.{name} is out of range: {value!r}")
+        if self.guard < 0 or self.window < self.warmup:
+            raise ConfigError(
+                f"drift.guard must be >= 0 and drift.window >= warmup, got guard={self.guard!r}, "
+                f"window={self.window!r}"
+            )
         if self.min_merchants < 1:
             raise ConfigError(f"drift.min_merchants must be >= 1, got {self.min_merchants!r}")
 
@@ -97,16 +109,17 @@ def page_hinkley(losses: Sequence[float], config: DriftConfig | None = None) -> 
     start, g = 0, 0.0
     reference: tuple[float, float] | None = None
     for index, value in enumerate(values):
-        if reference is None:
-            if index - start + 1 == cfg.warmup:
-                reference = _reference(values[start : index + 1], cfg)
+        if index - start < cfg.warmup:
+            reference = None
             continue
+        end = max(start + cfg.warmup, index - cfg.guard)
+        reference = _reference(values[max(start, end - cfg.window) : end], cfg)
         median, scale = reference
         z = min(max((value - median) / scale, -cfg.clip), cfg.clip)
         g = max(0.0, g + z - cfg.delta)
         if g > cfg.threshold:
             alarms.append(index)
-            start, g, reference = index + 1, 0.0, None
+            start, g = index + 1, 0.0
     ref_level, ref_scale = reference if reference is not None else (None, None)
     return MerchantDrift(tuple(alarms), g, ref_level, ref_scale)
 

@@ -28,10 +28,10 @@ class EvaluationSet:
         buffer = io.BytesIO()
         np.savez(
             buffer,
-            history=self.records.history.numpy(),
-            items=self.records.items.numpy(),
-            categories=self.records.categories.numpy(),
-            departments=self.records.departments.numpy(),
+            history=self.records.history.numpy().astype(np.int32),
+            items=self.records.items.numpy().astype(np.int32),
+            categories=self.records.categories.numpy().astype(np.int32),
+            departments=self.records.departments.numpy().astype(np.int32),
             merchant_index=self.merchant_index,
             merchants=np.array(self.merchants, dtype=np.str_),
         )
@@ -40,12 +40,15 @@ class EvaluationSet:
     @classmethod
     def load(cls, path: Path) -> EvaluationSet:
         with np.load(path, allow_pickle=False) as data:
-            history = torch.from_numpy(data["history"])
+            def ids(key: str) -> torch.Tensor:
+                return torch.from_numpy(data[key].astype(np.int64))
+
+            history = ids("history")
             records = RecordTensors(
                 history=history,
-                items=torch.from_numpy(data["items"]),
-                categories=torch.from_numpy(data["categories"]),
-                departments=torch.from_numpy(data["departments"]),
+                items=ids("items"),
+                categories=ids("categories"),
+                departments=ids("departments"),
                 mask=torch.ones(history.shape[:2], dtype=torch.float32),
             )
             return cls(records, data["merchant_index"], tuple(str(m) for m in data["merchants"]))

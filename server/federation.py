@@ -119,6 +119,11 @@ class Federation:
         try:
             update = P.from_array_record(reply.content[P.ARRAYS])  # type: ignore[arg-type]
             check_update(update, arrays, max_update_norm=self.config.federation.max_update_norm)
+            if not self.config.privacy.enabled:  # a baseline run: nothing to verify or account
+                outcome.losses[merchant] = float(metrics.get(P.TRAIN_LOSS, float("nan")))  # type: ignore[arg-type]
+                outcome.updates.append(MerchantUpdate(
+                    merchant, update, int(metrics[P.NUM_EXAMPLES])))  # type: ignore[arg-type]
+                return
             expected = ExpectedRelease(
                 run_id=self.settings.run_id, round=rnd, model_in_sha256=arrays_sha256(arrays),
                 clipping_norm=self.config.privacy.clipping_norm, max_delta=self.config.privacy.delta,

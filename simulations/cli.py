@@ -19,6 +19,8 @@ from common.errors import ExitCode, FedshopError
 COMMAND_MODULES: tuple[str, ...] = (
     "simulations.commands.simulate",
     "simulations.commands.data",
+    "simulations.commands.certs",
+    "simulations.commands.deploy",
 )
 
 FLOWER_QUIET_ENV = {

@@ -18,7 +18,7 @@ import pandas as pd
 from client.merchant import MerchantConfig
 from common.config import DataSource, RunConfig, dump_toml
 from common.errors import ConfigError
-from common.events import MERCHANT_ID, write_events
+from common.events import MERCHANT_ID, REQUIRED_COLUMNS, write_events
 from common.features import build_catalog, encode_events, evaluation_records
 from common.keys import generate_keypair
 from common.rng import numpy_stream
@@ -28,8 +28,7 @@ from server.evaluation_set import EvaluationSet
 
 log = logging.getLogger(__name__)
 
-CANONICAL = ["merchant_id", "customer_id", "product_id", "timestamp", "quantity", "price",
-             "category", "department", "brand"]
+CANONICAL = list(REQUIRED_COLUMNS)
 
 
 @dataclass(frozen=True)
@@ -131,6 +130,7 @@ def _write_layout(config: RunConfig, layout: RunLayout, parts: dict[str, dict[st
             signing_key=private, epsilon_cap=config.privacy.epsilon_cap, delta=config.privacy.delta,
             privacy_unit=config.privacy.unit, cohort=f"train:w{config.data.train_weeks[0]:02d}-"
             f"w{config.data.train_weeks[1]:02d}",
+            allow_non_private=not config.privacy.enabled,
         )
         atomic_write_bytes(home / "merchant.toml", merchant_config.to_toml().encode())
     for name, evaluation in evaluation_sets(config, parts).items():

@@ -134,7 +134,9 @@ class SuperNodeSpec:
 
     def __post_init__(self) -> None:
         if not self.merchant_config.is_absolute():
-            raise DeploymentError(f"merchant config {self.merchant_config} must be an absolute path")
+            raise DeploymentError(
+                f"merchant config {self.merchant_config} must be an absolute path"
+            )
         if self.root_cert is None and self.node_key is not None:
             raise DeploymentError("a node key needs TLS: Flower authenticates nodes only over TLS")
 

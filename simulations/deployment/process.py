@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -39,6 +39,10 @@ def flower_env(flwr_home: Path, base: Mapping[str, str] | None = None) -> dict[s
     env = dict(os.environ if base is None else base)
     env.update(QUIET_FLOWER_ENV)
     env["FLWR_HOME"] = str(flwr_home)
+    # Flower starts helpers (flower-superexec, flwr-serverapp, flwr-clientapp) by name.
+    venv_bin = str(Path(sys.executable).parent)
+    if venv_bin not in env.get("PATH", "").split(os.pathsep):
+        env["PATH"] = os.pathsep.join([venv_bin, *filter(None, [env.get("PATH")])])
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
 
@@ -80,6 +84,7 @@ class ManagedProcess:
     name: str
     popen: subprocess.Popen[bytes]
     log_path: Path | None
+    log_offset: int = 0  # the log file is appended to: only what this process wrote counts
 
     @property
     def pid(self) -> int:
@@ -91,7 +96,9 @@ class ManagedProcess:
     def log_text(self) -> str:
         if self.log_path is None or not self.log_path.exists():
             return ""
-        return self.log_path.read_text(encoding="utf-8", errors="replace")
+        with self.log_path.open("rb") as handle:
+            handle.seek(self.log_offset)
+            return handle.read().decode("utf-8", errors="replace")
 
     def log_tail(self, lines: int = 20) -> str:
         return "\n".join(self.log_text().splitlines()[-lines:])
@@ -112,18 +119,14 @@ class ManagedProcess:
         raise DeploymentError(f"{self.name} was not ready after {timeout:.0f} s: {self.log_tail()}")
 
     def signal_group(self, sig: int) -> None:
-        try:
+        with suppress(ProcessLookupError):
             os.killpg(self.pid, sig)
-        except ProcessLookupError:
-            pass
 
     def stop(self, *, grace: float = 10.0) -> int | None:
         """SIGTERM the whole group, SIGKILL what is left after ``grace`` seconds; reap."""
         self.signal_group(signal.SIGTERM)
-        try:
+        with suppress(subprocess.TimeoutExpired):
             self.popen.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            pass
         self.signal_group(signal.SIGKILL)  # helpers that ignored SIGTERM or outlived the leader
         try:
             return self.popen.wait(timeout=grace)
@@ -141,9 +144,11 @@ def start_process(
 ) -> ManagedProcess:
     """Start ``argv`` in a new session; output goes to ``log_path`` (or is inherited)."""
     handle: IO[bytes] | None = None
+    offset = 0
     if log_path is not None:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         handle = log_path.open("ab")
+        offset = handle.tell()
     try:
         popen = subprocess.Popen(
             list(argv),
@@ -153,14 +158,16 @@ def start_process(
             stdout=handle,
             stderr=subprocess.STDOUT if handle is not None else None,
             start_new_session=True,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509 - no threads are running yet
+            preexec_fn=_die_with_parent,
         )
     except FileNotFoundError:
-        raise DeploymentError(f"cannot start {name}: {argv[0]} not found (is flwr installed?)") from None
+        raise DeploymentError(
+            f"cannot start {name}: {argv[0]} not found (is flwr installed?)"
+        ) from None
     finally:
         if handle is not None:
             handle.close()
-    return ManagedProcess(name=name, popen=popen, log_path=log_path)
+    return ManagedProcess(name=name, popen=popen, log_path=log_path, log_offset=offset)
 
 
 @contextmanager

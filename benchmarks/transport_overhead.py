@@ -1,0 +1,249 @@
+"""Transport overhead of a fedshop deployment, measured on this machine.
+
+1. Round time of the same workload (a 2-merchant federation exchanging a model-sized payload)
+   over TLS with SuperNode authentication versus plaintext (``--insecure-dev``), through the
+   real ``fedshop server`` / ``fedshop client`` processes on loopback.
+2. The start cost of a ClientApp process (the SuperNode starts one per message): a fresh
+   interpreter importing flwr, torch, opacus and fedshop's ``client.app``.
+
+Usage: ``.venv/bin/python benchmarks/transport_overhead.py [--rounds 4] [--payload-mb 4]
+[--repeats 3] [--out benchmarks/results/transport.json]``. Prints a JSON report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from common import certs  # noqa: E402
+from simulations.deployment.process import QUIET_FLOWER_ENV, free_port  # noqa: E402
+
+LAUNCHER = (
+    "import sys; from simulations import cli; "
+    "cli.COMMAND_MODULES = ('simulations.commands.certs', 'simulations.commands.deploy'); "
+    "sys.exit(cli.main(sys.argv[1:]))"
+)
+
+APP_PYPROJECT = """\
+[build-system]
+requires = ["setuptools>=68"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "fedshop-transport-bench"
+version = "0.1.0"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "fedshop"
+
+[tool.flwr.app.components]
+serverapp = "benchapp:server_app"
+clientapp = "benchapp:client_app"
+
+[tool.flwr.app.config]
+fedshop-config = ""
+"""
+
+APP_SOURCE = """\
+import json, os, time
+from pathlib import Path
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+server_app = ServerApp()
+client_app = ClientApp()
+
+@server_app.main()
+def main(grid: Grid, context: Context) -> None:
+    spec = json.loads(Path(str(context.run_config["fedshop-config"])).read_text())
+    while len(list(grid.get_node_ids())) < spec["nodes"]:
+        time.sleep(0.2)
+    nodes = sorted(grid.get_node_ids())
+    weights = np.zeros(int(spec["payload_mb"] * 2**20 / 4), dtype=np.float32)
+    seconds = []
+    for rnd in range(spec["rounds"]):
+        t0 = time.perf_counter()
+        messages = [Message(content=RecordDict({
+            "arrays": ArrayRecord({"w": Array(weights)}),
+            "config": ConfigRecord({"round": rnd})}), dst_node_id=n, message_type="train")
+            for n in nodes]
+        replies = [r for r in grid.send_and_receive(messages) if not r.has_error()]
+        assert len(replies) == len(nodes), "a client failed"
+        weights = replies[0].content["arrays"]["w"].numpy() + 1.0
+        seconds.append(time.perf_counter() - t0)
+    out = Path(spec["result"])
+    out.write_text(json.dumps({"status": "completed", "round_seconds": seconds}))
+
+@client_app.train()
+def train(msg: Message, context: Context) -> Message:
+    w = msg.content["arrays"]["w"].numpy()
+    return Message(content=RecordDict({"arrays": ArrayRecord({"w": Array(w)})}), reply_to=msg)
+"""
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(QUIET_FLOWER_ENV)
+    env["PYTHONPATH"] = str(REPO)
+    return env
+
+
+def _fedshop(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as handle:
+        return subprocess.Popen(
+            [sys.executable, "-c", LAUNCHER, *args],
+            env=_env(),
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def federation_round_times(root: Path, *, tls: bool, rounds: int, payload_mb: float) -> list[float]:
+    """Run the workload once through fedshop server/client; return per-round seconds."""
+    root.mkdir(parents=True)
+    app = root / "app"
+    app.mkdir()
+    (app / "pyproject.toml").write_text(APP_PYPROJECT)
+    (app / "benchapp.py").write_text(APP_SOURCE)
+    result = root / "result.json"
+    spec = root / "spec.json"
+    spec.write_text(
+        json.dumps({"nodes": 2, "rounds": rounds, "payload_mb": payload_mb, "result": str(result)})
+    )
+    port = free_port()
+    server_args = [
+        "server",
+        "--state",
+        str(root / "state"),
+        "--port",
+        str(port),
+        "--app",
+        str(app),
+        "--run-config",
+        str(spec),
+        "--expect",
+        str(result),
+    ]
+    client_tls: list[list[str]] = [["--insecure-dev"]] * 2
+    if tls:
+        certs.init_ca(root / "ca")
+        certs.issue_server_cert(ca_dir=root / "ca", hosts=["127.0.0.1"], out=root / "server")
+        for name in ("m1", "m2"):
+            certs.generate_node_key(out=root / "nodes", name=name)
+        server_args += ["--certs", str(root / "server"), "--nodes-allowlist", str(root / "nodes")]
+        client_tls = [
+            [
+                "--root-cert",
+                str(root / "server" / "ca.crt"),
+                "--node-key",
+                str(root / "nodes" / f"{name}.node.key"),
+            ]
+            for name in ("m1", "m2")
+        ]
+    else:
+        server_args += ["--insecure-dev", "--wait-nodes", "2"]
+    procs = [_fedshop(server_args, root / "server.log")]
+    try:
+        deadline = time.monotonic() + 120
+        while not (root / "state" / "superlink.pid").exists():
+            if time.monotonic() > deadline or procs[0].poll() is not None:
+                raise RuntimeError(f"SuperLink did not start; see {root / 'server.log'}")
+            time.sleep(0.3)
+        for index, extra in enumerate(client_tls):
+            merchant = root / f"m{index + 1}"
+            merchant.mkdir()
+            (merchant / "merchant.toml").write_text(f'[merchant]\nid = "m{index + 1}"\n')
+            args = [
+                "client",
+                "--config",
+                str(merchant / "merchant.toml"),
+                "--superlink",
+                f"127.0.0.1:{port}",
+                *extra,
+            ]
+            procs.append(_fedshop(args, root / f"m{index + 1}.log"))
+        if procs[0].wait(timeout=900) != 0:
+            raise RuntimeError(f"run failed; see {root / 'server.log'}")
+    finally:
+        for proc in procs:
+            _stop(proc)
+    return [float(s) for s in json.loads(result.read_text())["round_seconds"]]
+
+
+def import_seconds(statement: str, *, repeats: int) -> float:
+    """Median wall time of a fresh interpreter running ``statement`` (what a ClientApp pays)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", statement], env=_env(), check=True, cwd=REPO)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--payload-mb", type=float, default=4.0)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    report: dict[str, object] = {"cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0]}
+    with tempfile.TemporaryDirectory(prefix="fedshop-transport-") as tmp:
+        rounds = {}
+        for mode, tls in (("plaintext", False), ("tls_auth", True)):
+            times = federation_round_times(
+                Path(tmp) / mode, tls=tls, rounds=args.rounds, payload_mb=args.payload_mb
+            )
+            rounds[mode] = {"round_seconds": times, "median_s": statistics.median(times[1:])}
+    overhead = rounds["tls_auth"]["median_s"] / rounds["plaintext"]["median_s"] - 1.0
+    report.update(
+        payload_mb=args.payload_mb,
+        rounds=rounds,
+        tls_overhead_fraction=overhead,
+        note="median over rounds 2..N (round 1 includes installing the app on each node)",
+    )
+    report["clientapp_start_s"] = {
+        name: import_seconds(stmt, repeats=args.repeats)
+        for name, stmt in {
+            "python": "pass",
+            "flwr.clientapp": "import flwr.clientapp",
+            "torch": "import torch",
+            "opacus": "import opacus",
+            "client.app": "import client.app",
+        }.items()
+    }
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,473 @@
+"""`fedshop server` / `fedshop client`: the exact Flower commands, refusals and preflight checks.
+
+The fast tests check commands and validation without starting anything. The slow ones start a
+real TLS SuperLink and SuperNodes as separate processes on loopback with a toy app (no torch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from common import certs
+from common.errors import DeploymentError, ExitCode
+from simulations.commands import deploy
+from simulations.deployment.flower import (
+    SuperLinkSpec,
+    SuperNodeSpec,
+    TlsFiles,
+    preflight_tls,
+    superlink_argv,
+    supernode_argv,
+    toml_string,
+    write_connection_config,
+)
+from simulations.deployment.process import free_port
+
+sys.path.insert(0, str(Path(__file__).parent / "support"))
+import deploy_harness as h
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    deploy.register(parser.add_subparsers(dest="command"))
+    return parser.parse_args(list(argv))
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> h.Pki:
+    return h.make_pki(tmp_path / "pki", ["m1", "m2", "m3", "rogue"])
+
+
+# ----------------------------------------------------------------- fast: commands and refusals
+
+
+def test_superlink_command_has_tls_auth_and_persistent_state(pki: h.Pki, tmp_path: Path) -> None:
+    spec = SuperLinkSpec("127.0.0.1", 9092, tmp_path / "st", TlsFiles.from_dir(pki.server))
+    argv = superlink_argv(spec)
+    assert argv[0].endswith("flower-superlink")
+    assert "--insecure" not in argv and "--enable-supernode-auth" in argv
+    for flag, value in [
+        ("--ssl-ca-certfile", pki.server / "ca.crt"),
+        ("--ssl-certfile", pki.server / "server.crt"),
+        ("--ssl-keyfile", pki.server / "server.key"),
+        ("--database", tmp_path / "st" / "state.db"),
+        ("--port", "9092"),
+    ]:
+        assert argv[argv.index(flag) + 1] == str(value)
+    assert "--disable-runtime-dependency-installation" in argv
+    dev = superlink_argv(SuperLinkSpec("127.0.0.1", 9092, tmp_path, None))
+    assert "--insecure" in dev and "--enable-supernode-auth" not in dev
+
+
+def test_supernode_command_passes_root_cert_key_and_merchant_config(tmp_path: Path) -> None:
+    spec = SuperNodeSpec(
+        superlink="link:9092",
+        merchant_config=tmp_path / "m.toml",
+        root_cert=tmp_path / "ca.crt",
+        node_key=tmp_path / "m.node.key",
+        runtime_port=9100,
+    )
+    argv = supernode_argv(spec)
+    assert argv[argv.index("--node-config") + 1] == f'merchant-config="{tmp_path / "m.toml"}"'
+    assert argv[argv.index("--root-certificates") + 1] == str(tmp_path / "ca.crt")
+    assert argv[argv.index("--auth-supernode-private-key") + 1] == str(tmp_path / "m.node.key")
+    assert "--insecure" not in argv
+    with pytest.raises(DeploymentError, match="absolute"):
+        SuperNodeSpec("l:1", Path("rel.toml"), None, None, 1)
+    with pytest.raises(DeploymentError, match="needs TLS"):
+        SuperNodeSpec("l:1", tmp_path / "m.toml", None, tmp_path / "k", 1)
+
+
+def test_client_refuses_to_start_without_tls(tmp_path: Path, pki: h.Pki) -> None:
+    config = h.make_merchant(tmp_path, "m1")
+    args = parse("client", "--config", str(config), "--superlink", "127.0.0.1:9092")
+    with pytest.raises(DeploymentError, match="refusing to connect without TLS"):
+        deploy.plan_client(args)
+    only_cert = parse(
+        "client",
+        "--config",
+        str(config),
+        "--superlink",
+        "x:1",
+        "--root-cert",
+        str(pki.ca / "ca.crt"),
+    )
+    with pytest.raises(DeploymentError, match="--node-key"):
+        deploy.plan_client(only_cert)
+    mixed = parse(
+        "client",
+        "--config",
+        str(config),
+        "--superlink",
+        "x:1",
+        "--insecure-dev",
+        "--root-cert",
+        str(pki.ca / "ca.crt"),
+    )
+    with pytest.raises(DeploymentError, match="cannot be combined"):
+        deploy.plan_client(mixed)
+    dev = deploy.plan_client(
+        parse("client", "--config", str(config), "--superlink", "x:1", "--insecure-dev")
+    )
+    assert dev.root_cert is None and "--insecure" in supernode_argv(dev)
+
+
+def test_client_checks_files_before_starting(tmp_path: Path, pki: h.Pki) -> None:
+    config = h.make_merchant(tmp_path, "m1")
+    base = ["client", "--superlink", "x:1", "--root-cert", str(pki.ca / "ca.crt")]
+    key = str(pki.nodes / "m1.node.key")
+    with pytest.raises(DeploymentError, match="does not exist"):
+        deploy.plan_client(parse(*base, "--config", str(tmp_path / "nope.toml"), "--node-key", key))
+    (tmp_path / "bad.toml").write_text("[other]\n")
+    with pytest.raises(DeploymentError, match=r"no \[merchant\] table"):
+        deploy.plan_client(parse(*base, "--config", str(tmp_path / "bad.toml"), "--node-key", key))
+    with pytest.raises(DeploymentError, match="not an OpenSSH private key"):
+        deploy.plan_client(
+            parse(*base, "--config", str(config), "--node-key", str(pki.server / "server.key"))
+        )
+    spec = deploy.plan_client(parse(*base, "--config", str(config), "--node-key", key))
+    assert spec.node_key == (pki.nodes / "m1.node.key").resolve()
+    assert spec.runtime_port > 0
+
+
+def test_client_cli_maps_refusal_to_deployment_exit_code(tmp_path: Path) -> None:
+    config = h.make_merchant(tmp_path, "m1")
+    done = subprocess.run(
+        [sys.executable, str(h.CLI), "client", "--config", str(config), "--superlink", "x:1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == ExitCode.DEPLOYMENT
+    assert "refusing to connect without TLS" in done.stderr
+
+
+def test_server_preflight_catches_certificate_for_another_host(pki: h.Pki, tmp_path: Path) -> None:
+    other = tmp_path / "other-server"
+    certs.issue_server_cert(ca_dir=pki.ca, hosts=["link.example.com"], out=other)
+    spec = SuperLinkSpec("127.0.0.1", 9092, tmp_path, TlsFiles.from_dir(other))
+    with pytest.raises(DeploymentError, match=r"for host '127\.0\.0\.1'"):
+        preflight_tls(spec)
+    wildcard = SuperLinkSpec("0.0.0.0", 9092, tmp_path, TlsFiles.from_dir(pki.server))
+    assert wildcard.local_address == "127.0.0.1:9092"
+    preflight_tls(wildcard)
+
+
+def test_server_plan_validates_everything_first(pki: h.Pki, tmp_path: Path) -> None:
+    app = h.make_toy_app(tmp_path)
+    state = str(tmp_path / "state")
+    with pytest.raises(DeploymentError, match="--certs DIR is required"):
+        deploy.plan_server(parse("server", "--state", state, "--app", str(app)))
+    with pytest.raises(DeploymentError, match="needs TLS"):
+        deploy.plan_server(
+            parse("server", "--state", state, "--insecure-dev", "--nodes-allowlist", "x")
+        )
+    with pytest.raises(DeploymentError, match="does not exist"):
+        deploy.plan_server(
+            parse(
+                "server",
+                "--certs",
+                str(pki.server),
+                "--state",
+                state,
+                "--app",
+                str(app),
+                "--run-config",
+                str(tmp_path / "missing.toml"),
+            )
+        )
+    plan = deploy.plan_server(
+        parse(
+            "server",
+            "--certs",
+            str(pki.server),
+            "--state",
+            state,
+            "--app",
+            str(app),
+            "--port",
+            "0",
+            "--nodes-allowlist",
+            str(pki.nodes),
+        )
+    )
+    with pytest.raises(DeploymentError, match="run-dir are not declared"):
+        deploy.plan_server(
+            parse(
+                "server",
+                "--certs",
+                str(pki.server),
+                "--state",
+                state,
+                "--app",
+                str(app),
+                "--set",
+                "run-dir=/x",
+            )
+        )
+    with pytest.raises(DeploymentError, match="expected KEY=VALUE"):
+        deploy.plan_server(
+            parse("server", "--certs", str(pki.server), "--state", state, "--set", "nokey")
+        )
+    assert sorted(plan.allowlist) == ["m1", "m2", "m3", "rogue"]
+    assert plan.wait_nodes == 4 and plan.spec.port > 0
+    assert not (tmp_path / "state").exists()  # nothing written before everything is valid
+
+
+def test_connection_config_is_read_by_flower(
+    pki: h.Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flwr.cli.flower_config import read_superlink_connection
+
+    home = tmp_path / "home"
+    write_connection_config(home, address="127.0.0.1:1234", root_cert=pki.server / "ca.crt")
+    monkeypatch.setenv("FLWR_HOME", str(home))
+    connection = read_superlink_connection(None)
+    assert connection.address == "127.0.0.1:1234"
+    assert connection.root_certificates == str((pki.server / "ca.crt").resolve())
+    assert connection.insecure is False
+    write_connection_config(home, address="127.0.0.1:1234", root_cert=None)
+    assert read_superlink_connection("fedshop").insecure is True
+
+
+@pytest.mark.parametrize("value", ['a"b', "a\\b", "a\nb", "it's"])
+def test_config_values_that_would_break_flower_parsing_are_refused(value: str) -> None:
+    with pytest.raises(DeploymentError, match="must not contain"):
+        toml_string(value, what="path")
+
+
+def test_expected_results_must_exist_and_report_completed(tmp_path: Path) -> None:
+    with pytest.raises(DeploymentError, match="did not write"):
+        deploy.check_expected([tmp_path / "result.json"])
+    (tmp_path / "result.json").write_text(json.dumps({"status": "failed"}))
+    with pytest.raises(DeploymentError, match="'failed'"):
+        deploy.check_expected([tmp_path / "result.json"])
+    (tmp_path / "result.json").write_text(json.dumps({"status": "completed"}))
+    deploy.check_expected([tmp_path / "result.json"])
+
+
+# ----------------------------------------------------------------- slow: real processes
+
+
+def _client(
+    root: Path, pki: h.Pki, name: str, port: int, *extra: str, key: str | None = None
+) -> subprocess.Popen[bytes]:
+    config = h.make_merchant(root, name)
+    args = ["client", "--config", str(config), "--superlink", f"127.0.0.1:{port}", *extra]
+    if "--insecure-dev" not in extra and "--root-cert" not in extra:
+        args += ["--root-cert", str(pki.server / "ca.crt")]
+    if "--insecure-dev" not in extra:
+        args += ["--node-key", str(pki.nodes / f"{key or name}.node.key")]
+    return h.start_fedshop(args, root / f"{name}.log", cwd=root)
+
+
+def _server(root: Path, pki: h.Pki, port: int, run_spec: Path, *extra: str) -> list[str]:
+    return [
+        "server",
+        "--certs",
+        str(pki.server),
+        "--state",
+        str(root / "state"),
+        "--port",
+        str(port),
+        "--app",
+        str(h.make_toy_app(root) if not (root / "toyapp-src").exists() else root / "toyapp-src"),
+        "--run-config",
+        str(run_spec),
+        *extra,
+    ]
+
+
+@pytest.mark.slow
+def test_tls_federation_refuses_bad_nodes_and_completes_with_good_ones(
+    tmp_path: Path, pki: h.Pki
+) -> None:
+    port = free_port()
+    allow = tmp_path / "allow"
+    allow.mkdir()
+    for name in ("m1", "m2"):
+        (allow / f"{name}.node.pub").write_bytes((pki.nodes / f"{name}.node.pub").read_bytes())
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    spec = h.write_run_spec(tmp_path / "run.json", run_dir=str(run_dir), min_nodes=2, rounds=2)
+    server = h.start_fedshop(
+        [
+            *_server(
+                tmp_path,
+                pki,
+                port,
+                spec,
+                "--nodes-allowlist",
+                str(allow),
+                "--expect",
+                str(run_dir / "result.json"),
+                "--run-timeout",
+                "400",
+            )
+        ],
+        tmp_path / "server.log",
+        cwd=tmp_path,
+    )
+    procs = [server]
+    try:
+        h.wait_for(
+            lambda: (tmp_path / "state" / "nodes.json").exists(),
+            timeout=90,
+            what="link",
+            proc=server,
+        )
+        procs += [_client(tmp_path, pki, name, port) for name in ("m1", "m2")]
+        bad = {
+            "rogue": _client(tmp_path, pki, "rogue", port, "--max-retries", "1"),
+            "wrongca": _client(
+                tmp_path,
+                pki,
+                "wrongca",
+                port,
+                "--max-retries",
+                "1",
+                "--root-cert",
+                str(pki.other_ca / "ca.crt"),
+                key="m3",
+            ),
+            "plain": _client(tmp_path, pki, "plain", port, "--insecure-dev", "--max-retries", "1"),
+        }
+        procs += list(bad.values())
+        for proc in bad.values():
+            proc.wait(timeout=120)
+        assert server.wait(timeout=400) == 0, (tmp_path / "server.log").read_text()[-3000:]
+    finally:
+        for proc in procs:
+            h.stop(proc)
+    logs = {name: (tmp_path / f"{name}.log").read_text() for name in bad}
+    assert all(proc.returncode == ExitCode.DEPLOYMENT for proc in bad.values()), logs
+    assert "Failed to activate SuperNode" in logs["rogue"]
+    assert "CERTIFICATE_VERIFY_FAILED" in logs["wrongca"]
+    assert "could not establish a connection" in logs["plain"]
+    superlink_log = (tmp_path / "state" / "logs" / "superlink.log").read_text()
+    assert "No SuperNode found with the given public key" in superlink_log
+    assert json.loads((run_dir / "result.json").read_text()) == {"status": "completed", "nodes": 2}
+    for name in ("m1", "m2"):
+        rounds = (tmp_path / "merchants" / name / "rounds.log").read_text().split()
+        assert rounds == ["1", "2"]
+    for name in ("rogue", "wrongca", "plain"):
+        assert not (tmp_path / "merchants" / name / "rounds.log").exists()
+    last = json.loads((tmp_path / "state" / "last_run.json").read_text())
+    assert last["status"] == "finished:completed"
+    nodes = json.loads((tmp_path / "state" / "nodes.json").read_text())
+    assert sorted(nodes) == ["m1", "m2"]
+
+
+@pytest.mark.slow
+def test_failed_run_gives_deployment_exit_code_in_plaintext_dev_mode(tmp_path: Path) -> None:
+    port = free_port()
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    spec = h.write_run_spec(tmp_path / "run.json", run_dir=str(run_dir), min_nodes=1, fail=True)
+    args = [
+        "server",
+        "--insecure-dev",
+        "--state",
+        str(tmp_path / "state"),
+        "--port",
+        str(port),
+        "--app",
+        str(h.make_toy_app(tmp_path)),
+        "--run-config",
+        str(spec),
+        "--wait-nodes",
+        "1",
+    ]
+    server = h.start_fedshop(args, tmp_path / "server.log", cwd=tmp_path)
+    client = None
+    try:
+        h.wait_for(
+            lambda: (tmp_path / "state" / "superlink.pid").exists(),
+            timeout=90,
+            what="link",
+            proc=server,
+        )
+        client = _client(tmp_path, h.Pki(*(tmp_path,) * 4), "m1", port, "--insecure-dev")
+        code = server.wait(timeout=300)
+    finally:
+        h.stop(server)
+        if client is not None:
+            h.stop(client)
+    log = (tmp_path / "server.log").read_text()
+    assert code == ExitCode.DEPLOYMENT, log[-3000:]
+    assert "ended as finished:failed" in log
+    assert "toy ServerApp asked to fail" in log  # the run's own log was streamed
+    assert json.loads((tmp_path / "state" / "last_run.json").read_text())["status"] == (
+        "finished:failed"
+    )
+    time.sleep(0)
+
+
+@pytest.mark.slow
+def test_server_killed_mid_run_restarts_and_resumes_with_same_state(
+    tmp_path: Path, pki: h.Pki
+) -> None:
+    port = free_port()
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    spec = h.write_run_spec(
+        tmp_path / "run.json", run_dir=str(run_dir), min_nodes=2, rounds=4, round_pause=2.0
+    )
+    allow = ["--nodes-allowlist", str(tmp_path / "allow"), "--run-timeout", "400"]
+    (tmp_path / "allow").mkdir()
+    for name in ("m1", "m2"):
+        (tmp_path / "allow" / f"{name}.node.pub").write_bytes(
+            (pki.nodes / f"{name}.node.pub").read_bytes()
+        )
+    checkpoint = run_dir / "checkpoint.json"
+    server = h.start_fedshop(
+        _server(tmp_path, pki, port, spec, *allow), tmp_path / "s1.log", cwd=tmp_path
+    )
+    clients: list[subprocess.Popen[bytes]] = []
+    restarted = None
+    try:
+        h.wait_for(
+            lambda: (tmp_path / "state" / "nodes.json").exists(),
+            timeout=90,
+            what="link",
+            proc=server,
+        )
+        clients = [_client(tmp_path, pki, name, port) for name in ("m1", "m2")]
+        h.wait_for(checkpoint.exists, timeout=200, what="round 1", proc=server)
+        superlink_pid = int((tmp_path / "state" / "superlink.pid").read_text())
+        h.kill_tree(server)  # a crash of the platform machine: nothing gets to clean up
+        crashed_at = json.loads(checkpoint.read_text())["round"]
+        assert crashed_at < 4
+        h.wait_for(
+            lambda: (
+                not Path(f"/proc/{superlink_pid}").exists()
+                or "Z" in Path(f"/proc/{superlink_pid}/stat").read_text().split()[2]
+            ),
+            timeout=30,
+            what="SuperLink to die",
+        )
+        assert all(c.poll() is None for c in clients)  # merchants keep retrying
+        restarted = h.start_fedshop(
+            _server(tmp_path, pki, port, spec, *allow), tmp_path / "s2.log", cwd=tmp_path
+        )
+        assert restarted.wait(timeout=400) == 0, (tmp_path / "s2.log").read_text()[-3000:]
+    finally:
+        for proc in [server, *clients, *([restarted] if restarted else [])]:
+            h.stop(proc)
+    assert json.loads(checkpoint.read_text()) == {"round": 4}
+    assert json.loads((run_dir / "result.json").read_text())["status"] == "completed"
+    assert "already registered" in (tmp_path / "s2.log").read_text()
+    for name in ("m1", "m2"):
+        rounds = [
+            int(r) for r in (tmp_path / "merchants" / name / "rounds.log").read_text().split()
+        ]
+        assert sorted(set(rounds)) == [1, 2, 3, 4]
+        after_restart = rounds[rounds.index(crashed_at + 1) :] if crashed_at + 1 in rounds else []
+        assert after_restart[-(4 - crashed_at) :] == list(range(crashed_at + 1, 5))
