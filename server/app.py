@@ -1,7 +1,8 @@
 """The platform's Flower ServerApp (Message API, custom main loop).
 
 ``flwr run`` / deployment: run-config keys ``fedshop-config`` (run TOML), ``run-dir``,
-``keys-dir`` and optionally ``validation-set`` / ``test-set`` (evaluation archives).
+``keys-dir`` and optionally ``validation-set`` / ``test-set`` (evaluation archives),
+``server-ledger`` and, for ``flwr run`` on a provisioned simulation, ``simulation-dir``.
 Simulation builds the same app around a ready :class:`ServerSettings`.
 """
 
@@ -45,6 +46,7 @@ def settings_from_run_config(run_config: dict[str, Any]) -> ServerSettings:
         config=RunConfig.from_toml(config_path), run_dir=run_dir, keys_dir=keys_dir,
         ledger_path=path("server-ledger", False) or run_dir / "server" / "ledger.sqlite",
         validation_set=path("validation-set", False), test_set=path("test-set", False),
+        simulation_dir=path("simulation-dir", False),
     )
     if run_id is not None:
         from dataclasses import replace

@@ -30,10 +30,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import numpy.typing as npt
 
 from common.errors import ConfigError, DataValidationError
 
 MAD_TO_SD = 1.4826
+Series = Sequence[float] | npt.NDArray[np.floating]
 
 
 @dataclass(frozen=True)
@@ -98,7 +100,7 @@ def _reference(window: np.ndarray, config: DriftConfig) -> tuple[float, float]:
     return median, max(MAD_TO_SD * mad, floor)
 
 
-def page_hinkley(losses: Sequence[float], config: DriftConfig | None = None) -> MerchantDrift:
+def page_hinkley(losses: Series, config: DriftConfig | None = None) -> MerchantDrift:
     """Run the detector over one series; ``alarms`` are the indices where it fired."""
     cfg = config or DriftConfig()
     values = np.asarray(losses, dtype=np.float64)
@@ -125,7 +127,7 @@ def page_hinkley(losses: Sequence[float], config: DriftConfig | None = None) -> 
 
 
 def decide(
-    histories: Mapping[str, Sequence[float]],
+    histories: Mapping[str, Series],
     *,
     seen: Mapping[str, int] | None = None,
     config: DriftConfig | None = None,

@@ -25,7 +25,7 @@ import os
 import re
 import sqlite3
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import Enum
@@ -35,9 +35,9 @@ from typing import Any
 import numpy as np
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from common.errors import ConfigError, IntegrityError
+from common.keys import key_fingerprint
 
 MANIFEST_FORMAT = "fedshop-model-manifest/1"
 INDEX_NAME = "registry.sqlite"
@@ -155,12 +155,6 @@ def gate(
     )
 
 
-def key_id(verify_key: Ed25519PublicKey) -> str:
-    """A short fingerprint of a public key, written into manifests so auditors know which key."""
-    raw = verify_key.public_bytes(Encoding.Raw, PublicFormat.Raw)
-    return hashlib.sha256(raw).hexdigest()[:16]
-
-
 def canonical_json(payload: Mapping[str, Any]) -> bytes:
     """The exact bytes that are signed: sorted keys, no spaces, ASCII, no NaN."""
     return json.dumps(
@@ -267,7 +261,7 @@ class ModelRegistry:
         self.index_path = self.root / INDEX_NAME
         self._signing_key = signing_key
         self._verify_key = verify_key
-        self._fault_hook = _no_fault
+        self._fault_hook: Callable[[str], None] = _no_fault
         with self._connect() as conn:
             conn.executescript(_SCHEMA)
 
@@ -335,8 +329,10 @@ class ModelRegistry:
                 "weights_file": weights_name,
                 "weights_sha256": hashlib.sha256(weights).hexdigest(),
                 "weights_bytes": len(weights),
-                "arrays": {k: {"dtype": str(v.dtype), "shape": list(v.shape)} for k, v in checked.items()},
-                "key_id": key_id(self._verify_key),
+                "arrays": {
+                    k: {"dtype": str(v.dtype), "shape": list(v.shape)} for k, v in checked.items()
+                },
+                "key_fingerprint": key_fingerprint(self._verify_key),
             }
             signature = self._signing_key.sign(canonical_json(manifest))
             envelope = {"manifest": manifest, "signature": signature.hex()}
@@ -347,7 +343,8 @@ class ModelRegistry:
             )
             self._fault_hook("after_manifest")
             conn.execute(
-                "INSERT INTO versions (id, weights_file, manifest_file, created_at) VALUES (?,?,?,?)",
+                "INSERT INTO versions (id, weights_file, manifest_file, created_at) "
+                "VALUES (?,?,?,?)",
                 (version_id, weights_name, manifest_name, created_at),
             )
             self._fault_hook("before_commit")
@@ -383,7 +380,7 @@ class ModelRegistry:
         except (InvalidSignature, ValueError, TypeError):
             raise IntegrityError(
                 f"manifest {path} does not verify against the platform key "
-                f"{key_id(self._verify_key)}: it was altered or signed by another key"
+                f"{key_fingerprint(self._verify_key)[:16]}: it was altered or signed by another key"
             ) from None
         if manifest.get("version_id") != version_id or manifest.get("weights_file") != weights_name:
             raise IntegrityError(f"manifest {path} belongs to another version; index tampered?")
@@ -423,7 +420,9 @@ class ModelRegistry:
         try:
             data = path.read_bytes()
         except FileNotFoundError:
-            raise IntegrityError(f"weights file {path} of version {version_id} is missing") from None
+            raise IntegrityError(
+                f"weights file {path} of version {version_id} is missing"
+            ) from None
         digest = hashlib.sha256(data).hexdigest()
         if digest != version.weights_sha256:
             raise IntegrityError(
@@ -465,7 +464,7 @@ class ModelRegistry:
         return self.get(version_id)
 
     def rollback(self, *, reason: str, now: datetime | None = None) -> ModelVersion:
-        """Serve again the version that was promoted before the current one (a stack: repeatable)."""
+        """Serve again the version promoted before the current one (a stack: repeatable)."""
         if not reason.strip():
             raise ConfigError("a rollback needs a non-empty reason")
         at = _now_iso(now)
@@ -489,7 +488,9 @@ class ModelRegistry:
             rows = conn.execute(
                 "SELECT seq, version_id, action, reason, at FROM promotions ORDER BY seq"
             ).fetchall()
-        return [Promotion(int(s), int(v), PromotionAction(a), str(r), str(t)) for s, v, a, r, t in rows]
+        return [
+            Promotion(int(s), int(v), PromotionAction(a), str(r), str(t)) for s, v, a, r, t in rows
+        ]
 
     def gate_candidate(
         self,
@@ -500,7 +501,7 @@ class ModelRegistry:
         higher_is_better: bool = True,
         now: datetime | None = None,
     ) -> GateDecision:
-        """Gate ``candidate_id`` against the serving version, record the decision, promote if it passes."""
+        """Gate ``candidate_id`` against the serving version; record why; promote if it passes."""
         candidate = self.get(candidate_id)
         current = self.promoted()
         decision = gate(

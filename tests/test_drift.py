@@ -11,7 +11,9 @@ from server.drift import DriftConfig, decide, page_hinkley
 LEVEL, SD = 0.9, 0.04
 
 
-def series(seed: int, length: int, change_at: int | None = None, shift_sd: float = 0.0) -> np.ndarray:
+def series(
+    seed: int, length: int, change_at: int | None = None, shift_sd: float = 0.0
+) -> np.ndarray:
     values = LEVEL + SD * np.random.default_rng(seed).normal(size=length)
     if change_at is not None:
         values[change_at:] += shift_sd * SD
@@ -81,7 +83,7 @@ def test_decide_counts_merchants_and_respects_seen() -> None:
 
 
 def test_validation_names_bad_values() -> None:
-    with pytest.raises(DataValidationError, match="'m1'.*index 3"):
+    with pytest.raises(DataValidationError, match=r"'m1'.*index 3"):
         decide({"m1": [1.0, 1.0, 1.0, float("nan")]})
     with pytest.raises(ConfigError, match="threshold"):
         DriftConfig(threshold=0.0)

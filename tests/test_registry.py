@@ -76,9 +76,13 @@ def test_register_validates_before_writing(tmp_path: Path, key: Ed25519PrivateKe
             {"w": np.arange(3)}, parent=None, round=0, merchants=[], metrics={}, privacy={}
         )
     with pytest.raises(ConfigError, match=r"\['m2'\]"):
-        reg.register(weights(1), parent=None, round=0, merchants=["m1", "m2"], metrics={}, privacy={"m1": 1})
+        reg.register(
+            weights(1), parent=None, round=0, merchants=["m1", "m2"], metrics={}, privacy={"m1": 1}
+        )
     with pytest.raises(ConfigError, match="-1"):
-        reg.register(weights(1), parent=None, round=0, merchants=["m1"], metrics={}, privacy={"m1": -1})
+        reg.register(
+            weights(1), parent=None, round=0, merchants=["m1"], metrics={}, privacy={"m1": -1}
+        )
     with pytest.raises(ConfigError, match="parent version 7"):
         reg.register(weights(1), parent=7, round=0, merchants=[], metrics={}, privacy={})
     assert reg.list() == []
@@ -157,9 +161,13 @@ def test_gate_rules() -> None:
     assert gate({"ndcg@10": 0.1}, None).promote
     assert not gate({"loss": 0.1}, {"ndcg@10": 0.3}).promote
     assert not gate({"ndcg@10": float("nan")}, {"ndcg@10": 0.3}).promote
-    assert gate({"loss": 0.50}, {"loss": 0.45}, metric="loss", tolerance=0.05, higher_is_better=False).promote
-    assert not gate({"loss": 0.51}, {"loss": 0.45}, metric="loss", tolerance=0.05, higher_is_better=False).promote
-    with pytest.raises(ConfigError, match="-0.1"):
+    assert gate(
+        {"loss": 0.50}, {"loss": 0.45}, metric="loss", tolerance=0.05, higher_is_better=False
+    ).promote
+    assert not gate(
+        {"loss": 0.51}, {"loss": 0.45}, metric="loss", tolerance=0.05, higher_is_better=False
+    ).promote
+    with pytest.raises(ConfigError, match=r"-0\.1"):
         gate({"ndcg@10": 0.3}, None, tolerance=-0.1)
 
 
@@ -177,7 +185,11 @@ def test_gate_candidate_promotes_or_keeps(tmp_path: Path, key: Ed25519PrivateKey
     better = register(reg, 3, 0.31, parent=first)
     assert reg.gate_candidate(better, now=NOW).promote
     history = reg.gate_history()
-    assert [(c, cur, p) for c, cur, p, _ in history] == [(1, None, True), (2, 1, False), (3, 1, True)]
+    assert [(c, cur, p) for c, cur, p, _ in history] == [
+        (1, None, True),
+        (2, 1, False),
+        (3, 1, True),
+    ]
     assert "kept, not promoted" in history[1][3]
 
 
@@ -217,3 +229,39 @@ def test_unknown_version_names_the_id(tmp_path: Path, key: Ed25519PrivateKey) ->
         reg.get(42)
     with pytest.raises(ConfigError, match="reason"):
         reg.promote(1, reason=" ")
+
+
+def test_cli_list_show_promote_rollback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from common.errors import ExitCode
+    from common.keys import generate_keypair, load_signing_key, load_verify_key
+    from simulations import cli
+    from simulations.cli import main
+
+    # Only this group: the other command modules import torch and Flower (seconds).
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ("simulations.commands.model",))
+
+    private, public = generate_keypair(tmp_path / "keys", name="platform")
+    signing = load_signing_key(private)
+    reg = ModelRegistry(tmp_path / "reg", signing_key=signing, verify_key=load_verify_key(public))
+    register(reg, 1, 0.2)
+    register(reg, 2, 0.3, parent=1)
+    flags = ["--registry", str(tmp_path / "reg"), "--verify-key", str(public)]
+    assert main(["model", "promote", "1", "--reason", "first", *flags]) == 0
+    assert main(["model", "promote", "2", "--reason", "better", *flags]) == 0
+    capsys.readouterr()
+    assert main(["model", "list", "--json", *flags]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["id"], r["promoted"]) for r in rows] == [(1, False), (2, True)]
+    assert main(["model", "rollback", "--reason", "ctr dropped", *flags]) == 0
+    assert "version 1" in capsys.readouterr().out
+    assert main(["model", "show", "1", *flags]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["promoted"] and shown["privacy_epsilon"] == {"m1": 0.5, "m2": 1.25}
+    assert main(["model", "history", *flags]) == 0
+    assert "rollback v1  ctr dropped" in capsys.readouterr().out
+    (tmp_path / "reg" / "versions" / "v000002.npz").write_bytes(b"garbage")
+    assert main(["model", "show", "2", *flags]) == ExitCode.INTEGRITY
+    assert "v000002.npz changed" in capsys.readouterr().err
+    assert main(["model", "rollback", "--reason", "x", *flags]) == ExitCode.CONFIG

@@ -59,5 +59,7 @@ def main(grid: Grid, context: Context) -> None:
 def train(msg: Message, context: Context) -> Message:
     merchant_config = Path(str(context.node_config["merchant-config"]))
     with (merchant_config.parent / "rounds.log").open("a", encoding="utf-8") as handle:
-        handle.write(f"{msg.content['config']['round']}\n")
+        config = msg.content["config"]
+        assert isinstance(config, ConfigRecord)
+        handle.write(f"{config['round']!s}\n")
     return Message(content=RecordDict({"metrics": MetricRecord({"ok": 1.0})}), reply_to=msg)

@@ -1,0 +1,117 @@
+"""The merchant's privacy contract, without Flower: budget refusal, ledger before release,
+idempotent re-send, and epsilon that survives restarts."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+import client.data
+from client.merchant_round import TrainRequest, run_merchant_round
+from common.accounting import MechanismStep, epsilon_spent
+from common.config import RunConfig
+from common.keys import load_signing_key
+from common.ledger import MerchantLedger
+from common.model import arrays_sha256
+from common.protocol import Outcome
+from server.federation import initial_model
+
+
+def request(layout, rnd, arrays=None, run_id="run-a", config=None):
+    config = config or RunConfig.from_toml(layout.config)
+    arrays = arrays if arrays is not None else initial_model(config)
+    return TrainRequest(run_id=run_id, round=rnd, planned_rounds=config.federation.rounds,
+                        seed=config.seed, model_in_sha256=arrays_sha256(arrays), config=config,
+                        arrays=arrays)
+
+
+def entries(merchant):
+    with MerchantLedger.open(merchant.ledger_path, merchant_id=merchant.id,
+                             signing_key=load_signing_key(merchant.signing_key)) as ledger:
+        return ledger.entries()
+
+
+def test_rounds_record_then_release_and_compose(small_layout):
+    merchant = small_layout.merchant_config(small_layout.merchant_ids()[0])
+    first = run_merchant_round(request(small_layout, 1), merchant)
+    assert first.outcome is Outcome.TRAINED and first.arrays is not None
+    second = run_merchant_round(request(small_layout, 2, first.arrays), merchant)
+    log = entries(merchant)
+    assert [e.release.round for e in log] == [1, 2]
+    assert log[1].release.model_out_sha256 == arrays_sha256(second.arrays)
+    history = [MechanismStep(e.release.noise_multiplier, e.release.sample_rate, e.release.steps)
+               for e in log]
+    assert second.metrics["epsilon"] == pytest.approx(epsilon_spent(history, delta=log[1].release.delta))
+    assert second.metrics["epsilon"] <= RunConfig.from_toml(small_layout.config).privacy.epsilon_cap
+
+
+def test_restored_state_gives_identical_epsilon_and_weights(small_layout, tmp_path):
+    """Rounds 1-3 in one process == rounds 1-2, a restart (caches dropped, ledger reopened), round 3."""
+    ids = small_layout.merchant_ids()
+    merchant = small_layout.merchant_config(ids[0])
+    other = dataclasses.replace(small_layout.merchant_config(ids[1]), data=merchant.data,
+                                signing_key=merchant.signing_key, id=merchant.id,
+                                state_dir=tmp_path / "other-state")
+    replies = {}
+    for who in (merchant, other):
+        arrays = None
+        for rnd in (1, 2, 3):
+            if who is other and rnd == 3:
+                client.data._CACHE.clear()  # a new process would start with nothing in memory
+            reply = run_merchant_round(request(small_layout, rnd, arrays), who)
+            arrays = reply.arrays
+        replies[who.state_dir] = reply
+    a, b = replies[merchant.state_dir], replies[other.state_dir]
+    assert a.metrics["epsilon"] == b.metrics["epsilon"]
+    assert arrays_sha256(a.arrays) == arrays_sha256(b.arrays)
+
+
+def test_refusal_releases_nothing_and_writes_nothing(small_layout):
+    merchant = small_layout.merchant_config(small_layout.merchant_ids()[0])
+    merchant = dataclasses.replace(merchant, epsilon_cap=0.01)
+    config = RunConfig.from_toml(small_layout.config)
+    config = dataclasses.replace(config, privacy=dataclasses.replace(config.privacy, noise_multiplier=0.5))
+    reply = run_merchant_round(request(small_layout, 1, config=config), merchant)
+    assert reply.outcome is Outcome.REFUSED and reply.arrays is None and reply.ledger_entry is None
+    assert "cap" in reply.reason and entries(merchant) == []
+    assert not merchant.outbox.exists() or not any(merchant.outbox.iterdir())
+
+
+def test_budget_exhausted_across_runs_is_refused(small_layout):
+    """A second run cannot spend what the first one already spent (the ledger persists)."""
+    merchant = small_layout.merchant_config(small_layout.merchant_ids()[0])
+    arrays = None
+    for rnd in (1, 2, 3):
+        reply = run_merchant_round(request(small_layout, rnd, arrays), merchant)
+        assert reply.outcome is Outcome.TRAINED
+        arrays = reply.arrays
+    fresh = run_merchant_round(request(small_layout, 1, run_id="run-b"), merchant)
+    assert fresh.outcome is Outcome.REFUSED and fresh.arrays is None
+    assert len(entries(merchant)) == 3
+
+
+def test_same_round_asked_twice_is_resent_not_respent(small_layout):
+    merchant = small_layout.merchant_config(small_layout.merchant_ids()[0])
+    first = run_merchant_round(request(small_layout, 1), merchant)
+    again = run_merchant_round(request(small_layout, 1), merchant)
+    assert again.outcome is Outcome.TRAINED and again.reason == "re-sent"
+    assert arrays_sha256(again.arrays) == arrays_sha256(first.arrays)
+    assert len(entries(merchant)) == 1
+
+
+def test_tampered_model_in_is_refused_before_training(small_layout):
+    merchant = small_layout.merchant_config(small_layout.merchant_ids()[0])
+    req = request(small_layout, 1)
+    bad = dataclasses.replace(req, arrays={k: v + np.float32(1) for k, v in req.arrays.items()})
+    reply = run_merchant_round(bad, merchant)
+    assert reply.outcome is Outcome.FAILED and "hash" in reply.reason and entries(merchant) == []
+
+
+def test_non_private_needs_merchant_consent(small_layout):
+    merchant = small_layout.merchant_config(small_layout.merchant_ids()[0])
+    config = RunConfig.from_toml(small_layout.config)
+    config = dataclasses.replace(config, privacy=dataclasses.replace(config.privacy, enabled=False))
+    reply = run_merchant_round(request(small_layout, 1, config=config), merchant)
+    assert reply.outcome is Outcome.FAILED and "differential privacy" in reply.reason
