@@ -198,12 +198,16 @@ def federation_round_times(root: Path, *, tls: bool, rounds: int, payload_mb: fl
     return [float(s) for s in json.loads(result.read_text())["round_seconds"]]
 
 
-def import_seconds(statement: str, *, repeats: int) -> float:
+def import_seconds(statement: str, *, repeats: int) -> float | str:
     """Median wall time of a fresh interpreter running ``statement`` (what a ClientApp pays)."""
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-c", statement], env=_env(), check=True, cwd=REPO)
+        done = subprocess.run(
+            [sys.executable, "-c", statement], env=_env(), cwd=REPO, capture_output=True, text=True
+        )
+        if done.returncode != 0:
+            return "failed: " + done.stderr.strip().splitlines()[-1]
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -232,6 +236,7 @@ def main() -> int:
         tls_overhead_fraction=overhead,
         note="median over rounds 2..N (round 1 includes installing the app on each node)",
     )
+    print(json.dumps(report, indent=2), flush=True)  # keep the round times if imports fail
     report["clientapp_start_s"] = {
         name: import_seconds(stmt, repeats=args.repeats)
         for name, stmt in {

@@ -28,6 +28,7 @@ class MerchantConfig:
     device: str = "auto"  # "auto" takes a CUDA device when one is present
     threads: int = 1
     allow_non_private: bool = False  # only for a data scientist's own baselines in simulation
+    max_noise_multiplier: float = 10.0  # refuse rounds whose remaining budget needs more noise
 
     def __post_init__(self) -> None:
         if not self.id or any(c in self.id for c in "/\\\0"):
@@ -36,6 +37,8 @@ class MerchantConfig:
             raise ConfigError(f"merchant.epsilon_cap must be > 0, got {self.epsilon_cap}")
         if not (0 < self.delta < 1):
             raise ConfigError(f"merchant.delta must be in (0, 1), got {self.delta}")
+        if not self.max_noise_multiplier > 0:
+            raise ConfigError(f"merchant.max_noise_multiplier must be > 0, got {self.max_noise_multiplier}")
         if self.threads < 1:
             raise ConfigError(f"merchant.threads must be >= 1, got {self.threads}")
 
@@ -76,4 +79,5 @@ class MerchantConfig:
             f'device = "{self.device}"\n'
             f"threads = {self.threads}\n"
             f"allow_non_private = {'true' if self.allow_non_private else 'false'}\n"
+            f"max_noise_multiplier = {self.max_noise_multiplier!r}\n"
         )

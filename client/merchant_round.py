@@ -108,7 +108,8 @@ def plan_round(
         before_run = [h for h, e in zip(history, spent, strict=True) if e.release.run_id != request.run_id]
         try:
             sigma = noise_for_target(target_epsilon=cap, delta=delta, sample_rate=q,
-                                     steps=steps * request.planned_rounds, prior=before_run)
+                                     steps=steps * request.planned_rounds, prior=before_run,
+                                     max_noise_multiplier=merchant.max_noise_multiplier)
         except ConfigError as exc:
             raise PrivacyBudgetExceeded(f"merchant {merchant.id}: {exc}") from None
     mechanism = MechanismStep(sigma, q, steps)

@@ -8,13 +8,13 @@ independently with Google's dp-accounting (``common.audit``).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 
-from opacus.accountants import PRVAccountant, RDPAccountant
-from opacus.accountants.utils import get_noise_multiplier
+import numpy as np
 
 from common.errors import ConfigError
 
@@ -50,6 +50,32 @@ class MechanismStep:
             raise ConfigError(f"steps must be >= 1, got {self.steps!r}")
 
 
+# RDP orders: Opacus' default list plus large orders, which give tighter bounds at large sigma.
+RDP_ORDERS: tuple[float, ...] = (
+    *(1 + x / 10.0 for x in range(1, 100)), *range(12, 64), 80, 96, 128, 192, 256, 512
+)
+
+
+@functools.lru_cache(maxsize=4096)
+def _unit_rdp(sample_rate: float, noise_multiplier: float) -> tuple[float, ...]:
+    """RDP of one step at every order; RDP composes by addition, so n steps = n x this."""
+    from opacus.accountants.analysis.rdp import compute_rdp
+
+    values = compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1,
+                         orders=list(RDP_ORDERS))
+    return tuple(float(v) for v in values)
+
+
+def _rdp_epsilon(history: Sequence[MechanismStep], delta: float) -> float:
+    from opacus.accountants.analysis.rdp import get_privacy_spent
+
+    total = np.zeros(len(RDP_ORDERS))
+    for step in history:
+        total += step.steps * np.asarray(_unit_rdp(step.sample_rate, step.noise_multiplier))
+    epsilon, _ = get_privacy_spent(orders=list(RDP_ORDERS), rdp=total, delta=delta)
+    return float(epsilon)
+
+
 def validate_delta(delta: float) -> float:
     if not (0 < delta < 1):
         raise ConfigError(f"delta must be in (0, 1), got {delta!r}")
@@ -68,7 +94,11 @@ def epsilon_spent(
         return 0.0
     if any(step.noise_multiplier == 0 for step in history):
         return math.inf
-    engine = RDPAccountant() if accountant is AccountantKind.RDP else PRVAccountant()
+    if accountant is AccountantKind.RDP:
+        return _rdp_epsilon(history, delta)
+    from opacus.accountants import PRVAccountant  # heavy: import on use
+
+    engine = PRVAccountant()
     engine.history = [(s.noise_multiplier, s.sample_rate, s.steps) for s in history]
     return float(engine.get_epsilon(delta=delta))
 
@@ -80,36 +110,38 @@ def noise_for_target(
     sample_rate: float,
     steps: int,
     prior: Sequence[MechanismStep] = (),
+    max_noise_multiplier: float = 50.0,
 ) -> float:
-    """The smallest noise multiplier (RDP accounting) so that ``prior`` plus ``steps`` new
-    steps at ``sample_rate`` stay within ``target_epsilon``."""
+    """The smallest noise multiplier (RDP accounting, within 0.5 %) so that ``prior`` plus
+    ``steps`` new steps at ``sample_rate`` stay within ``target_epsilon``.
+
+    Raises ConfigError when even ``max_noise_multiplier`` would pass the target: the remaining
+    budget is too small for a round worth running.
+    """
     validate_delta(delta)
     if not (target_epsilon > 0 and math.isfinite(target_epsilon)):
         raise ConfigError(f"target_epsilon must be > 0, got {target_epsilon!r}")
     MechanismStep(1.0, sample_rate, steps)  # validates q and steps
-    if not prior:
-        return float(
-            get_noise_multiplier(
-                target_epsilon=target_epsilon,
-                target_delta=delta,
-                sample_rate=sample_rate,
-                steps=steps,
-                accountant="rdp",
-                epsilon_tolerance=0.005,
-            )
-        )
-    low, high = 0.05, 100.0
+    return _calibrate(float(target_epsilon), float(delta), float(sample_rate), int(steps),
+                      tuple(prior), float(max_noise_multiplier))
 
+
+@functools.lru_cache(maxsize=256)
+def _calibrate(target: float, delta: float, q: float, steps: int,
+               prior: tuple[MechanismStep, ...], max_sigma: float) -> float:
     def eps_at(sigma: float) -> float:
-        return epsilon_spent([*prior, MechanismStep(sigma, sample_rate, steps)], delta=delta)
+        return epsilon_spent([*prior, MechanismStep(sigma, q, steps)], delta=delta)
 
-    if eps_at(high) > target_epsilon:
+    spent = epsilon_spent(prior, delta=delta)
+    if eps_at(max_sigma) > target:
         raise ConfigError(
-            f"target_epsilon {target_epsilon} is already used up by earlier releases"
+            f"the budget is used up: epsilon {spent:.3f} already spent of {target:g}, and even "
+            f"noise multiplier {max_sigma:g} would pass the cap"
         )
-    for _ in range(60):
-        mid = (low + high) / 2
-        if eps_at(mid) > target_epsilon:
+    low, high = 0.05, max_sigma
+    while high / low > 1.005:
+        mid = math.sqrt(low * high)
+        if eps_at(mid) > target:
             low = mid
         else:
             high = mid

@@ -18,7 +18,7 @@ from typing import Any
 from common.accounting import AccountantKind, PrivacyUnit
 from common.configparse import as_plain_dict, from_mapping, load_toml
 from common.errors import ConfigError
-from common.model import ModelSpec
+from common.model_spec import ModelSpec
 
 
 class StrategyKind(Enum):

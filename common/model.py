@@ -10,31 +10,13 @@ aligns them without sharing catalogues.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 from torch import nn
 
+from common.model_spec import ModelSpec
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """Shape of the model; must be identical on every merchant and the server."""
-
-    product_buckets: int = 1 << 15
-    category_buckets: int = 1 << 10
-    department_buckets: int = 64
-    embedding_dim: int = 32
-    hidden_dim: int = 64
-    history_length: int = 30
-
-    def __post_init__(self) -> None:
-        for name in ("product_buckets", "category_buckets", "department_buckets"):
-            if getattr(self, name) < 2:
-                raise ValueError(f"{name} must be >= 2, got {getattr(self, name)}")
-        for name in ("embedding_dim", "hidden_dim", "history_length"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+__all__ = ["ModelSpec", "Recommender", "arrays_sha256", "load_state_arrays", "state_arrays"]
 
 
 class Recommender(nn.Module):
@@ -122,8 +104,12 @@ def load_state_arrays(model: nn.Module, arrays: dict[str, np.ndarray]) -> None:
         raise ValueError(f"model arrays do not match: missing {missing}, unexpected {extra}")
     for name, shape in expected.items():
         if tuple(arrays[name].shape) != tuple(shape):
-            raise ValueError(f"array {name!r} has shape {arrays[name].shape}, expected {tuple(shape)}")
-    model.load_state_dict({k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in arrays.items()})
+            raise ValueError(
+                f"array {name!r} has shape {arrays[name].shape}, expected {tuple(shape)}"
+            )
+    model.load_state_dict(
+        {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in arrays.items()}
+    )
 
 
 def arrays_sha256(arrays: dict[str, np.ndarray]) -> str:

@@ -1,7 +1,7 @@
 """The real fedshop apps over TLS: one SuperLink and three merchant SuperNodes as processes.
 
 Skipped (with the reason) until the app's pyproject declares the run-config keys the
-ServerApp needs in deployment; then it must pass.
+ServerApp needs in deployment; from then on they must pass.
 """
 
 from __future__ import annotations
@@ -9,7 +9,9 @@ from __future__ import annotations
 import sqlite3
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,60 +25,98 @@ import deploy_harness as h
 RUN_KEYS = ["fedshop-config", "run-dir", "keys-dir", "server-ledger"]
 
 
-def _app_ready() -> str | None:
+def _skip_unless_app_ready() -> None:
     try:
         check_app_config_keys(h.REPO, RUN_KEYS)
     except DeploymentError as exc:
-        return str(exc)
-    return None
+        pytest.skip(str(exc))
 
 
-@pytest.mark.slow
-def test_three_merchants_train_with_dp_over_tls(tmp_path: Path) -> None:
-    reason = _app_ready()
-    if reason:
-        pytest.skip(reason)
+@dataclass
+class Federation:
+    root: Path
+    layout: Any
+    pki: h.Pki
+    port: int
+    merchants: list[str]
+
+    def server_args(self) -> list[str]:
+        layout = self.layout
+        return [
+            "server",
+            "--certs",
+            str(self.pki.server),
+            "--state",
+            str(self.root / "state"),
+            "--port",
+            str(self.port),
+            "--app",
+            str(h.REPO),
+            "--run-config",
+            str(layout.config),
+            "--nodes-allowlist",
+            str(self.pki.nodes),
+            "--run-timeout",
+            "900",
+            "--set",
+            f"run-dir={layout.root}",
+            "--set",
+            f"keys-dir={layout.keys}",
+            "--set",
+            f"server-ledger={layout.server / 'ledger.sqlite'}",
+            "--expect",
+            str(layout.root / "summary.json"),
+        ]
+
+    def client(self, name: str) -> subprocess.Popen[bytes]:
+        args = [
+            "client",
+            "--config",
+            str(self.layout.merchants / name / "merchant.toml"),
+            "--superlink",
+            f"127.0.0.1:{self.port}",
+            "--root-cert",
+            str(self.pki.server / "ca.crt"),
+            "--node-key",
+            str(self.pki.nodes / f"{name}.node.key"),
+        ]
+        return h.start_fedshop(args, self.root / f"{name}.log", cwd=self.root)
+
+    def ledger(self, name: str) -> Path:
+        path: Path = self.layout.merchant_config(name).ledger_path
+        return path
+
+
+def _federation(tmp_path: Path, rounds: int) -> Federation:
     from common.config import RunConfig
     from simulations.provision import provision
 
     config = RunConfig.from_dict(
         {
             "data": {"source": "synthetic", "top_n": 3, "synthetic_events_per_merchant": 600},
-            "federation": {"rounds": 2, "min_merchants": 3},
+            "federation": {"rounds": rounds, "min_merchants": 3},
             "evaluation": {"max_cases_per_merchant": 50},
         }
     )
     layout = provision(config, tmp_path / "run")
     merchants = layout.merchant_ids()
-    assert len(merchants) == 3
     pki = h.make_pki(tmp_path / "pki", merchants)
-    port = free_port()
-    server_args = [
-        "server",
-        "--certs",
-        str(pki.server),
-        "--state",
-        str(tmp_path / "state"),
-        "--port",
-        str(port),
-        "--app",
-        str(h.REPO),
-        "--run-config",
-        str(layout.config),
-        "--nodes-allowlist",
-        str(pki.nodes),
-        "--run-timeout",
-        "900",
-        "--set",
-        f"run-dir={layout.root}",
-        "--set",
-        f"keys-dir={layout.keys}",
-        "--set",
-        f"server-ledger={layout.server / 'ledger.sqlite'}",
-        "--expect",
-        str(layout.root / "summary.json"),
-    ]
-    server = h.start_fedshop(server_args, tmp_path / "server.log", cwd=tmp_path)
+    return Federation(tmp_path, layout, pki, free_port(), merchants)
+
+
+def _ledger_rows(path: Path) -> int:
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        return sum(db.execute(f'SELECT COUNT(*) FROM "{t}"').fetchone()[0] for t in tables)
+
+
+@pytest.mark.slow
+def test_three_merchants_train_with_dp_over_tls(tmp_path: Path) -> None:
+    _skip_unless_app_ready()
+    fed = _federation(tmp_path, rounds=2)
+    assert len(fed.merchants) == 3
+    server = h.start_fedshop(fed.server_args(), tmp_path / "server.log", cwd=tmp_path)
     clients: list[subprocess.Popen[bytes]] = []
     try:
         h.wait_for(
@@ -85,28 +125,47 @@ def test_three_merchants_train_with_dp_over_tls(tmp_path: Path) -> None:
             what="SuperLink",
             proc=server,
         )
-        for name in merchants:
-            args = [
-                "client",
-                "--config",
-                str(layout.merchants / name / "merchant.toml"),
-                "--superlink",
-                f"127.0.0.1:{port}",
-                "--root-cert",
-                str(pki.server / "ca.crt"),
-                "--node-key",
-                str(pki.nodes / f"{name}.node.key"),
-            ]
-            clients.append(h.start_fedshop(args, tmp_path / f"{name}.log", cwd=tmp_path))
+        clients = [fed.client(name) for name in fed.merchants]
         code = server.wait(timeout=1200)
     finally:
         for proc in [server, *clients]:
             h.stop(proc)
     assert code == 0, (tmp_path / "server.log").read_text()[-4000:]
-    for name in merchants:
-        ledger = layout.merchant_config(name).ledger_path
-        assert ledger.is_file(), f"{name} has no ledger"
-        with sqlite3.connect(ledger) as db:
-            tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
-            rows = sum(db.execute(f'SELECT COUNT(*) FROM "{t}"').fetchone()[0] for t in tables)
-        assert rows > 0, f"{name}'s ledger is empty"
+    for name in fed.merchants:
+        assert fed.ledger(name).is_file(), f"{name} has no ledger"
+        assert _ledger_rows(fed.ledger(name)) > 0, f"{name}'s ledger is empty"
+
+
+@pytest.mark.slow
+def test_merchant_killed_mid_round_keeps_an_intact_ledger(tmp_path: Path) -> None:
+    _skip_unless_app_ready()
+    fed = _federation(tmp_path, rounds=3)
+    victim = fed.merchants[0]
+    server = h.start_fedshop(fed.server_args(), tmp_path / "server.log", cwd=tmp_path)
+    clients: dict[str, subprocess.Popen[bytes]] = {}
+    restarted = None
+    try:
+        h.wait_for(
+            lambda: (tmp_path / "state" / "nodes.json").exists(),
+            timeout=120,
+            what="SuperLink",
+            proc=server,
+        )
+        clients = {name: fed.client(name) for name in fed.merchants}
+        h.wait_for(
+            lambda: fed.ledger(victim).exists() and _ledger_rows(fed.ledger(victim)) > 0,
+            timeout=600,
+            what="the first release",
+            proc=server,
+        )
+        before = _ledger_rows(fed.ledger(victim))
+        h.kill_tree(clients[victim])  # the merchant's machine dies mid-run
+        assert _ledger_rows(fed.ledger(victim)) >= before  # nothing recorded was lost
+        restarted = fed.client(victim)
+        code = server.wait(timeout=1500)
+    finally:
+        for proc in [server, *clients.values(), *([restarted] if restarted else [])]:
+            h.stop(proc)
+    log = (tmp_path / "server.log").read_text()
+    assert code == 0, log[-4000:]
+    assert _ledger_rows(fed.ledger(victim)) >= before
