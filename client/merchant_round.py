@@ -185,6 +185,7 @@ def _run(request: TrainRequest, merchant: MerchantConfig) -> TrainReply:
     config = request.config
     torch.set_num_threads(merchant.threads)
     data = prepared_data(merchant.data, config.model)
+    merchant.state_dir.mkdir(parents=True, exist_ok=True)
     if not config.privacy.enabled:
         return _run_non_private(request, merchant, data)
     with MerchantLedger.open(merchant.ledger_path, merchant_id=merchant.id,

@@ -1,9 +1,17 @@
-"""The privacy ledger: every DP release, signed and hash-chained, before weights leave.
+"""The tamper-evident privacy ledger: one signed, hash-chained entry per privacy release.
 
-One SQLite file per merchant (and one for the platform). Each entry's hash covers its
-canonical JSON and the previous entry's hash; the merchant's Ed25519 key signs that hash.
-Appends are single transactions with ``synchronous=FULL``, so an entry that ``append``
-returned survives a kill -9; triggers refuse UPDATE and DELETE.
+Before any weights leave a merchant, its client appends a :class:`PrivacyRelease` to the
+merchant's SQLite ledger (one transaction, fsynced); the entry is signed with the merchant's
+Ed25519 key and chained to the previous entry by SHA-256. The server checks each incoming
+entry (:meth:`ServerLedger.accept`) and stores it verbatim, so the merchant's and the server's
+copies must agree entry by entry; auditors recompute every epsilon from the logged mechanism
+parameters (``common.audit``).
+
+Hashes: ``entry_hash = sha256(DOMAIN + canonical({"prev_hash", "release", "seq"}))``, the
+signature is Ed25519 over the 32 bytes of ``entry_hash``, and the next entry's ``prev_hash`` is
+``sha256(canonical({"entry_hash", "prev_hash", "release", "seq", "signature"}))``; the first
+entry's ``prev_hash`` is 64 zeros. Canonical JSON: sorted keys, no spaces, ASCII, floats as
+Python's shortest round-trip ``repr``.
 """
 
 from __future__ import annotations
@@ -11,48 +19,95 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import sqlite3
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
-from datetime import datetime
+import types
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import cached_property
 from pathlib import Path
-from types import MappingProxyType
-from typing import Any
+from typing import Any, Self
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from common.accounting import AccountantKind, MechanismStep, PrivacyUnit
-from common.errors import IntegrityError, LedgerError
+from common.errors import (
+    ConfigError,
+    FedshopError,
+    IntegrityError,
+    LedgerError,
+    PrivacyBudgetExceeded,
+)
+from common.keys import NAME_PATTERN
 
-GENESIS = "0" * 64
+GENESIS_HASH = "0" * 64
 MECHANISM = "poisson_subsampled_gaussian"
+LEDGER_FORMAT = "fedshop-ledger/1"
+WIRE_FORMAT = "fedshop-ledger-entry/1"
+HASH_DOMAIN = b"fedshop-ledger-entry/1\n"
+BUSY_TIMEOUT_S = 10.0
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS entries (
-    seq INTEGER PRIMARY KEY,
-    merchant_id TEXT NOT NULL,
-    release_json TEXT NOT NULL,
-    prev_hash TEXT NOT NULL,
-    entry_hash TEXT NOT NULL UNIQUE,
-    signature TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS entries_by_merchant ON entries (merchant_id, seq);
-CREATE TRIGGER IF NOT EXISTS entries_no_update BEFORE UPDATE ON entries
-BEGIN SELECT RAISE(ABORT, 'the privacy ledger is append-only'); END;
-CREATE TRIGGER IF NOT EXISTS entries_no_delete BEFORE DELETE ON entries
-BEGIN SELECT RAISE(ABORT, 'the privacy ledger is append-only'); END;
-"""
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_HEX128 = re.compile(r"[0-9a-f]{128}")
+_TOKEN = re.compile(r"[!-~]{1,200}")
+_UTC_ISO = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?Z")
+
+_FLOAT_FIELDS = (
+    "noise_multiplier",
+    "sample_rate",
+    "clipping_norm",
+    "delta",
+    "epsilon_after",
+    "epsilon_cap",
+)
+_INT_FIELDS = ("round", "steps", "dataset_size")
 
 
-def _is_hex64(value: str) -> bool:
-    return len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+def canonical_json(obj: Any) -> str:
+    """The one serialisation that is hashed and signed (floats round-trip exactly)."""
+    return json.dumps(
+        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+    )
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def utc_now_iso() -> str:
+    """Current time as ISO-8601 UTC with a ``Z`` suffix (microseconds)."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _check_hex64(name: str, value: object) -> None:
+    if not isinstance(value, str) or not _HEX64.fullmatch(value):
+        raise ConfigError(f"{name} must be 64 lowercase hex digits, got {value!r}")
+
+
+def _check_token(name: str, value: object) -> None:
+    if not isinstance(value, str) or not _TOKEN.fullmatch(value):
+        raise ConfigError(f"{name} must be 1-200 printable ASCII characters, got {value!r}")
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_created(value: object) -> None:
+    if not isinstance(value, str) or not _UTC_ISO.fullmatch(value):
+        raise ConfigError(f"created_utc must be ISO-8601 UTC ending in Z, got {value!r}")
+    try:
+        datetime.fromisoformat(value[:-1])
+    except ValueError:
+        raise ConfigError(f"created_utc is not a real date and time: {value!r}") from None
 
 
 @dataclass(frozen=True)
 class PrivacyRelease:
-    """One DP release: a round of local training whose weights leave the merchant."""
+    """What a merchant states about one release of model weights (immutable, signed)."""
 
     merchant_id: str
     run_id: str
@@ -73,251 +128,600 @@ class PrivacyRelease:
     epsilon_cap: float
     config_sha256: str
     library_versions: Mapping[str, str] = field(default_factory=dict)
-    created_utc: str = ""
+    created_utc: str = field(default_factory=lambda: utc_now_iso())
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "library_versions", MappingProxyType(dict(self.library_versions)))
-        checks = [
-            ("merchant_id", bool(self.merchant_id), "a non-empty string"),
-            ("run_id", bool(self.run_id), "a non-empty string"),
-            ("round", isinstance(self.round, int) and self.round >= 1, "an integer >= 1"),
-            ("model_in_sha256", _is_hex64(self.model_in_sha256), "64 hex digits"),
-            ("model_out_sha256", _is_hex64(self.model_out_sha256), "64 hex digits"),
-            ("config_sha256", _is_hex64(self.config_sha256), "64 hex digits"),
-            ("cohort", bool(self.cohort), "a non-empty string"),
-            ("mechanism", self.mechanism == MECHANISM, repr(MECHANISM)),
-            ("noise_multiplier", _finite(self.noise_multiplier) and self.noise_multiplier >= 0, ">= 0"),
-            ("sample_rate", _finite(self.sample_rate) and 0 < self.sample_rate <= 1, "in (0, 1]"),
-            ("steps", isinstance(self.steps, int) and self.steps >= 1, "an integer >= 1"),
-            ("clipping_norm", _finite(self.clipping_norm) and self.clipping_norm > 0, "> 0"),
-            ("delta", _finite(self.delta) and 0 < self.delta < 1, "in (0, 1)"),
-            ("dataset_size", isinstance(self.dataset_size, int) and self.dataset_size >= 1, ">= 1"),
-            ("epsilon_after", self.epsilon_after >= 0, ">= 0"),
-            ("epsilon_cap", self.epsilon_cap > 0, "> 0"),
-            ("created_utc", _is_utc(self.created_utc), "ISO-8601 UTC ending in Z"),
-        ]
-        for name, ok, expected in checks:
-            if not ok:
-                raise LedgerError(f"release field {name!r} must be {expected}, got {getattr(self, name)!r}")
+        if not isinstance(self.merchant_id, str) or not NAME_PATTERN.fullmatch(self.merchant_id):
+            raise ConfigError(f"merchant_id {self.merchant_id!r} is not a valid merchant name")
+        _check_token("run_id", self.run_id)
+        _check_token("cohort", self.cohort)
+        for name in ("model_in_sha256", "model_out_sha256", "config_sha256"):
+            _check_hex64(name, getattr(self, name))
+        for name in _INT_FIELDS:
+            _check_int(name, getattr(self, name), 1)
+        if not isinstance(self.privacy_unit, PrivacyUnit):
+            raise ConfigError(f"privacy_unit must be a PrivacyUnit, got {self.privacy_unit!r}")
+        if not isinstance(self.accountant, AccountantKind):
+            raise ConfigError(f"accountant must be an AccountantKind, got {self.accountant!r}")
+        if self.mechanism != MECHANISM:
+            raise ConfigError(f"mechanism must be {MECHANISM!r}, got {self.mechanism!r}")
+        self._normalise_floats()
+        self._check_ranges()
+        self._freeze_versions()
+        _check_created(self.created_utc)
 
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, PrivacyUnit | AccountantKind):
-                value = value.value
-            elif isinstance(value, Mapping):
-                value = dict(sorted(value.items()))
-            out[f.name] = value
-        return out
+    def _normalise_floats(self) -> None:
+        for name in _FLOAT_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigError(f"{name} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise ConfigError(f"{name} must be finite, got {value!r}")
+            object.__setattr__(self, name, float(value))
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> PrivacyRelease:
-        names = {f.name for f in fields(cls)}
-        if set(data) != names:
-            raise IntegrityError(
-                f"release has fields {sorted(set(data) - names)} too many and "
-                f"{sorted(names - set(data))} missing"
-            )
-        values = dict(data)
-        try:
-            values["privacy_unit"] = PrivacyUnit(values["privacy_unit"])
-            values["accountant"] = AccountantKind(values["accountant"])
-        except ValueError as exc:
-            raise IntegrityError(f"release: {exc}") from None
-        for name in ("round", "steps", "dataset_size"):
-            if not isinstance(values[name], int) or isinstance(values[name], bool):
-                raise IntegrityError(f"release field {name!r} must be an integer")
-        try:
-            return cls(**values)
-        except LedgerError as exc:
-            raise IntegrityError(str(exc)) from None
+    def _check_ranges(self) -> None:
+        if self.noise_multiplier < 0:
+            raise ConfigError(f"noise_multiplier must be >= 0, got {self.noise_multiplier!r}")
+        if not 0 < self.sample_rate <= 1:
+            raise ConfigError(f"sample_rate must be in (0, 1], got {self.sample_rate!r}")
+        if self.clipping_norm <= 0:
+            raise ConfigError(f"clipping_norm must be > 0, got {self.clipping_norm!r}")
+        if not 0 < self.delta < 1:
+            raise ConfigError(f"delta must be in (0, 1), got {self.delta!r}")
+        if self.epsilon_after < 0:
+            raise ConfigError(f"epsilon_after must be >= 0, got {self.epsilon_after!r}")
+        if self.epsilon_cap <= 0:
+            raise ConfigError(f"epsilon_cap must be > 0, got {self.epsilon_cap!r}")
 
-    def canonical(self) -> bytes:
-        return canonical_json(self.to_dict())
+    def _freeze_versions(self) -> None:
+        versions = self.library_versions
+        if not isinstance(versions, Mapping):
+            raise ConfigError(f"library_versions must be a mapping, got {versions!r}")
+        for key, value in versions.items():
+            if not isinstance(key, str) or not isinstance(value, str):
+                raise ConfigError(f"library_versions: {key!r}: {value!r} is not str -> str")
+        frozen = types.MappingProxyType(dict(sorted(versions.items())))
+        object.__setattr__(self, "library_versions", frozen)
 
     @property
     def mechanism_step(self) -> MechanismStep:
+        """The (sigma, q, steps) the accountant composes."""
         return MechanismStep(self.noise_multiplier, self.sample_rate, self.steps)
 
+    def to_dict(self) -> dict[str, Any]:
+        data = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        data["privacy_unit"] = self.privacy_unit.value
+        data["accountant"] = self.accountant.value
+        data["library_versions"] = dict(self.library_versions)
+        return data
 
-def _finite(value: float) -> bool:
-    return isinstance(value, int | float) and math.isfinite(value)
+    @cached_property
+    def canonical_json(self) -> str:
+        return canonical_json(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, data: object) -> PrivacyRelease:
+        """Strict inverse of :meth:`to_dict`: exactly the known keys, enums by value."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"release must be a JSON object, got {type(data).__name__}")
+        expected = set(cls.__dataclass_fields__)
+        missing, unknown = expected - set(data), set(data) - expected
+        if missing or unknown:
+            raise ConfigError(
+                f"release fields: missing {sorted(missing)}, unknown {sorted(unknown)}"
+            )
+        kwargs = dict(data)
+        try:
+            kwargs["privacy_unit"] = PrivacyUnit(data["privacy_unit"])
+        except ValueError:
+            raise ConfigError(f"privacy_unit {data['privacy_unit']!r} is not known") from None
+        try:
+            kwargs["accountant"] = AccountantKind(data["accountant"])
+        except ValueError:
+            raise ConfigError(f"accountant {data['accountant']!r} is not known") from None
+        return cls(**kwargs)
 
 
-def _is_utc(value: str) -> bool:
-    if not value.endswith("Z"):
-        return False
-    try:
-        datetime.fromisoformat(value[:-1])
-    except ValueError:
-        return False
-    return True
+def _entry_hash(release_json: str, *, seq: int, prev_hash: str) -> str:
+    # Equal to canonical_json({"prev_hash":..., "release":..., "seq":...}) (tested).
+    text = f'{{"prev_hash":"{prev_hash}","release":{release_json},"seq":{seq}}}'
+    return sha256_hex(HASH_DOMAIN + text.encode("ascii"))
 
 
-def canonical_json(data: Any) -> bytes:
-    """Sorted keys, no spaces, floats as their shortest round-trip repr: one byte string per value."""
-    return json.dumps(data, sort_keys=True, separators=(",", ":"), allow_nan=False).encode("utf-8")
-
-
-def entry_hash(release_json: bytes, prev_hash: str, seq: int) -> str:
-    digest = hashlib.sha256()
-    digest.update(f"fedshop-ledger-v1\n{seq}\n{prev_hash}\n".encode())
-    digest.update(release_json)
-    return digest.hexdigest()
+def _chain_hash(release_json: str, *, seq: int, prev_hash: str, entry_hash: str, sig: str) -> str:
+    text = (
+        f'{{"entry_hash":"{entry_hash}","prev_hash":"{prev_hash}","release":{release_json},'
+        f'"seq":{seq},"signature":"{sig}"}}'
+    )
+    return sha256_hex(text.encode("ascii"))
 
 
 @dataclass(frozen=True)
 class LedgerEntry:
+    """One signed ledger row; ``to_wire`` is what travels from merchant to server."""
+
     seq: int
     release: PrivacyRelease
     prev_hash: str
     entry_hash: str
-    signature: str  # hex Ed25519 signature over entry_hash
+    signature: str
+
+    @property
+    def merchant_id(self) -> str:
+        return self.release.merchant_id
+
+    def chain_hash(self) -> str:
+        """The ``prev_hash`` the next entry of this merchant must carry."""
+        return _chain_hash(
+            self.release.canonical_json,
+            seq=self.seq,
+            prev_hash=self.prev_hash,
+            entry_hash=self.entry_hash,
+            sig=self.signature,
+        )
 
     def to_wire(self) -> str:
-        return json.dumps({"seq": self.seq, "release": self.release.to_dict(),
-                           "prev_hash": self.prev_hash, "entry_hash": self.entry_hash,
-                           "signature": self.signature}, sort_keys=True)
+        return canonical_json(
+            {
+                "format": WIRE_FORMAT,
+                "seq": self.seq,
+                "release": self.release.to_dict(),
+                "prev_hash": self.prev_hash,
+                "entry_hash": self.entry_hash,
+                "signature": self.signature,
+            }
+        )
 
     @classmethod
     def from_wire(cls, text: str) -> LedgerEntry:
+        """Parse a wire entry strictly; IntegrityError names the bad field. Does not verify."""
         try:
             data = json.loads(text)
         except (TypeError, ValueError) as exc:
-            raise IntegrityError(f"ledger entry is not JSON: {exc}") from None
-        if not isinstance(data, dict) or set(data) != {"seq", "release", "prev_hash", "entry_hash", "signature"}:
-            raise IntegrityError("ledger entry must have exactly seq, release, prev_hash, entry_hash, signature")
-        if not isinstance(data["seq"], int) or data["seq"] < 1:
-            raise IntegrityError(f"ledger entry field 'seq' must be an integer >= 1, got {data['seq']!r}")
-        for name in ("prev_hash", "entry_hash"):
-            if not isinstance(data[name], str) or not _is_hex64(data[name]):
-                raise IntegrityError(f"ledger entry field {name!r} must be 64 hex digits")
-        if not isinstance(data["signature"], str):
-            raise IntegrityError("ledger entry field 'signature' must be a hex string")
-        if not isinstance(data["release"], dict):
-            raise IntegrityError("ledger entry field 'release' must be an object")
-        return cls(data["seq"], PrivacyRelease.from_dict(data["release"]), data["prev_hash"],
-                   data["entry_hash"], data["signature"])
-
-    def verify(self, verify_key: Ed25519PublicKey, *, prev_hash: str) -> None:
-        """Hash, chain link and signature; raises IntegrityError naming what is wrong."""
-        where = f"entry {self.seq} of merchant {self.release.merchant_id!r}"
-        if self.prev_hash != prev_hash:
-            raise IntegrityError(f"{where}: chain broken (prev_hash does not match the entry before it)")
-        if entry_hash(self.release.canonical(), self.prev_hash, self.seq) != self.entry_hash:
-            raise IntegrityError(f"{where}: content does not match its hash")
+            raise IntegrityError(f"ledger entry is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise IntegrityError("ledger entry must be a JSON object")
+        keys = {"format", "seq", "release", "prev_hash", "entry_hash", "signature"}
+        if set(data) != keys:
+            raise IntegrityError(
+                f"ledger entry fields: missing {sorted(keys - set(data))}, "
+                f"unknown {sorted(set(data) - keys)}"
+            )
+        if data["format"] != WIRE_FORMAT:
+            raise IntegrityError(f"format: expected {WIRE_FORMAT!r}, got {data['format']!r}")
         try:
-            verify_key.verify(bytes.fromhex(self.signature), self.entry_hash.encode())
-        except (InvalidSignature, ValueError):
-            raise IntegrityError(f"{where}: signature does not verify with the merchant's key") from None
-
-
-def _connect(path: Path) -> sqlite3.Connection:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(path, isolation_level=None, timeout=30)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.executescript(_SCHEMA)
-    except sqlite3.Error as exc:
-        raise LedgerError(f"cannot open ledger {path}: {exc}") from None
-    return conn
-
-
-def _rows(conn: sqlite3.Connection, merchant_id: str | None = None) -> list[LedgerEntry]:
-    query = "SELECT seq, release_json, prev_hash, entry_hash, signature FROM entries"
-    params: tuple[Any, ...] = ()
-    if merchant_id is not None:
-        query += " WHERE merchant_id = ?"
-        params = (merchant_id,)
-    out = []
-    for seq, release_json, prev, digest, signature in conn.execute(query + " ORDER BY seq", params):
-        out.append(LedgerEntry(seq, PrivacyRelease.from_dict(json.loads(release_json)), prev, digest,
-                               signature))
-    return out
-
-
-def verify_chain(entries: list[LedgerEntry], verify_key: Ed25519PublicKey, *, source: str) -> None:
-    prev = GENESIS
-    for expected_seq, entry in enumerate(entries, start=1):
-        if entry.seq != expected_seq:
-            raise IntegrityError(f"{source}: entry {expected_seq} is missing (found seq {entry.seq})")
-        entry.verify(verify_key, prev_hash=prev)
-        prev = entry.entry_hash
-
-
-class MerchantLedger:
-    """A merchant's own ledger; the only writer is the merchant's training client."""
-
-    def __init__(self, path: Path, conn: sqlite3.Connection, merchant_id: str,
-                 signing_key: Ed25519PrivateKey) -> None:
-        self.path, self._conn, self.merchant_id, self._key = path, conn, merchant_id, signing_key
+            release = PrivacyRelease.from_dict(data["release"])
+        except (ConfigError, TypeError) as exc:
+            raise IntegrityError(f"release: {exc}") from None
+        return cls._build(
+            data["seq"], release, data["prev_hash"], data["entry_hash"], data["signature"]
+        )
 
     @classmethod
-    def open(cls, path: Path, *, merchant_id: str, signing_key: Ed25519PrivateKey) -> MerchantLedger:
-        conn = _connect(path)
-        ledger = cls(path, conn, merchant_id, signing_key)
-        try:
-            entries = ledger.entries()
-            others = {e.release.merchant_id for e in entries} - {merchant_id}
-            if others:
-                raise IntegrityError(f"{path} holds entries of other merchants: {sorted(others)}")
-            verify_chain(entries, signing_key.public_key(), source=str(path))
-        except BaseException:
-            conn.close()
-            raise
-        return ledger
+    def _build(
+        cls, seq: object, release: PrivacyRelease, prev: object, entry: object, sig: object
+    ) -> LedgerEntry:
+        if isinstance(seq, bool) or not isinstance(seq, int) or seq < 1:
+            raise IntegrityError(f"seq must be an integer >= 1, got {seq!r}")
+        for name, value, pattern in (
+            ("prev_hash", prev, _HEX64),
+            ("entry_hash", entry, _HEX64),
+            ("signature", sig, _HEX128),
+        ):
+            if not isinstance(value, str) or not pattern.fullmatch(value):
+                raise IntegrityError(f"{name} is not lowercase hex of the right length: {value!r}")
+        assert isinstance(prev, str) and isinstance(entry, str) and isinstance(sig, str)
+        return cls(seq=seq, release=release, prev_hash=prev, entry_hash=entry, signature=sig)
 
-    def entries(self) -> list[LedgerEntry]:
-        try:
-            return _rows(self._conn)
-        except (sqlite3.Error, ValueError) as exc:
-            raise IntegrityError(f"{self.path} cannot be read: {exc}") from None
-
-    def history(self, cohort: str | None = None) -> list[MechanismStep]:
-        return [e.release.mechanism_step for e in self.entries()
-                if cohort is None or e.release.cohort == cohort]
-
-    def find(self, run_id: str, round: int) -> LedgerEntry | None:
-        matches = [e for e in self.entries() if e.release.run_id == run_id and e.release.round == round]
-        return matches[-1] if matches else None
-
-    def append(self, release: PrivacyRelease) -> LedgerEntry:
-        if release.merchant_id != self.merchant_id:
-            raise LedgerError(f"release for {release.merchant_id!r} cannot go into {self.merchant_id!r}'s ledger")
-        payload = release.canonical()
-        try:
-            self._conn.execute("BEGIN IMMEDIATE")
-            row = self._conn.execute("SELECT seq, entry_hash FROM entries ORDER BY seq DESC LIMIT 1").fetchone()
-            seq, prev = (row[0] + 1, row[1]) if row else (1, GENESIS)
-            digest = entry_hash(payload, prev, seq)
-            signature = self._key.sign(digest.encode()).hex()
-            self._conn.execute(
-                "INSERT INTO entries (seq, merchant_id, release_json, prev_hash, entry_hash, signature)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (seq, self.merchant_id, payload.decode(), prev, digest, signature),
+    def problem(self, verify_key: Ed25519PublicKey | None) -> str | None:
+        """Why this entry does not verify on its own (hash, then signature), or None."""
+        computed = _entry_hash(self.release.canonical_json, seq=self.seq, prev_hash=self.prev_hash)
+        if computed != self.entry_hash:
+            return (
+                "entry_hash does not match the entry's contents (release, seq or prev_hash changed)"
             )
-            self._conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            if self._conn.in_transaction:
-                self._conn.execute("ROLLBACK")
-            raise LedgerError(f"could not append to {self.path}: {exc}; nothing was released") from None
-        return LedgerEntry(seq, release, prev, digest, signature)
+        if verify_key is not None:
+            try:
+                verify_key.verify(bytes.fromhex(self.signature), bytes.fromhex(self.entry_hash))
+            except InvalidSignature:
+                return "signature does not verify with the merchant's public key"
+        return None
+
+
+def seal(
+    release: PrivacyRelease, *, seq: int, prev_hash: str, signing_key: Ed25519PrivateKey
+) -> LedgerEntry:
+    """Hash and sign ``release`` as entry ``seq`` after ``prev_hash`` (no storage)."""
+    entry_hash = _entry_hash(release.canonical_json, seq=seq, prev_hash=prev_hash)
+    signature = signing_key.sign(bytes.fromhex(entry_hash)).hex()
+    return LedgerEntry(seq, release, prev_hash, entry_hash, signature)
+
+
+# --------------------------------------------------------------------------- verification
+
+
+@dataclass(frozen=True)
+class Finding:
+    """The first thing wrong in a ledger: where, and why."""
+
+    merchant_id: str
+    seq: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"merchant {self.merchant_id} seq {self.seq}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class LedgerRow:
+    """One raw row as stored (before any verification)."""
+
+    merchant_id: str
+    seq: int
+    release_json: str
+    prev_hash: str
+    entry_hash: str
+    signature: str
+
+
+def parse_row(row: LedgerRow) -> LedgerEntry:
+    """Turn a stored row into an entry; IntegrityError names the bad field."""
+    try:
+        data = json.loads(row.release_json)
+        release = PrivacyRelease.from_dict(data)
+    except (ValueError, TypeError, ConfigError) as exc:
+        raise IntegrityError(f"release_json: {exc}") from None
+    if release.canonical_json != row.release_json:
+        raise IntegrityError("release_json is not in canonical form (edited by hand?)")
+    if release.merchant_id != row.merchant_id:
+        raise IntegrityError(
+            f"merchant_id column {row.merchant_id!r} differs from the release's "
+            f"{release.merchant_id!r}"
+        )
+    return LedgerEntry._build(row.seq, release, row.prev_hash, row.entry_hash, row.signature)
+
+
+def verify_chain(
+    rows: Iterable[LedgerRow],
+    *,
+    merchant_id: str,
+    verify_key: Ed25519PublicKey | None,
+) -> tuple[list[LedgerEntry], Finding | None]:
+    """Check one merchant's rows (sorted by seq) from the genesis: the verified prefix and the
+    first problem, if any. Without a key only hashes and chain links are checked."""
+    entries: list[LedgerEntry] = []
+    prev_hash = GENESIS_HASH
+    for expected_seq, row in enumerate(rows, start=1):
+        where = row.seq
+        try:
+            entry = parse_row(row)
+        except IntegrityError as exc:
+            return entries, Finding(merchant_id, where, str(exc))
+        if entry.merchant_id != merchant_id:
+            reason = f"entry names merchant {entry.merchant_id!r}, expected {merchant_id!r}"
+            return entries, Finding(merchant_id, where, reason)
+        if row.seq != expected_seq:
+            reason = (
+                f"seq {row.seq} found where seq {expected_seq} was expected "
+                "(an entry was deleted, inserted or renumbered)"
+            )
+            return entries, Finding(merchant_id, expected_seq, reason)
+        if entry.prev_hash != prev_hash:
+            reason = "prev_hash does not match the previous entry (chain broken)"
+            return entries, Finding(merchant_id, where, reason)
+        problem = entry.problem(verify_key)
+        if problem is not None:
+            return entries, Finding(merchant_id, where, problem)
+        entries.append(entry)
+        prev_hash = entry.chain_hash()
+    return entries, None
+
+
+def check_cohort_consistency(previous: Sequence[LedgerEntry], new: LedgerEntry) -> None:
+    """A cohort keeps one delta, privacy unit and accountant, so its epsilons compose."""
+    for old in previous:
+        if old.release.cohort != new.release.cohort:
+            continue
+        for name in ("delta", "privacy_unit", "accountant"):
+            if getattr(old.release, name) != getattr(new.release, name):
+                raise ConfigError(
+                    f"{name} {getattr(new.release, name)!r} differs from "
+                    f"{getattr(old.release, name)!r} used earlier for cohort "
+                    f"{new.release.cohort!r} (seq {old.seq}); use a new cohort name"
+                )
+        return
+
+
+# --------------------------------------------------------------------------- SQLite storage
+
+_SCHEMA = (
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    "CREATE TABLE entries (pos INTEGER PRIMARY KEY, merchant_id TEXT NOT NULL, "
+    "seq INTEGER NOT NULL, release_json TEXT NOT NULL, prev_hash TEXT NOT NULL, "
+    "entry_hash TEXT NOT NULL, signature TEXT NOT NULL, UNIQUE (merchant_id, seq))",
+    "CREATE TRIGGER entries_no_update BEFORE UPDATE ON entries "
+    "BEGIN SELECT RAISE(ABORT, 'fedshop ledger is append-only'); END",
+    "CREATE TRIGGER entries_no_delete BEFORE DELETE ON entries "
+    "BEGIN SELECT RAISE(ABORT, 'fedshop ledger is append-only'); END",
+    "CREATE TRIGGER meta_no_update BEFORE UPDATE ON meta "
+    "BEGIN SELECT RAISE(ABORT, 'fedshop ledger is append-only'); END",
+    "CREATE TRIGGER meta_no_delete BEFORE DELETE ON meta "
+    "BEGIN SELECT RAISE(ABORT, 'fedshop ledger is append-only'); END",
+)
+KIND_MERCHANT = "merchant"
+KIND_SERVER = "server"
+
+
+def _connect(path: Path, *, read_only: bool) -> sqlite3.Connection:
+    try:
+        if read_only:
+            uri = Path(path).absolute().as_uri() + "?mode=ro"
+            conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=BUSY_TIMEOUT_S)
+        else:
+            conn = sqlite3.connect(str(path), isolation_level=None, timeout=BUSY_TIMEOUT_S)
+            conn.execute("PRAGMA journal_mode=DELETE")
+            conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA trusted_schema=OFF")
+        return conn
+    except sqlite3.DatabaseError as exc:
+        raise _db_error(path, exc) from None
+
+
+def _db_error(path: Path, exc: sqlite3.Error) -> FedshopError:
+    text = str(exc)
+    if "not a database" in text or "malformed" in text:
+        return IntegrityError(f"ledger {path}: {text}")
+    return LedgerError(f"ledger {path}: {text}")
+
+
+def _create(conn: sqlite3.Connection, *, kind: str, merchant_id: str | None) -> None:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for statement in _SCHEMA:
+            conn.execute(statement)
+        meta = {"format": LEDGER_FORMAT, "kind": kind}
+        if merchant_id is not None:
+            meta["merchant_id"] = merchant_id
+        conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", sorted(meta.items()))
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def _schema_problem(conn: sqlite3.Connection) -> str | None:
+    stored = {row[0] for row in conn.execute("SELECT sql FROM sqlite_master WHERE sql IS NOT NULL")}
+    if stored != set(_SCHEMA):
+        extra = sorted(stored - set(_SCHEMA))
+        missing = sorted(set(_SCHEMA) - stored)
+        return f"schema differs from a fedshop ledger (extra {extra}, missing {missing})"
+    return None
+
+
+@dataclass(frozen=True)
+class LedgerFile:
+    """Everything read from one ledger file in one pass, unverified."""
+
+    path: Path
+    kind: str
+    merchant_id: str | None
+    rows: tuple[LedgerRow, ...] = field(repr=False)
+
+    def by_merchant(self) -> dict[str, list[LedgerRow]]:
+        groups: dict[str, list[LedgerRow]] = {}
+        for row in self.rows:
+            groups.setdefault(row.merchant_id, []).append(row)
+        return groups
+
+
+def _read_all(conn: sqlite3.Connection, path: Path) -> LedgerFile:
+    problem = _schema_problem(conn)
+    if problem is not None:
+        raise IntegrityError(f"ledger {path}: {problem}")
+    meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+    if meta.get("format") != LEDGER_FORMAT or meta.get("kind") not in (KIND_MERCHANT, KIND_SERVER):
+        raise IntegrityError(f"ledger {path}: meta table is not a {LEDGER_FORMAT} header: {meta}")
+    query = (
+        "SELECT merchant_id, seq, release_json, prev_hash, entry_hash, signature "
+        "FROM entries ORDER BY merchant_id, seq"
+    )
+    rows = tuple(LedgerRow(*row) for row in conn.execute(query))
+    for row in rows:
+        if not all(isinstance(v, str) for v in (row.merchant_id, row.release_json)) or not all(
+            isinstance(v, str) for v in (row.prev_hash, row.entry_hash, row.signature)
+        ):
+            raise IntegrityError(
+                f"ledger {path}: merchant {row.merchant_id!r} seq {row.seq}: "
+                "a column holds a non-text value"
+            )
+        if isinstance(row.seq, bool) or not isinstance(row.seq, int):
+            raise IntegrityError(f"ledger {path}: seq {row.seq!r} is not an integer")
+    return LedgerFile(Path(path), meta["kind"], meta.get("merchant_id"), rows)
+
+
+def read_ledger_file(path: Path) -> LedgerFile:
+    """Read a ledger copy read-only (auditors); IntegrityError if it is not a valid file."""
+    path = Path(path)
+    if not path.is_file():
+        raise LedgerError(f"ledger file {path} does not exist")
+    conn = _connect(path, read_only=True)
+    try:
+        return _read_all(conn, path)
+    except sqlite3.DatabaseError as exc:
+        raise _db_error(path, exc) from None
+    finally:
+        conn.close()
+
+
+def _insert(conn: sqlite3.Connection, path: Path, entries: Sequence[LedgerEntry]) -> None:
+    """Append ``entries`` in one transaction; nothing is written if anything fails."""
+    rows = [
+        (e.merchant_id, e.seq, e.release.canonical_json, e.prev_hash, e.entry_hash, e.signature)
+        for e in entries
+    ]
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+    except sqlite3.Error as exc:
+        raise _db_error(path, exc) from None
+    try:
+        conn.executemany(
+            "INSERT INTO entries (merchant_id, seq, release_json, prev_hash, entry_hash, "
+            "signature) VALUES (?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+        conn.execute("COMMIT")
+    except sqlite3.Error as exc:
+        conn.execute("ROLLBACK")
+        raise LedgerError(f"ledger {path}: append failed, nothing was written: {exc}") from None
+
+
+def _open_store(
+    path: Path, *, kind: str, merchant_id: str | None
+) -> tuple[sqlite3.Connection, LedgerFile]:
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise LedgerError(f"ledger directory {path.parent} does not exist")
+    existed = path.exists() and path.stat().st_size > 0
+    conn = _connect(path, read_only=False)
+    try:
+        if not existed:
+            _create(conn, kind=kind, merchant_id=merchant_id)
+        data = _read_all(conn, path)
+    except sqlite3.DatabaseError as exc:
+        conn.close()
+        raise _db_error(path, exc) from None
+    except BaseException:
+        conn.close()
+        raise
+    if data.kind != kind or data.merchant_id != merchant_id:
+        conn.close()
+        raise ConfigError(
+            f"ledger {path} is a {data.kind} ledger for {data.merchant_id!r}, "
+            f"not a {kind} ledger for {merchant_id!r}"
+        )
+    return conn, data
+
+
+class _Closable:
+    _conn: sqlite3.Connection | None
 
     def close(self) -> None:
-        self._conn.close()
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
-    def __enter__(self) -> MerchantLedger:
+    def _live(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise LedgerError("ledger is closed")
+        return self._conn
+
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
 
+# --------------------------------------------------------------------------- merchant side
+
+
+class MerchantLedger(_Closable):
+    """A merchant's own append-only ledger; every release is appended here before sending."""
+
+    def __init__(
+        self,
+        path: Path,
+        conn: sqlite3.Connection,
+        *,
+        merchant_id: str,
+        signing_key: Ed25519PrivateKey,
+        entries: list[LedgerEntry],
+    ) -> None:
+        self.path = Path(path)
+        self.merchant_id = merchant_id
+        self._conn = conn
+        self._key = signing_key
+        self._entries = entries
+
+    @classmethod
+    def open(
+        cls, path: Path, *, merchant_id: str, signing_key: Ed25519PrivateKey
+    ) -> MerchantLedger:
+        """Open (creating if absent) and verify the whole chain with the key's public half."""
+        if not NAME_PATTERN.fullmatch(merchant_id):
+            raise ConfigError(f"merchant_id {merchant_id!r} is not a valid merchant name")
+        conn, data = _open_store(Path(path), kind=KIND_MERCHANT, merchant_id=merchant_id)
+        groups = data.by_merchant()
+        stray = sorted(set(groups) - {merchant_id})
+        if stray:
+            conn.close()
+            raise IntegrityError(f"ledger {path}: holds entries of other merchants {stray}")
+        entries, finding = verify_chain(
+            groups.get(merchant_id, []),
+            merchant_id=merchant_id,
+            verify_key=signing_key.public_key(),
+        )
+        if finding is not None:
+            conn.close()
+            raise IntegrityError(f"ledger {path}: {finding}")
+        return cls(path, conn, merchant_id=merchant_id, signing_key=signing_key, entries=entries)
+
+    @property
+    def last_seq(self) -> int:
+        return self._entries[-1].seq if self._entries else 0
+
+    def append(self, release: PrivacyRelease) -> LedgerEntry:
+        """Sign and durably store ``release``; on any error nothing was written."""
+        conn = self._live()
+        if not isinstance(release, PrivacyRelease):
+            raise ConfigError(f"append needs a PrivacyRelease, got {type(release).__name__}")
+        if release.merchant_id != self.merchant_id:
+            raise ConfigError(
+                f"release merchant_id {release.merchant_id!r} is not this ledger's "
+                f"{self.merchant_id!r}"
+            )
+        if release.epsilon_after > release.epsilon_cap:
+            raise PrivacyBudgetExceeded(
+                f"epsilon_after {release.epsilon_after} exceeds epsilon_cap "
+                f"{release.epsilon_cap} for cohort {release.cohort!r}; nothing was recorded"
+            )
+        seq = self.last_seq + 1
+        prev_hash = self._entries[-1].chain_hash() if self._entries else GENESIS_HASH
+        entry = seal(release, seq=seq, prev_hash=prev_hash, signing_key=self._key)
+        check_cohort_consistency(self._entries, entry)
+        _insert(conn, self.path, [entry])
+        self._entries.append(entry)
+        return entry
+
+    def entries(self) -> list[LedgerEntry]:
+        return list(self._entries)
+
+    def entries_after(self, seq: int) -> list[LedgerEntry]:
+        """Entries with a sequence number above ``seq`` (the backlog a server lacks)."""
+        return [e for e in self._entries if e.seq > seq]
+
+    def history(self, cohort: str | None = None) -> list[MechanismStep]:
+        """The cohort's mechanism history in order (all cohorts if None: customer-level)."""
+        return [
+            e.release.mechanism_step
+            for e in self._entries
+            if cohort is None or e.release.cohort == cohort
+        ]
+
+    def find(self, run_id: str, round: int) -> LedgerEntry | None:
+        """The latest entry for ``(run_id, round)``, if any."""
+        for entry in reversed(self._entries):
+            if entry.release.run_id == run_id and entry.release.round == round:
+                return entry
+        return None
+
+
+# --------------------------------------------------------------------------- server side
+
+
 @dataclass(frozen=True)
 class ExpectedRelease:
-    """What the platform asked for; a merchant may be stricter, never looser."""
+    """What the server asked of a merchant for one round (caps are upper bounds)."""
 
     run_id: str
     round: int
@@ -327,83 +731,165 @@ class ExpectedRelease:
     max_epsilon: float
     min_noise_multiplier: float = 0.0
 
+    def __post_init__(self) -> None:
+        _check_token("run_id", self.run_id)
+        _check_int("round", self.round, 1)
+        _check_hex64("model_in_sha256", self.model_in_sha256)
+        if not (math.isfinite(self.clipping_norm) and self.clipping_norm > 0):
+            raise ConfigError(f"clipping_norm must be > 0, got {self.clipping_norm!r}")
+        if not 0 < self.max_delta < 1:
+            raise ConfigError(f"max_delta must be in (0, 1), got {self.max_delta!r}")
+        if not (math.isfinite(self.max_epsilon) and self.max_epsilon > 0):
+            raise ConfigError(f"max_epsilon must be > 0, got {self.max_epsilon!r}")
+        if not (math.isfinite(self.min_noise_multiplier) and self.min_noise_multiplier >= 0):
+            raise ConfigError(
+                f"min_noise_multiplier must be >= 0, got {self.min_noise_multiplier!r}"
+            )
 
-class ServerLedger:
-    """The platform's copy: every accepted entry of every merchant, verbatim."""
+    def mismatch(self, release: PrivacyRelease) -> str | None:
+        """Why ``release`` is not what was asked for, or None."""
+        checks: list[tuple[bool, str]] = [
+            (release.run_id == self.run_id, f"run_id {release.run_id!r} != {self.run_id!r}"),
+            (release.round == self.round, f"round {release.round} != {self.round}"),
+            (
+                release.model_in_sha256 == self.model_in_sha256,
+                "model_in_sha256 is not the hash of the global model the server sent",
+            ),
+            (
+                release.clipping_norm == self.clipping_norm,
+                f"clipping_norm {release.clipping_norm} != {self.clipping_norm}",
+            ),
+            (release.delta <= self.max_delta, f"delta {release.delta} > max {self.max_delta}"),
+            (
+                release.epsilon_cap <= self.max_epsilon,
+                f"epsilon_cap {release.epsilon_cap} > server's max_epsilon {self.max_epsilon}",
+            ),
+            (
+                release.epsilon_after <= release.epsilon_cap,
+                f"epsilon_after {release.epsilon_after} > epsilon_cap {release.epsilon_cap}",
+            ),
+            (
+                release.noise_multiplier >= self.min_noise_multiplier,
+                f"noise_multiplier {release.noise_multiplier} < min {self.min_noise_multiplier}",
+            ),
+        ]
+        for ok, reason in checks:
+            if not ok:
+                return reason
+        return None
 
-    def __init__(self, path: Path, conn: sqlite3.Connection) -> None:
-        self.path, self._conn = path, conn
+
+class ServerLedger(_Closable):
+    """The server's copy of every merchant's entries, each accepted only after verification."""
+
+    def __init__(self, path: Path, conn: sqlite3.Connection, entries: dict[str, list[LedgerEntry]]):
+        self.path = Path(path)
+        self._conn = conn
+        self._entries = entries
 
     @classmethod
     def open(cls, path: Path) -> ServerLedger:
-        return cls(path, _connect(path))
+        """Open (creating if absent); checks every chain's hashes (signatures need keys:
+        ``fedshop audit verify``)."""
+        conn, data = _open_store(Path(path), kind=KIND_SERVER, merchant_id=None)
+        entries: dict[str, list[LedgerEntry]] = {}
+        for merchant_id, rows in data.by_merchant().items():
+            chain, finding = verify_chain(rows, merchant_id=merchant_id, verify_key=None)
+            if finding is not None:
+                conn.close()
+                raise IntegrityError(f"ledger {path}: {finding}")
+            entries[merchant_id] = chain
+        return cls(path, conn, entries)
+
+    def merchants(self) -> list[str]:
+        return sorted(self._entries)
+
+    def last_seq(self, merchant_id: str) -> int:
+        """The last seq held for ``merchant_id`` (0 if none): send it to the merchant so it
+        can attach the backlog of entries the server lacks."""
+        chain = self._entries.get(merchant_id, [])
+        return chain[-1].seq if chain else 0
 
     def entries(self, merchant_id: str | None = None) -> list[LedgerEntry]:
-        return _rows(self._conn, merchant_id)
+        if merchant_id is not None:
+            return list(self._entries.get(merchant_id, []))
+        return [e for m in sorted(self._entries) for e in self._entries[m]]
 
-    def _last(self, merchant_id: str) -> LedgerEntry | None:
-        entries = self.entries(merchant_id)
-        return entries[-1] if entries else None
+    def history(self, merchant_id: str, cohort: str) -> list[MechanismStep]:
+        return [
+            e.release.mechanism_step
+            for e in self._entries.get(merchant_id, [])
+            if e.release.cohort == cohort
+        ]
 
-    def accept(self, wire: str, *, verify_key: Ed25519PublicKey, expected: ExpectedRelease,
-               model_out_sha256: str) -> LedgerEntry:
-        entry = LedgerEntry.from_wire(wire)
-        release = entry.release
-        last = self._last(release.merchant_id)
-        if last is not None and last.entry_hash == entry.entry_hash:
-            return last  # the same release re-sent: already recorded
-        entry.verify(verify_key, prev_hash=last.entry_hash if last else entry.prev_hash)
-        if last is None and entry.seq != 1 and entry.prev_hash == GENESIS:
-            raise IntegrityError(f"entry {entry.seq}: genesis link on a non-first entry")
-        if last is not None and entry.seq != last.seq + 1:
-            raise IntegrityError(f"entry {entry.seq} of {release.merchant_id!r} does not follow {last.seq}")
-        _check_expected(release, expected, model_out_sha256)
-        with _transaction(self._conn, self.path):
-            self._conn.execute(
-                "INSERT INTO entries (merchant_id, release_json, prev_hash, entry_hash, signature)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (release.merchant_id, release.canonical().decode(), entry.prev_hash, entry.entry_hash,
-                 entry.signature),
-            )
+    def accept(
+        self,
+        wire: str,
+        *,
+        verify_key: Ed25519PublicKey,
+        expected: ExpectedRelease,
+        model_out_sha256: str,
+        backlog: Sequence[str] = (),
+        merchant_id: str | None = None,
+    ) -> LedgerEntry:
+        """Verify a merchant's entry (and the backlog of its earlier entries this server has
+        not seen) and store them verbatim in one transaction. IntegrityError says why not.
+
+        ``merchant_id`` is who the server believes sent the update (pass it: it binds the
+        entry to the sender); ``backlog`` holds the sender's entries after
+        :meth:`last_seq` that precede ``wire`` (e.g. a release whose sending crashed)."""
+        conn = self._live()
+        incoming = [LedgerEntry.from_wire(text) for text in (*backlog, wire)]
+        entry = incoming[-1]
+        merchant_id = entry.merchant_id if merchant_id is None else merchant_id
+        new = self._continue_chain(incoming, merchant_id=merchant_id, verify_key=verify_key)
+        reason = expected.mismatch(entry.release)
+        if reason is None and entry.release.model_out_sha256 != model_out_sha256:
+            reason = "model_out_sha256 is not the hash of the weights received"
+        if reason is not None:
+            raise IntegrityError(f"merchant {merchant_id} seq {entry.seq}: {reason}")
+        if new:
+            _insert(conn, self.path, new)
+            self._entries.setdefault(merchant_id, []).extend(new)
         return entry
 
-    def close(self) -> None:
-        self._conn.close()
+    def _continue_chain(
+        self, incoming: Sequence[LedgerEntry], *, merchant_id: str, verify_key: Ed25519PublicKey
+    ) -> list[LedgerEntry]:
+        held = self._entries.get(merchant_id, [])
+        chain = list(held)
+        new: list[LedgerEntry] = []
+        for entry in incoming:
+            where = f"merchant {merchant_id} seq {entry.seq}"
+            if entry.merchant_id != merchant_id:
+                raise IntegrityError(f"{where}: entry names merchant {entry.merchant_id!r}")
+            problem = entry.problem(verify_key)
+            if problem is not None:
+                raise IntegrityError(f"{where}: {problem}")
+            if entry.seq <= len(held):
+                if held[entry.seq - 1] != entry:
+                    raise IntegrityError(
+                        f"{where}: differs from the entry the server already holds (fork)"
+                    )
+                continue
+            self._link(chain, entry, where)
+            try:
+                check_cohort_consistency(chain, entry)
+            except ConfigError as exc:
+                raise IntegrityError(f"{where}: {exc}") from None
+            chain.append(entry)
+            new.append(entry)
+        return new
 
-    def __enter__(self) -> ServerLedger:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def _check_expected(release: PrivacyRelease, expected: ExpectedRelease, model_out_sha256: str) -> None:
-    problems = []
-    if release.run_id != expected.run_id or release.round != expected.round:
-        problems.append(f"run/round {release.run_id}/{release.round} != {expected.run_id}/{expected.round}")
-    if release.model_in_sha256 != expected.model_in_sha256:
-        problems.append("trained from another model than the one sent")
-    if release.model_out_sha256 != model_out_sha256:
-        problems.append("the weights received do not match the recorded release")
-    if not math.isclose(release.clipping_norm, expected.clipping_norm, rel_tol=1e-12):
-        problems.append(f"clipping norm {release.clipping_norm} != {expected.clipping_norm}")
-    if release.delta > expected.max_delta:
-        problems.append(f"delta {release.delta} > {expected.max_delta}")
-    if release.epsilon_after > expected.max_epsilon + 1e-9:
-        problems.append(f"epsilon {release.epsilon_after} > {expected.max_epsilon}")
-    if release.noise_multiplier < expected.min_noise_multiplier:
-        problems.append(f"noise {release.noise_multiplier} < {expected.min_noise_multiplier}")
-    if problems:
-        raise IntegrityError(f"release of {release.merchant_id!r} round {release.round}: " + "; ".join(problems))
-
-
-@contextmanager
-def _transaction(conn: sqlite3.Connection, path: Path) -> Iterator[None]:
-    try:
-        conn.execute("BEGIN IMMEDIATE")
-        yield
-        conn.execute("COMMIT")
-    except sqlite3.Error as exc:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise LedgerError(f"could not write {path}: {exc}") from None
+    @staticmethod
+    def _link(chain: Sequence[LedgerEntry], entry: LedgerEntry, where: str) -> None:
+        last_seq = chain[-1].seq if chain else 0
+        if entry.seq != last_seq + 1:
+            raise IntegrityError(
+                f"{where}: server holds up to seq {last_seq}; attach the missing entries as backlog"
+            )
+        prev = chain[-1].chain_hash() if chain else GENESIS_HASH
+        if entry.prev_hash != prev:
+            raise IntegrityError(
+                f"{where}: prev_hash does not continue the chain the server holds (fork)"
+            )
