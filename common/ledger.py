@@ -463,15 +463,19 @@ def _connect(path: Path, *, read_only: bool) -> sqlite3.Connection:
             conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA trusted_schema=OFF")
         return conn
-    except sqlite3.DatabaseError as exc:
+    except (sqlite3.DatabaseError, UnicodeDecodeError) as exc:
         raise _db_error(path, exc) from None
 
 
-def _db_error(path: Path, exc: sqlite3.Error) -> FedshopError:
+_IO_PROBLEMS = ("unable to open", "locked", "readonly", "disk i/o", "permission", "busy")
+
+
+def _db_error(path: Path, exc: Exception) -> FedshopError:
+    """I/O trouble is a LedgerError; anything else SQLite cannot read means corruption."""
     text = str(exc)
-    if "not a database" in text or "malformed" in text:
-        return IntegrityError(f"ledger {path}: {text}")
-    return LedgerError(f"ledger {path}: {text}")
+    if any(problem in text.lower() for problem in _IO_PROBLEMS):
+        return LedgerError(f"ledger {path}: {text}")
+    return IntegrityError(f"ledger {path}: {text}")
 
 
 def _create(conn: sqlite3.Connection, *, kind: str, merchant_id: str | None) -> None:
@@ -547,7 +551,7 @@ def read_ledger_file(path: Path) -> LedgerFile:
     conn = _connect(path, read_only=True)
     try:
         return _read_all(conn, path)
-    except sqlite3.DatabaseError as exc:
+    except (sqlite3.DatabaseError, UnicodeDecodeError) as exc:
         raise _db_error(path, exc) from None
     finally:
         conn.close()
@@ -587,7 +591,7 @@ def _open_store(
         if not existed:
             _create(conn, kind=kind, merchant_id=merchant_id)
         data = _read_all(conn, path)
-    except sqlite3.DatabaseError as exc:
+    except (sqlite3.DatabaseError, UnicodeDecodeError) as exc:
         conn.close()
         raise _db_error(path, exc) from None
     except BaseException:

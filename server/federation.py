@@ -133,7 +133,7 @@ class Federation:
             entry = ledger.accept(
                 str(status[P.LEDGER_ENTRY]),
                 verify_key=load_verify_key(self.settings.keys_dir / f"{merchant}.pub"),
-                expected=expected, model_out_sha256=arrays_sha256(update),
+                expected=expected, model_out_sha256=arrays_sha256(update), merchant_id=merchant,
             )
         except (FedshopError, KeyError) as exc:
             reason = exc.one_line() if isinstance(exc, FedshopError) else f"missing {exc}"

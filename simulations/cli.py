@@ -22,6 +22,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "simulations.commands.certs",
     "simulations.commands.deploy",
     "simulations.commands.model",
+    "simulations.commands.keys",
+    "simulations.commands.audit",
 )
 
 FLOWER_QUIET_ENV = {

@@ -77,7 +77,7 @@ def test_refusing_merchant_is_dropped_and_round_goes_on(tmp_path, small_override
     from common.configparse import apply_overrides
     from simulations.provision import provision
 
-    fixed = [*small_overrides, "privacy.noise_multiplier=0.8"]  # calibration would just add noise
+    fixed = [*small_overrides, "privacy.noise_multiplier=2.0"]  # calibration would just add noise
     layout = provision(RunConfig.from_dict(apply_overrides({}, fixed)), run)
     stingy = layout.merchant_ids()[0]
     toml = layout.merchants / stingy / "merchant.toml"

@@ -63,12 +63,16 @@ class AuditResult:
             raise IntegrityError(f"ledger verification failed: {self.problem}")
 
 
-def _key(keys: Mapping[str, Ed25519PublicKey] | None, merchant_id: str) -> Ed25519PublicKey | None:
-    if keys is None:
-        return None
-    if merchant_id not in keys:
+def _verify(
+    rows: Sequence[LedgerRow], merchant_id: str, keys: Mapping[str, Ed25519PublicKey] | None
+) -> tuple[list[LedgerEntry], Finding | None]:
+    """verify_chain with the merchant's key; a structural problem is reported even when the
+    key is missing (a missing key is a ConfigError: the auditor's input is incomplete)."""
+    key = keys.get(merchant_id) if keys is not None else None
+    chain, finding = verify_chain(rows, merchant_id=merchant_id, verify_key=key)
+    if finding is None and keys is not None and key is None:
         raise ConfigError(f"no public key {merchant_id}.pub in the key directory")
-    return keys[merchant_id]
+    return chain, finding
 
 
 def _row_key(row: LedgerRow) -> tuple[str, str, str, str]:
@@ -100,7 +104,7 @@ def _check_merchant_file(
         result.problem = Problem(str(path), other, groups[other][0].seq, reason)
         return {}
     rows = groups.get(merchant_id, [])
-    chain, finding = verify_chain(rows, merchant_id=merchant_id, verify_key=_key(keys, merchant_id))
+    chain, finding = _verify(rows, merchant_id, keys)
     result.chains[merchant_id] = chain
     if finding is not None:
         result.problem = Problem(str(path), finding.merchant_id, finding.seq, finding.reason)
@@ -141,9 +145,7 @@ def _check_server_file(
         if own is not None and _compare(path, merchant_id, rows, own) is None:
             result.pending[merchant_id] = len(own) - len(rows)
             continue  # byte-identical to a verified merchant copy
-        chain, finding = verify_chain(
-            rows, merchant_id=merchant_id, verify_key=_key(keys, merchant_id)
-        )
+        chain, finding = _verify(rows, merchant_id, keys)
         if finding is None and own is not None:
             finding = _compare(path, merchant_id, rows, own)
         if finding is not None:

@@ -1,0 +1,71 @@
+"""Helpers shared by the ledger and audit tests (no tests here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from common.accounting import AccountantKind, PrivacyUnit
+from common.keys import generate_keypair, load_signing_key
+from common.ledger import MECHANISM, LedgerEntry, MerchantLedger, PrivacyRelease
+
+COHORT = "train:w01-w40"
+
+
+def make_release(merchant_id: str = "m1", round: int = 1, **changes: Any) -> PrivacyRelease:
+    fields: dict[str, Any] = dict(
+        merchant_id=merchant_id,
+        run_id="run-1",
+        round=round,
+        model_in_sha256="a" * 64,
+        model_out_sha256=f"{round:064x}",
+        cohort=COHORT,
+        privacy_unit=PrivacyUnit.EVENT,
+        mechanism=MECHANISM,
+        noise_multiplier=1.0,
+        sample_rate=0.0256,
+        steps=39,
+        clipping_norm=1.0,
+        delta=1e-5,
+        dataset_size=10_000,
+        accountant=AccountantKind.RDP,
+        epsilon_after=0.5 * round,
+        epsilon_cap=8.0,
+        config_sha256="c" * 64,
+        library_versions={"opacus": "1.6.0", "torch": "2.13.0"},
+        created_utc=f"2026-11-23T12:{round % 60:02d}:00.000001Z",
+    )
+    fields.update(changes)
+    return PrivacyRelease(**fields)
+
+
+def build_ledger(directory: Path, merchant_id: str, rounds: int) -> tuple[Path, list[LedgerEntry]]:
+    """A key pair in ``directory/keys`` and a merchant ledger with ``rounds`` releases."""
+    keys = directory / "keys"
+    private, _ = generate_keypair(keys, name=merchant_id)
+    path = directory / f"{merchant_id}.sqlite"
+    with MerchantLedger.open(
+        path, merchant_id=merchant_id, signing_key=load_signing_key(private)
+    ) as ledger:
+        entries = [ledger.append(make_release(merchant_id, r)) for r in range(1, rounds + 1)]
+    return path, entries
+
+
+def run_cli(argv: list[str]) -> int:
+    """``fedshop keys|audit ...`` through the real registration and error mapping, without
+    importing the training stack."""
+    import argparse
+
+    from common.errors import FedshopError
+    from simulations.commands import audit, keys
+
+    parser = argparse.ArgumentParser(prog="fedshop")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    keys.register(subparsers)
+    audit.register(subparsers)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except FedshopError as exc:
+        print(f"fedshop: error: {exc.one_line()}")
+        return int(exc.exit_code)
