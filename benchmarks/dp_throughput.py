@@ -34,22 +34,35 @@ def measure(mode: str, device: str, batch_size: int, epochs: int, threads: int) 
     events = load_merchants(top_n=1)
     events = events[events["week"] <= 40]
     spec = ModelSpec()
-    records = training_records(encode_events(events, spec), build_catalog(events, spec),
-                               unit=PrivacyUnit.EVENT, negatives=4, events_per_customer=1,
-                               rng=numpy_stream(0, "bench"))
+    records = training_records(
+        encode_events(events, spec),
+        build_catalog(events, spec),
+        unit=PrivacyUnit.EVENT,
+        negatives=4,
+        events_per_customer=1,
+        rng=numpy_stream(0, "bench"),
+    )
     model = Recommender(spec).to(device)
     dp = DPSettings(noise_multiplier=1.0, clipping_norm=1.0) if mode == "dp" else None
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     began = time.perf_counter()
-    result = train_round(model=model, records=records,
-                         settings=LocalTraining(batch_size=batch_size, local_epochs=epochs),
-                         dp=dp, sampling_generator=torch_stream(0, "s"),
-                         noise_generator=torch_stream(0, "n", device=device))
+    result = train_round(
+        model=model,
+        records=records,
+        settings=LocalTraining(batch_size=batch_size, local_epochs=epochs),
+        dp=dp,
+        sampling_generator=torch_stream(0, "s"),
+        noise_generator=torch_stream(0, "n", device=device),
+    )
     seconds = time.perf_counter() - began
-    out = {"examples_per_s": len(records) * epochs / seconds, "seconds": seconds,
-           "records": len(records), "loss": result.mean_loss,
-           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    out = {
+        "examples_per_s": len(records) * epochs / seconds,
+        "seconds": seconds,
+        "records": len(records),
+        "loss": result.mean_loss,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
     if device == "cuda":
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
@@ -65,35 +78,56 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "throughput.md")
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(measure(args.worker, args.device, args.batch_size, args.epochs, args.threads)))
+        print(
+            json.dumps(
+                measure(args.worker, args.device, args.batch_size, args.epochs, args.threads)
+            )
+        )
         return
     results = {}
     for mode in ("plain", "dp"):
-        cmd = [sys.executable, __file__, "--worker", mode, "--device", args.device,
-               "--batch-size", str(args.batch_size), "--epochs", str(args.epochs),
-               "--threads", str(args.threads)]
-        line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--worker",
+            mode,
+            "--device",
+            args.device,
+            "--batch-size",
+            str(args.batch_size),
+            "--epochs",
+            str(args.epochs),
+            "--threads",
+            str(args.threads),
+        ]
+        line = (
+            subprocess.run(cmd, check=True, capture_output=True, text=True)
+            .stdout.strip()
+            .splitlines()[-1]
+        )
         results[mode] = json.loads(line)
     slowdown = results["plain"]["examples_per_s"] / results["dp"]["examples_per_s"]
     memory = results["dp"]["peak_rss_mb"] / results["plain"]["peak_rss_mb"]
     text = f"""# DP training throughput ({args.device})
 
 Measured by `python benchmarks/dp_throughput.py --device {args.device}` in one run: the same model
-(ModelSpec defaults, {results['dp']['records']:,} event-level records of the largest Complete Journey
+(ModelSpec defaults, {results["dp"]["records"]:,} event-level records of the largest Complete Journey
 store, batch {args.batch_size}, {args.epochs} epochs, {args.threads} thread(s)), each mode in its own
 process. Machine: {platform.processor() or platform.machine()}, Python {platform.python_version()}.
 
 | mode | examples/s | seconds | peak RSS (MB) |
 |---|---|---|---|
-| non-private | {results['plain']['examples_per_s']:,.0f} | {results['plain']['seconds']:.1f} | {results['plain']['peak_rss_mb']:,.0f} |
-| DP-SGD (ghost clipping, Poisson) | {results['dp']['examples_per_s']:,.0f} | {results['dp']['seconds']:.1f} | {results['dp']['peak_rss_mb']:,.0f} |
+| non-private | {results["plain"]["examples_per_s"]:,.0f} | {results["plain"]["seconds"]:.1f} | {results["plain"]["peak_rss_mb"]:,.0f} |
+| DP-SGD (ghost clipping, Poisson) | {results["dp"]["examples_per_s"]:,.0f} | {results["dp"]["seconds"]:.1f} | {results["dp"]["peak_rss_mb"]:,.0f} |
 
 - DP slowdown: **{slowdown:.2f}x** (target <= 4x).
 - DP peak memory / non-private: **{memory:.2f}x** (target <= 2x).
 """
     if args.device == "cuda":
-        text += (f"- Peak GPU memory: non-private {results['plain']['peak_gpu_mb']:,.0f} MB, "
-                 f"DP {results['dp']['peak_gpu_mb']:,.0f} MB.\n")
+        text += (
+            f"- Peak GPU memory: non-private {results['plain']['peak_gpu_mb']:,.0f} MB, "
+            f"DP {results['dp']['peak_gpu_mb']:,.0f} MB.\n"
+        )
     args.out.write_text(text)
     print(text)
 

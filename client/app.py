@@ -34,7 +34,9 @@ def resolve_merchant(context: Context, config: ConfigRecord) -> MerchantConfig:
         root = Path(str(config[P.SIMULATION_DIR]))
         index = json.loads((root / "merchants.json").read_text())[int(node["partition-id"])]
         return MerchantConfig.from_toml(root / "merchants" / index / "merchant.toml")
-    raise ConfigError("this node has no 'merchant-config' in its node config (see docs/deployment.md)")
+    raise ConfigError(
+        "this node has no 'merchant-config' in its node config (see docs/deployment.md)"
+    )
 
 
 def parse_request(msg: Message) -> TrainRequest:
@@ -59,7 +61,11 @@ def train(msg: Message, context: Context) -> Message:
     merchant = resolve_merchant(context, config)
     reply = run_merchant_round(parse_request(msg), merchant)
     content = RecordDict()
-    status = {P.OUTCOME: reply.outcome.value, P.REASON: reply.reason, P.MERCHANT_ID: reply.merchant_id}
+    status = {
+        P.OUTCOME: reply.outcome.value,
+        P.REASON: reply.reason,
+        P.MERCHANT_ID: reply.merchant_id,
+    }
     if reply.ledger_entry is not None:
         status[P.LEDGER_ENTRY] = reply.ledger_entry
     content[P.STATUS] = ConfigRecord(status)  # type: ignore[arg-type]

@@ -6,6 +6,7 @@ changed file (size or mtime) is re-read.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,16 +22,20 @@ class PreparedData:
     customers: int
 
 
-_CACHE: dict[tuple[str, int, int, ModelSpec], PreparedData] = {}
+_CACHE: OrderedDict[tuple[str, int, int, ModelSpec], PreparedData] = OrderedDict()
+_CACHE_SIZE = 32  # a simulation actor serves many merchants in turn
 
 
 def prepared_data(path: Path, spec: ModelSpec) -> PreparedData:
     stat = path.stat()
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, spec)
-    if key not in _CACHE:
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+    else:
         events = read_events(path)
         encoded = encode_events(events, spec)
-        _CACHE.clear()
+        while len(_CACHE) >= _CACHE_SIZE:
+            _CACHE.popitem(last=False)
         _CACHE[key] = PreparedData(
             encoded=encoded,
             catalog=build_catalog(events, spec),

@@ -32,13 +32,17 @@ class MerchantConfig:
 
     def __post_init__(self) -> None:
         if not self.id or any(c in self.id for c in "/\\\0"):
-            raise ConfigError(f"merchant.id must be a non-empty name without slashes, got {self.id!r}")
+            raise ConfigError(
+                f"merchant.id must be a non-empty name without slashes, got {self.id!r}"
+            )
         if not (self.epsilon_cap > 0 and math.isfinite(self.epsilon_cap)):
             raise ConfigError(f"merchant.epsilon_cap must be > 0, got {self.epsilon_cap}")
         if not (0 < self.delta < 1):
             raise ConfigError(f"merchant.delta must be in (0, 1), got {self.delta}")
         if not self.max_noise_multiplier > 0:
-            raise ConfigError(f"merchant.max_noise_multiplier must be > 0, got {self.max_noise_multiplier}")
+            raise ConfigError(
+                f"merchant.max_noise_multiplier must be > 0, got {self.max_noise_multiplier}"
+            )
         if self.threads < 1:
             raise ConfigError(f"merchant.threads must be >= 1, got {self.threads}")
 
@@ -55,7 +59,9 @@ class MerchantConfig:
         data = load_toml(path)
         unknown = set(data) - {"merchant"}
         if unknown or "merchant" not in data:
-            raise ConfigError(f"{path}: expected exactly one [merchant] table, found {sorted(data)}")
+            raise ConfigError(
+                f"{path}: expected exactly one [merchant] table, found {sorted(data)}"
+            )
         table = dict(data["merchant"])
         for key in ("data", "state_dir", "signing_key", "state-dir", "signing-key"):
             if key in table and not Path(table[key]).is_absolute():

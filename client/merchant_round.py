@@ -24,6 +24,7 @@ from client.data import PreparedData, prepared_data
 from client.merchant import MerchantConfig
 from client.training import DPSettings, LocalTraining, RoundResult, steps_per_round, train_round
 from common.accounting import MechanismStep, PrivacyUnit, epsilon_spent, noise_for_target
+from common.arrays_io import arrays_to_npz, npz_to_arrays
 from common.config import RunConfig
 from common.errors import ConfigError, FedshopError, PrivacyBudgetExceeded
 from common.features import training_records
@@ -97,19 +98,30 @@ def plan_round(
     records = data.customers if unit is PrivacyUnit.CUSTOMER else len(data.encoded)
     delta = min(merchant.delta, privacy.delta, 1.0 / (10 * records))
     cap = min(merchant.epsilon_cap, privacy.epsilon_cap)
-    settings = LocalTraining(batch_size=request.config.training.batch_size,
-                             local_epochs=request.config.training.local_epochs)
+    settings = LocalTraining(
+        batch_size=request.config.training.batch_size,
+        local_epochs=request.config.training.local_epochs,
+    )
     q, steps = steps_per_round(records, settings)
-    history = [MechanismStep(e.release.noise_multiplier, e.release.sample_rate, e.release.steps)
-               for e in spent]
+    history = [
+        MechanismStep(e.release.noise_multiplier, e.release.sample_rate, e.release.steps)
+        for e in spent
+    ]
     if privacy.noise_multiplier is not None:
         sigma = privacy.noise_multiplier
     else:
-        before_run = [h for h, e in zip(history, spent, strict=True) if e.release.run_id != request.run_id]
+        before_run = [
+            h for h, e in zip(history, spent, strict=True) if e.release.run_id != request.run_id
+        ]
         try:
-            sigma = noise_for_target(target_epsilon=cap, delta=delta, sample_rate=q,
-                                     steps=steps * request.planned_rounds, prior=before_run,
-                                     max_noise_multiplier=merchant.max_noise_multiplier)
+            sigma = noise_for_target(
+                target_epsilon=cap,
+                delta=delta,
+                sample_rate=q,
+                steps=steps * request.planned_rounds,
+                prior=before_run,
+                max_noise_multiplier=merchant.max_noise_multiplier,
+            )
         except ConfigError as exc:
             raise PrivacyBudgetExceeded(f"merchant {merchant.id}: {exc}") from None
     mechanism = MechanismStep(sigma, q, steps)
@@ -120,8 +132,9 @@ def plan_round(
             f"{epsilon_after:.3f} > cap {cap:g} (cohort {merchant.cohort!r}, "
             f"spent {epsilon_spent(history, delta=delta):.3f})"
         )
-    return RoundPlan(mechanism=mechanism, delta=delta, cap=cap, epsilon_after=epsilon_after,
-                     records=records)
+    return RoundPlan(
+        mechanism=mechanism, delta=delta, cap=cap, epsilon_after=epsilon_after, records=records
+    )
 
 
 def _outbox_file(merchant: MerchantConfig, request: TrainRequest) -> Path:
@@ -133,7 +146,7 @@ def _write_outbox(path: Path, arrays: dict[str, np.ndarray]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, **arrays)
+            handle.write(arrays_to_npz(arrays))
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -143,8 +156,7 @@ def _write_outbox(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 
 def _read_outbox(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as archive:
-        return {name: archive[name] for name in archive.files}
+    return npz_to_arrays(path.read_bytes())
 
 
 def _device(merchant: MerchantConfig) -> torch.device:
@@ -153,7 +165,9 @@ def _device(merchant: MerchantConfig) -> torch.device:
     return torch.device(merchant.device)
 
 
-def _replay(request: TrainRequest, merchant: MerchantConfig, entry: LedgerEntry) -> TrainReply | None:
+def _replay(
+    request: TrainRequest, merchant: MerchantConfig, entry: LedgerEntry
+) -> TrainReply | None:
     """Re-send a release already in the ledger (same run, round and input model)."""
     path = _outbox_file(merchant, request)
     if entry.release.model_in_sha256 != request.model_in_sha256 or not path.exists():
@@ -162,9 +176,18 @@ def _replay(request: TrainRequest, merchant: MerchantConfig, entry: LedgerEntry)
     if arrays_sha256(arrays) != entry.release.model_out_sha256:
         return None
     log.info("merchant %s: round %d already released; re-sending it", merchant.id, request.round)
-    return TrainReply(Outcome.TRAINED, merchant.id, "re-sent", arrays,
-                      {"epsilon": entry.release.epsilon_after, "epsilon-cap": entry.release.epsilon_cap,
-                       "num-examples": float(entry.release.dataset_size)}, entry.to_wire())
+    return TrainReply(
+        Outcome.TRAINED,
+        merchant.id,
+        "re-sent",
+        arrays,
+        {
+            "epsilon": entry.release.epsilon_after,
+            "epsilon-cap": entry.release.epsilon_cap,
+            "num-examples": float(entry.release.dataset_size),
+        },
+        entry.to_wire(),
+    )
 
 
 def run_merchant_round(request: TrainRequest, merchant: MerchantConfig) -> TrainReply:
@@ -188,8 +211,11 @@ def _run(request: TrainRequest, merchant: MerchantConfig) -> TrainReply:
     merchant.state_dir.mkdir(parents=True, exist_ok=True)
     if not config.privacy.enabled:
         return _run_non_private(request, merchant, data)
-    with MerchantLedger.open(merchant.ledger_path, merchant_id=merchant.id,
-                             signing_key=load_signing_key(merchant.signing_key)) as ledger:
+    with MerchantLedger.open(
+        merchant.ledger_path,
+        merchant_id=merchant.id,
+        signing_key=load_signing_key(merchant.signing_key),
+    ) as ledger:
         existing = ledger.find(request.run_id, request.round)
         if existing is not None:
             replay = _replay(request, merchant, existing)
@@ -200,16 +226,25 @@ def _run(request: TrainRequest, merchant: MerchantConfig) -> TrainReply:
         out_sha = arrays_sha256(result.arrays)
         _write_outbox(_outbox_file(merchant, request), result.arrays)
         release = PrivacyRelease(
-            merchant_id=merchant.id, run_id=request.run_id, round=request.round,
-            model_in_sha256=request.model_in_sha256, model_out_sha256=out_sha,
-            cohort=merchant.cohort, privacy_unit=merchant.privacy_unit,
+            merchant_id=merchant.id,
+            run_id=request.run_id,
+            round=request.round,
+            model_in_sha256=request.model_in_sha256,
+            model_out_sha256=out_sha,
+            cohort=merchant.cohort,
+            privacy_unit=merchant.privacy_unit,
             mechanism="poisson_subsampled_gaussian",
             noise_multiplier=plan.mechanism.noise_multiplier,
-            sample_rate=plan.mechanism.sample_rate, steps=plan.mechanism.steps,
-            clipping_norm=config.privacy.clipping_norm, delta=plan.delta,
-            dataset_size=plan.records, accountant=config.privacy.accountant,
-            epsilon_after=plan.epsilon_after, epsilon_cap=plan.cap,
-            config_sha256=config.sha256(), library_versions=library_versions(),
+            sample_rate=plan.mechanism.sample_rate,
+            steps=plan.mechanism.steps,
+            clipping_norm=config.privacy.clipping_norm,
+            delta=plan.delta,
+            dataset_size=plan.records,
+            accountant=config.privacy.accountant,
+            epsilon_after=plan.epsilon_after,
+            epsilon_cap=plan.cap,
+            config_sha256=config.sha256(),
+            library_versions=library_versions(),
             created_utc=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
         )
         entry = ledger.append(release)
@@ -225,24 +260,34 @@ def _run(request: TrainRequest, merchant: MerchantConfig) -> TrainReply:
     return TrainReply(Outcome.TRAINED, merchant.id, "", result.arrays, metrics, entry.to_wire())
 
 
-def _run_non_private(request: TrainRequest, merchant: MerchantConfig, data: PreparedData) -> TrainReply:
+def _run_non_private(
+    request: TrainRequest, merchant: MerchantConfig, data: PreparedData
+) -> TrainReply:
     """A baseline round without DP: only if the merchant's own configuration allows it, and
     never recorded as a DP release (there is no epsilon to record)."""
     if not merchant.allow_non_private:
-        raise ConfigError(f"merchant {merchant.id} trains only with differential privacy "
-                          "(allow_non_private is false in its configuration)")
+        raise ConfigError(
+            f"merchant {merchant.id} trains only with differential privacy "
+            "(allow_non_private is false in its configuration)"
+        )
     result = _train(request, merchant, data, None)
-    metrics = {"num-examples": float(result.num_records), "train-loss": result.mean_loss,
-               "train-seconds": result.seconds}
+    metrics = {
+        "num-examples": float(result.num_records),
+        "train-loss": result.mean_loss,
+        "train-seconds": result.seconds,
+    }
     return TrainReply(Outcome.TRAINED, merchant.id, "non-private", result.arrays, metrics)
 
 
-def _train(request: TrainRequest, merchant: MerchantConfig, data: PreparedData,
-           plan: RoundPlan | None) -> RoundResult:
+def _train(
+    request: TrainRequest, merchant: MerchantConfig, data: PreparedData, plan: RoundPlan | None
+) -> RoundResult:
     config = request.config
     stream = ("merchant", merchant.id, "round", request.round)
     records = training_records(
-        data.encoded, data.catalog, unit=merchant.privacy_unit,
+        data.encoded,
+        data.catalog,
+        unit=merchant.privacy_unit,
         negatives=config.training.negatives,
         events_per_customer=config.training.events_per_customer,
         rng=numpy_stream(request.seed, *stream, "records"),
@@ -255,16 +300,25 @@ def _train(request: TrainRequest, merchant: MerchantConfig, data: PreparedData,
     result = train_round(
         model=model,
         records=records,
-        settings=LocalTraining(batch_size=config.training.batch_size,
-                               local_epochs=config.training.local_epochs,
-                               learning_rate=config.training.learning_rate, proximal_mu=mu),
-        dp=None if plan is None else DPSettings(noise_multiplier=plan.mechanism.noise_multiplier,
-                                                clipping_norm=config.privacy.clipping_norm),
+        settings=LocalTraining(
+            batch_size=config.training.batch_size,
+            local_epochs=config.training.local_epochs,
+            learning_rate=config.training.learning_rate,
+            proximal_mu=mu,
+        ),
+        dp=None
+        if plan is None
+        else DPSettings(
+            noise_multiplier=plan.mechanism.noise_multiplier,
+            clipping_norm=config.privacy.clipping_norm,
+        ),
         sampling_generator=torch_stream(request.seed, *stream, "sampling"),
         noise_generator=torch_stream(request.seed, *stream, "noise", device=device),
     )
     if plan is not None and result.mechanism != plan.mechanism:
-        raise ConfigError(f"trained mechanism {result.mechanism} differs from plan {plan.mechanism}")
+        raise ConfigError(
+            f"trained mechanism {result.mechanism} differs from plan {plan.mechanism}"
+        )
     if not all(np.isfinite(a).all() for a in result.arrays.values()):
         raise ConfigError("training produced non-finite weights; nothing released")
     if math.isnan(result.mean_loss):

@@ -13,6 +13,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass
+from enum import Enum
 
 import numpy as np
 import torch
@@ -42,6 +43,13 @@ class DPSettings:
             raise ConfigError(f"clipping_norm must be > 0, got {self.clipping_norm!r}")
 
 
+class OptimizerKind(Enum):
+    """SGD keeps DP noise on untouched embedding rows small; Adam rescales it to the step size."""
+
+    ADAM = "adam"
+    SGD = "sgd"
+
+
 @dataclass(frozen=True)
 class LocalTraining:
     """Optimisation settings of one local round."""
@@ -50,6 +58,9 @@ class LocalTraining:
     local_epochs: int = 1
     learning_rate: float = 3e-3
     proximal_mu: float = 0.0
+    optimizer: OptimizerKind = OptimizerKind.ADAM
+    momentum: float = 0.9
+    adam_epsilon: float = 1e-8
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.local_epochs < 1:
@@ -94,18 +105,30 @@ def steps_per_round(num_records: int, settings: LocalTraining) -> tuple[float, i
     return 1.0 / batches, batches * settings.local_epochs
 
 
-def _prepare(model: Recommender, records: RecordTensors, settings: LocalTraining,
-             generator: torch.Generator) -> tuple[DataLoader, torch.optim.Optimizer]:
+def _prepare(
+    model: Recommender, records: RecordTensors, settings: LocalTraining, generator: torch.Generator
+) -> tuple[DataLoader, torch.optim.Optimizer]:
     loader = DataLoader(
         TensorDataset(*records.tensors()),
         batch_size=settings.batch_size,
         shuffle=True,
         generator=generator,
     )
-    return loader, torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
+    optimizer: torch.optim.Optimizer
+    if settings.optimizer is OptimizerKind.SGD:
+        optimizer = torch.optim.SGD(
+            model.parameters(), lr=settings.learning_rate, momentum=settings.momentum
+        )
+    else:
+        optimizer = torch.optim.Adam(
+            model.parameters(), lr=settings.learning_rate, eps=settings.adam_epsilon
+        )
+    return loader, optimizer
 
 
-def _proximal_pull(model: nn.Module, anchor: dict[str, torch.Tensor], *, mu: float, lr: float) -> None:
+def _proximal_pull(
+    model: nn.Module, anchor: dict[str, torch.Tensor], *, mu: float, lr: float
+) -> None:
     """FedProx's pull towards the global model, applied after the (noised) step: it uses no
     data, so it is post-processing and costs no privacy."""
     with torch.no_grad():
@@ -137,7 +160,7 @@ def train_round(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             engine = PrivacyEngine(accountant="rdp")
-            train_module, optimizer, criterion, loader = engine.make_private(  # type: ignore[misc]
+            train_module, optimizer, criterion, loader = engine.make_private(
                 module=model,
                 optimizer=optimizer,
                 data_loader=loader,
@@ -150,8 +173,12 @@ def train_round(
             )
         mechanism = MechanismStep(dp.noise_multiplier, q, steps)
     train_module.train()
-    losses = _run_epochs(train_module, optimizer, criterion, loader, settings, dp, noise_generator,
-                         anchor)
+    with warnings.catch_warnings():
+        # Ghost clipping's second backward pass runs with hooks on outputs only; harmless.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        losses = _run_epochs(
+            train_module, optimizer, criterion, loader, settings, dp, noise_generator, anchor
+        )
     if dp is not None:
         used = engine.accountant.history
         sigma_used, q_used, steps_used = used[0] if used else (dp.noise_multiplier, 0.0, 0)
@@ -171,23 +198,36 @@ def train_round(
     )
 
 
-def _noise_only_step(optimizer: torch.optim.Optimizer, dp: DPSettings,
-                     generator: torch.Generator) -> None:
+def _noise_only_step(
+    optimizer: torch.optim.Optimizer, dp: DPSettings, generator: torch.Generator
+) -> None:
     """An empty Poisson batch still takes a noised step: skipping it would reveal the emptiness."""
     inner = getattr(optimizer, "original_optimizer", optimizer)
     expected = getattr(optimizer, "expected_batch_size", 1) or 1
     for group in inner.param_groups:
         for param in group["params"]:
-            noise = torch.normal(0.0, dp.noise_multiplier * dp.clipping_norm, param.shape,
-                                 generator=generator, device=param.device)
+            noise = torch.normal(
+                0.0,
+                dp.noise_multiplier * dp.clipping_norm,
+                param.shape,
+                generator=generator,
+                device=param.device,
+            )
             param.grad = noise / expected
     inner.step()
     inner.zero_grad(set_to_none=True)
 
 
-def _run_epochs(module: nn.Module, optimizer: torch.optim.Optimizer, criterion: object,
-                loader: DataLoader, settings: LocalTraining, dp: DPSettings | None,
-                noise_generator: torch.Generator, anchor: dict[str, torch.Tensor]) -> list[float]:
+def _run_epochs(
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    criterion: object,
+    loader: DataLoader,
+    settings: LocalTraining,
+    dp: DPSettings | None,
+    noise_generator: torch.Generator,
+    anchor: dict[str, torch.Tensor],
+) -> list[float]:
     losses: list[float] = []
     device = next(module.parameters()).device
     for _ in range(settings.local_epochs):
@@ -197,8 +237,9 @@ def _run_epochs(module: nn.Module, optimizer: torch.optim.Optimizer, criterion: 
                     _noise_only_step(optimizer, dp, noise_generator)
                 continue
             optimizer.zero_grad(set_to_none=True)
-            logits = module(history.to(device), items.to(device), categories.to(device),
-                            departments.to(device))
+            logits = module(
+                history.to(device), items.to(device), categories.to(device), departments.to(device)
+            )
             loss = criterion(logits, mask.to(device))  # type: ignore[operator]
             loss.backward()
             optimizer.step()

@@ -52,7 +52,14 @@ class MechanismStep:
 
 # RDP orders: Opacus' default list plus large orders, which give tighter bounds at large sigma.
 RDP_ORDERS: tuple[float, ...] = (
-    *(1 + x / 10.0 for x in range(1, 100)), *range(12, 64), 80, 96, 128, 192, 256, 512
+    *(1 + x / 10.0 for x in range(1, 100)),
+    *range(12, 64),
+    80,
+    96,
+    128,
+    192,
+    256,
+    512,
 )
 
 
@@ -61,8 +68,9 @@ def _unit_rdp(sample_rate: float, noise_multiplier: float) -> tuple[float, ...]:
     """RDP of one step at every order; RDP composes by addition, so n steps = n x this."""
     from opacus.accountants.analysis.rdp import compute_rdp
 
-    values = compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1,
-                         orders=list(RDP_ORDERS))
+    values = compute_rdp(
+        q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=list(RDP_ORDERS)
+    )
     return tuple(float(v) for v in values)
 
 
@@ -122,13 +130,25 @@ def noise_for_target(
     if not (target_epsilon > 0 and math.isfinite(target_epsilon)):
         raise ConfigError(f"target_epsilon must be > 0, got {target_epsilon!r}")
     MechanismStep(1.0, sample_rate, steps)  # validates q and steps
-    return _calibrate(float(target_epsilon), float(delta), float(sample_rate), int(steps),
-                      tuple(prior), float(max_noise_multiplier))
+    return _calibrate(
+        float(target_epsilon),
+        float(delta),
+        float(sample_rate),
+        int(steps),
+        tuple(prior),
+        float(max_noise_multiplier),
+    )
 
 
 @functools.lru_cache(maxsize=256)
-def _calibrate(target: float, delta: float, q: float, steps: int,
-               prior: tuple[MechanismStep, ...], max_sigma: float) -> float:
+def _calibrate(
+    target: float,
+    delta: float,
+    q: float,
+    steps: int,
+    prior: tuple[MechanismStep, ...],
+    max_sigma: float,
+) -> float:
     def eps_at(sigma: float) -> float:
         return epsilon_spent([*prior, MechanismStep(sigma, q, steps)], delta=delta)
 

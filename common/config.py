@@ -105,9 +105,9 @@ class DataConfig:
     source: DataSource = DataSource.COMPLETEJOURNEY
     top_n: int = 10
     min_rows: int = 10_000
-    train_weeks: tuple[int, ...] = (1, 40)
-    valid_weeks: tuple[int, ...] = (41, 44)
-    test_weeks: tuple[int, ...] = (45, 53)
+    train_weeks: tuple[int, int] = (1, 40)
+    valid_weeks: tuple[int, int] = (41, 44)
+    test_weeks: tuple[int, int] = (45, 53)
     synthetic_events_per_merchant: int = 6000
 
     def __post_init__(self) -> None:
@@ -115,7 +115,9 @@ class DataConfig:
             weeks = getattr(self, name)
             if len(weeks) != 2 or not (1 <= weeks[0] <= weeks[1] <= 53):
                 raise ConfigError(f"data.{name} must be [first, last] within 1..53, got {weeks}")
-        if not (self.train_weeks[1] < self.valid_weeks[0] <= self.valid_weeks[1] < self.test_weeks[0]):
+        if not (
+            self.train_weeks[1] < self.valid_weeks[0] <= self.valid_weeks[1] < self.test_weeks[0]
+        ):
             raise ConfigError("data: train, valid and test weeks must be ordered and disjoint")
         if self.top_n < 1:
             raise ConfigError(f"data.top_n must be >= 1, got {self.top_n}")

@@ -37,7 +37,9 @@ def _convert(value: Any, annotation: Any, key: str) -> Any:
     if origin is tuple:
         items = value.split(",") if isinstance(value, str) else list(value)
         (inner, *_rest) = typing.get_args(annotation) or (str,)
-        return tuple(_convert(item.strip() if isinstance(item, str) else item, inner, key) for item in items)
+        return tuple(
+            _convert(item.strip() if isinstance(item, str) else item, inner, key) for item in items
+        )
     if dataclasses.is_dataclass(annotation) and isinstance(annotation, type):
         if not isinstance(value, Mapping):
             raise ConfigError(f"{key}: expected a table, got {value!r}")

@@ -10,6 +10,7 @@ aligns them without sharing catalogues.
 from __future__ import annotations
 
 from collections import OrderedDict
+
 import numpy as np
 import torch
 from torch import nn

@@ -32,7 +32,9 @@ def numpy_stream(seed: int, *path: StreamKey) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence(_entropy(seed, path))))
 
 
-def torch_stream(seed: int, *path: StreamKey, device: str | torch.device = "cpu") -> torch.Generator:
+def torch_stream(
+    seed: int, *path: StreamKey, device: str | torch.device = "cpu"
+) -> torch.Generator:
     """A torch generator private to ``path`` (on ``device``, for DP noise drawn there)."""
     generator = torch.Generator(device=device)
     generator.manual_seed(derive_seed(seed, *path))

@@ -43,9 +43,12 @@ def settings_from_run_config(run_config: dict[str, Any]) -> ServerSettings:
     run_id_file = run_dir / "run-id"
     run_id = run_id_file.read_text().strip() if run_id_file.exists() else None
     settings = ServerSettings(
-        config=RunConfig.from_toml(config_path), run_dir=run_dir, keys_dir=keys_dir,
+        config=RunConfig.from_toml(config_path),
+        run_dir=run_dir,
+        keys_dir=keys_dir,
         ledger_path=path("server-ledger", False) or run_dir / "server" / "ledger.sqlite",
-        validation_set=path("validation-set", False), test_set=path("test-set", False),
+        validation_set=path("validation-set", False),
+        test_set=path("test-set", False),
         simulation_dir=path("simulation-dir", False),
     )
     if run_id is not None:
@@ -60,8 +63,12 @@ def run_platform(grid: Grid, settings: ServerSettings) -> dict[str, Any]:
     atomic_write_bytes(settings.run_dir / "run-id", settings.run_id.encode())
     result = Federation(grid, settings).run()
     history = result["history"]
-    summary: dict[str, Any] = {"run_id": settings.run_id, "completed": result["completed"],
-                               "rounds": len(history)}
+    summary: dict[str, Any] = {
+        "run_id": settings.run_id,
+        "completed": result["completed"],
+        "rounds": len(history),
+        "aggregated_rounds": sum(1 for row in history if row["aggregated"]),
+    }
     if result["completed"]:
         summary["model_sha256"] = write_final_model(settings.run_dir, result["arrays"])
         if settings.test_set is not None:

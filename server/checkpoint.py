@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from common.arrays_io import arrays_to_npz, npz_to_arrays
 from common.errors import CheckpointError, IntegrityError
 
 Arrays = dict[str, np.ndarray]
@@ -47,13 +48,9 @@ class Checkpoint:
 
 
 def save_checkpoint(directory: Path, checkpoint: Checkpoint) -> Path:
-    import io
-
-    buffer = io.BytesIO()
     payload = {f"model/{k}": v for k, v in checkpoint.model.items()}
     payload.update({f"strategy/{k}": v for k, v in checkpoint.strategy_state.items()})
-    np.savez(buffer, **payload)
-    data = buffer.getvalue()
+    data = arrays_to_npz(payload)
     name = f"round-{checkpoint.round:04d}"
     atomic_write_bytes(directory / f"{name}.npz", data)
     manifest = {
@@ -65,7 +62,9 @@ def save_checkpoint(directory: Path, checkpoint: Checkpoint) -> Path:
         "history": checkpoint.history,
     }
     atomic_write_bytes(directory / f"{name}.json", json.dumps(manifest, indent=1).encode())
-    atomic_write_bytes(directory / "latest.json", json.dumps({"checkpoint": f"{name}.json"}).encode())
+    atomic_write_bytes(
+        directory / "latest.json", json.dumps({"checkpoint": f"{name}.json"}).encode()
+    )
     return directory / f"{name}.json"
 
 
@@ -81,10 +80,7 @@ def load_latest(directory: Path) -> Checkpoint | None:
         raise CheckpointError(f"checkpoint in {directory} is unreadable: {exc}") from None
     if hashlib.sha256(data).hexdigest() != manifest["archive_sha256"]:
         raise IntegrityError(f"{directory / manifest['archive']} does not match its manifest hash")
-    import io
-
-    with np.load(io.BytesIO(data), allow_pickle=False) as archive:
-        arrays = {name: archive[name] for name in archive.files}
+    arrays = npz_to_arrays(data)
     return Checkpoint(
         round=int(manifest["round"]),
         run_id=str(manifest["run_id"]),

@@ -40,6 +40,7 @@ class EvaluationSet:
     @classmethod
     def load(cls, path: Path) -> EvaluationSet:
         with np.load(path, allow_pickle=False) as data:
+
             def ids(key: str) -> torch.Tensor:
                 return torch.from_numpy(data[key].astype(np.int64))
 
@@ -56,15 +57,21 @@ class EvaluationSet:
     @classmethod
     def concatenate(cls, parts: list[tuple[str, RecordTensors]]) -> EvaluationSet:
         tensors = [torch.cat([p.tensors()[i] for _, p in parts]) for i in range(5)]
-        index = np.concatenate([np.full(len(p), i, dtype=np.int64) for i, (_, p) in enumerate(parts)])
+        index = np.concatenate(
+            [np.full(len(p), i, dtype=np.int64) for i, (_, p) in enumerate(parts)]
+        )
         return cls(RecordTensors(*tensors), index, tuple(name for name, _ in parts))
 
-    def evaluate(self, model: torch.nn.Module) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    def evaluate(
+        self, model: torch.nn.Module
+    ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
         """Overall metrics and metrics per merchant."""
         scores = model_scores(model, self.records)
         return self.metrics_of(scores)
 
-    def metrics_of(self, scores: np.ndarray) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    def metrics_of(
+        self, scores: np.ndarray
+    ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
         per_merchant = {
             name: ranking_metrics(scores[self.merchant_index == i])
             for i, name in enumerate(self.merchants)

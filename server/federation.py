@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
 from common import protocol as P
+from common.arrays_io import arrays_to_npz
 from common.config import RunConfig
 from common.errors import FedshopError
 from common.keys import load_verify_key
@@ -30,7 +32,7 @@ from common.rng import derive_seed
 from server.checkpoint import Checkpoint, atomic_write_bytes, load_latest, save_checkpoint
 from server.evaluation_set import EvaluationSet
 from server.strategies import MerchantUpdate, build_strategy
-from server.update_checks import RejectedUpdate, check_update
+from server.update_checks import check_update
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,16 @@ class ServerSettings:
         return self.run_dir / "checkpoints"
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def short_reason(text: str, limit: int = 300) -> str:
+    """The last meaningful line of a remote traceback, without terminal colours."""
+    lines = [line.strip() for line in _ANSI.sub("", text).splitlines() if line.strip()]
+    useful = [line for line in lines if not line.startswith(("File ", "^", "~"))]
+    return (useful[-1] if useful else text)[:limit]
+
+
 def initial_model(config: RunConfig) -> dict[str, np.ndarray]:
     torch.manual_seed(derive_seed(config.seed, "initial-model") % (2**31))
     return state_arrays(Recommender(config.model))
@@ -73,7 +85,9 @@ class Federation:
         self.settings = settings
         self.config = settings.config
         self.strategy = build_strategy(self.config.federation)
-        self.validation = EvaluationSet.load(settings.validation_set) if settings.validation_set else None
+        self.validation = (
+            EvaluationSet.load(settings.validation_set) if settings.validation_set else None
+        )
         self.model = Recommender(self.config.model)
 
     # -- one round ---------------------------------------------------------------
@@ -85,7 +99,9 @@ class Federation:
                 return nodes
             time.sleep(1.0)
 
-    def _messages(self, arrays: dict[str, np.ndarray], rnd: int, nodes: list[int]) -> list[Message]:
+    def _messages(
+        self, arrays: dict[str, np.ndarray], rnd: int, nodes: list[int], message_type: str
+    ) -> list[Message]:
         config: dict[str, Any] = {
             P.RUN_ID: self.settings.run_id,
             P.ROUND: rnd,
@@ -98,14 +114,24 @@ class Federation:
             config[P.SIMULATION_DIR] = str(self.settings.simulation_dir)
         messages = []
         for node in nodes:
-            content = RecordDict({P.ARRAYS: P.to_array_record(arrays), P.CONFIG: ConfigRecord(config)})
-            messages.append(Message(content=content, message_type="train", dst_node_id=node))
+            content = RecordDict(
+                {P.ARRAYS: P.to_array_record(arrays), P.CONFIG: ConfigRecord(config)}
+            )
+            messages.append(Message(content=content, message_type=message_type, dst_node_id=node))
         return messages
 
-    def _accept(self, reply: Message, arrays: dict[str, np.ndarray], rnd: int,
-                ledger: ServerLedger, outcome: RoundOutcome) -> None:
+    def _accept(
+        self,
+        reply: Message,
+        arrays: dict[str, np.ndarray],
+        rnd: int,
+        ledger: ServerLedger,
+        outcome: RoundOutcome,
+    ) -> None:
         if reply.has_error():
-            outcome.failed[f"node-{reply.metadata.src_node_id}"] = str(reply.error.reason)
+            outcome.failed[f"node-{reply.metadata.src_node_id}"] = short_reason(
+                str(reply.error.reason)
+            )
             return
         status = reply.content[P.STATUS]
         metrics = reply.content[P.METRICS]
@@ -121,19 +147,24 @@ class Federation:
             check_update(update, arrays, max_update_norm=self.config.federation.max_update_norm)
             if not self.config.privacy.enabled:  # a baseline run: nothing to verify or account
                 outcome.losses[merchant] = float(metrics.get(P.TRAIN_LOSS, float("nan")))  # type: ignore[arg-type]
-                outcome.updates.append(MerchantUpdate(
-                    merchant, update, int(metrics[P.NUM_EXAMPLES])))  # type: ignore[arg-type]
+                examples = int(float(str(metrics[P.NUM_EXAMPLES])))
+                outcome.updates.append(MerchantUpdate(merchant, update, examples))
                 return
             expected = ExpectedRelease(
-                run_id=self.settings.run_id, round=rnd, model_in_sha256=arrays_sha256(arrays),
-                clipping_norm=self.config.privacy.clipping_norm, max_delta=self.config.privacy.delta,
+                run_id=self.settings.run_id,
+                round=rnd,
+                model_in_sha256=arrays_sha256(arrays),
+                clipping_norm=self.config.privacy.clipping_norm,
+                max_delta=self.config.privacy.delta,
                 max_epsilon=self.config.privacy.epsilon_cap,
                 min_noise_multiplier=self.config.privacy.noise_multiplier or 0.0,
             )
             entry = ledger.accept(
                 str(status[P.LEDGER_ENTRY]),
                 verify_key=load_verify_key(self.settings.keys_dir / f"{merchant}.pub"),
-                expected=expected, model_out_sha256=arrays_sha256(update), merchant_id=merchant,
+                expected=expected,
+                model_out_sha256=arrays_sha256(update),
+                merchant_id=merchant,
             )
         except (FedshopError, KeyError) as exc:
             reason = exc.one_line() if isinstance(exc, FedshopError) else f"missing {exc}"
@@ -143,10 +174,21 @@ class Federation:
         outcome.losses[merchant] = float(metrics.get(P.TRAIN_LOSS, float("nan")))  # type: ignore[arg-type]
         outcome.updates.append(MerchantUpdate(merchant, update, int(entry.release.dataset_size)))
 
-    def run_round(self, arrays: dict[str, np.ndarray], rnd: int, ledger: ServerLedger) -> RoundOutcome:
+    def run_round(
+        self,
+        arrays: dict[str, np.ndarray],
+        rnd: int,
+        ledger: ServerLedger,
+        *,
+        message_type: str = "train",
+    ) -> RoundOutcome:
+        """Send ``arrays`` to every connected merchant (``message_type`` picks the ClientApp
+        action, e.g. ``train.finetune``) and sort the replies into usable updates, refusals
+        and failures."""
         nodes = self._nodes()
         replies = self.grid.send_and_receive(
-            self._messages(arrays, rnd, nodes), timeout=self.config.federation.round_timeout_s
+            self._messages(arrays, rnd, nodes, message_type),
+            timeout=self.config.federation.round_timeout_s,
         )
         outcome = RoundOutcome()
         for reply in replies:
@@ -161,8 +203,9 @@ class Federation:
         return outcome
 
     # -- the run -----------------------------------------------------------------
-    def evaluate(self, arrays: dict[str, np.ndarray], evaluation: EvaluationSet | None
-                 ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    def evaluate(
+        self, arrays: dict[str, np.ndarray], evaluation: EvaluationSet | None
+    ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
         if evaluation is None:
             return {}, {}
         load_state_arrays(self.model, arrays)
@@ -176,9 +219,17 @@ class Federation:
             for rnd in range(start, self.config.federation.rounds + 1):
                 arrays, row = self._one_round(arrays, rnd, ledger, history)
                 history.append(row)
-                save_checkpoint(settings.checkpoints, Checkpoint(
-                    round=rnd, run_id=settings.run_id, config_sha256=self.config.sha256(),
-                    model=arrays, strategy_state=self.strategy.state(), history=history))
+                save_checkpoint(
+                    settings.checkpoints,
+                    Checkpoint(
+                        round=rnd,
+                        run_id=settings.run_id,
+                        config_sha256=self.config.sha256(),
+                        model=arrays,
+                        strategy_state=self.strategy.state(),
+                        history=history,
+                    ),
+                )
                 if settings.stop_after_round is not None and rnd >= settings.stop_after_round:
                     log.warning("stopping after round %d as asked", rnd)
                     return {"completed": False, "history": history, "arrays": arrays}
@@ -200,16 +251,25 @@ class Federation:
         log.info("resuming run %s after round %d", checkpoint.run_id, checkpoint.round)
         return checkpoint.model, checkpoint.history, checkpoint.round + 1
 
-    def _one_round(self, arrays: dict[str, np.ndarray], rnd: int, ledger: ServerLedger,
-                   history: list[dict[str, Any]]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    def _one_round(
+        self,
+        arrays: dict[str, np.ndarray],
+        rnd: int,
+        ledger: ServerLedger,
+        history: list[dict[str, Any]],
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         began = time.perf_counter()
         outcome = self.run_round(arrays, rnd, ledger)
         aggregated = len(outcome.updates) >= self.config.federation.min_merchants
         if aggregated:
             arrays = self.strategy.aggregate(arrays, outcome.updates)
         else:
-            log.error("round %d: only %d usable updates (< %d): global model unchanged", rnd,
-                      len(outcome.updates), self.config.federation.min_merchants)
+            log.error(
+                "round %d: only %d usable updates (< %d): global model unchanged",
+                rnd,
+                len(outcome.updates),
+                self.config.federation.min_merchants,
+            )
         overall, per_merchant = self.evaluate(arrays, self.validation)
         previous = history[-1]["epsilon"] if history else {}
         epsilon = {**previous, **outcome.epsilon}
@@ -228,20 +288,23 @@ class Federation:
         }
         log.info(
             "round %d/%d: %d trained, %d refused, %d failed | loss %s | %s | eps max %.3f | %.1fs",
-            rnd, self.config.federation.rounds, len(outcome.updates), len(outcome.refused),
-            len(outcome.failed), f"{row['train_loss']:.4f}" if row["train_loss"] is not None else "-",
-            " ".join(f"{k} {v:.4f}" for k, v in overall.items()), row["epsilon_max"], row["seconds"],
+            rnd,
+            self.config.federation.rounds,
+            len(outcome.updates),
+            len(outcome.refused),
+            len(outcome.failed),
+            f"{row['train_loss']:.4f}" if row["train_loss"] is not None else "-",
+            " ".join(f"{k} {v:.4f}" for k, v in overall.items()),
+            row["epsilon_max"],
+            row["seconds"],
         )
         return arrays, row
 
 
 def write_final_model(run_dir: Path, arrays: dict[str, np.ndarray]) -> str:
-    import io
-
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    atomic_write_bytes(run_dir / "model" / "final.npz", buffer.getvalue())
+    atomic_write_bytes(run_dir / "model" / "final.npz", arrays_to_npz(arrays))
     digest = arrays_sha256(arrays)
-    atomic_write_bytes(run_dir / "model" / "final.json",
-                       json.dumps({"arrays_sha256": digest}, indent=1).encode())
+    atomic_write_bytes(
+        run_dir / "model" / "final.json", json.dumps({"arrays_sha256": digest}, indent=1).encode()
+    )
     return digest

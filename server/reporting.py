@@ -35,17 +35,43 @@ def write_metrics(run_dir: Path, history: list[dict[str, Any]], summary: dict[st
     merchants = sorted({m for row in history for m in row["epsilon"]})
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["round", "train_loss", "auc", "hr@10", "ndcg@10", "epsilon_max", "trained",
-                     "refused", "failed", "seconds", *[f"epsilon[{m}]" for m in merchants]])
+    writer.writerow(
+        [
+            "round",
+            "train_loss",
+            "auc",
+            "hr@10",
+            "ndcg@10",
+            "epsilon_max",
+            "trained",
+            "refused",
+            "failed",
+            "seconds",
+            *[f"epsilon[{m}]" for m in merchants],
+        ]
+    )
     for row in history:
         m = row["metrics"]
-        writer.writerow([row["round"], row["train_loss"], m.get("auc"), m.get("hr@10"),
-                         m.get("ndcg@10"), row["epsilon_max"], len(row["trained"]),
-                         len(row["refused"]), len(row["failed"]), round(row["seconds"], 3),
-                         *[row["epsilon"].get(x) for x in merchants]])
+        writer.writerow(
+            [
+                row["round"],
+                row["train_loss"],
+                m.get("auc"),
+                m.get("hr@10"),
+                m.get("ndcg@10"),
+                row["epsilon_max"],
+                len(row["trained"]),
+                len(row["refused"]),
+                len(row["failed"]),
+                round(row["seconds"], 3),
+                *[row["epsilon"].get(x) for x in merchants],
+            ]
+        )
     atomic_write_bytes(run_dir / "metrics.csv", buffer.getvalue().encode())
-    atomic_write_bytes(run_dir / "metrics.json",
-                       json.dumps({"rounds": history, "summary": summary}, indent=1).encode())
+    atomic_write_bytes(
+        run_dir / "metrics.json",
+        json.dumps({"rounds": history, "summary": summary}, indent=1).encode(),
+    )
 
 
 def write_plots(run_dir: Path, history: list[dict[str, Any]], epsilon_cap: float) -> list[Path]:
@@ -64,8 +90,12 @@ def write_plots(run_dir: Path, history: list[dict[str, Any]], epsilon_cap: float
     axes[0].legend()
     merchants = sorted({m for row in history for m in row["epsilon"]})
     for merchant in merchants:
-        axes[1].plot(rounds, [row["epsilon"].get(merchant, 0.0) for row in history], marker=".",
-                     label=merchant)
+        axes[1].plot(
+            rounds,
+            [row["epsilon"].get(merchant, 0.0) for row in history],
+            marker=".",
+            label=merchant,
+        )
     axes[1].axhline(epsilon_cap, color="red", linestyle="--", label="cap")
     axes[1].set_xlabel("round")
     axes[1].set_title("cumulative epsilon per merchant")

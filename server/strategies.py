@@ -59,8 +59,9 @@ class FedProx(FedAvg):
 class FedAdam:
     """Adam on the server over the pseudo-gradient (Reddi et al., 2021)."""
 
-    def __init__(self, *, learning_rate: float, beta1: float = 0.9, beta2: float = 0.99,
-                 tau: float = 1e-3) -> None:
+    def __init__(
+        self, *, learning_rate: float, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3
+    ) -> None:
         self.learning_rate, self.beta1, self.beta2, self.tau = learning_rate, beta1, beta2, tau
         self._m: Arrays = {}
         self._v: Arrays = {}
@@ -73,11 +74,16 @@ class FedAdam:
             m = self.beta1 * self._m.get(name, np.zeros_like(delta)) + (1 - self.beta1) * delta
             v = self.beta2 * self._v.get(name, np.zeros_like(delta)) + (1 - self.beta2) * delta**2
             self._m[name], self._v[name] = m.astype(np.float32), v.astype(np.float32)
-            result[name] = (weights + self.learning_rate * m / (np.sqrt(v) + self.tau)).astype(np.float32)
+            result[name] = (weights + self.learning_rate * m / (np.sqrt(v) + self.tau)).astype(
+                np.float32
+            )
         return result
 
     def state(self) -> Arrays:
-        return {**{f"m/{k}": v for k, v in self._m.items()}, **{f"v/{k}": v for k, v in self._v.items()}}
+        return {
+            **{f"m/{k}": v for k, v in self._m.items()},
+            **{f"v/{k}": v for k, v in self._v.items()},
+        }
 
     def load_state(self, state: Arrays) -> None:
         self._m = {k[2:]: v for k, v in state.items() if k.startswith("m/")}

@@ -10,12 +10,15 @@ correct guesses into the largest epsilon that the result still refutes at confid
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
 import os
 import tempfile
 import time
+import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -199,9 +202,7 @@ def load_events(config: CanaryConfig) -> pd.DataFrame:
     return generate_events(spec)
 
 
-def real_records(
-    events: pd.DataFrame, config: CanaryConfig
-) -> tuple[RecordTensors, Catalog]:
+def real_records(events: pd.DataFrame, config: CanaryConfig) -> tuple[RecordTensors, Catalog]:
     """Event-level training records exactly as a merchant builds them."""
     catalog = build_catalog(events, config.spec)
     records = training_records(
@@ -218,25 +219,30 @@ def real_records(
 def make_canaries(
     catalog: Catalog, spec: ModelSpec, *, count: int, negatives: int, rng: np.random.Generator
 ) -> RecordTensors:
-    """``count`` event records, each with its own positive product bucket that no real product
-    hashes to, behind a random history of real products: only training on the canary itself
-    can teach the model to rank its positive first."""
+    """``count`` event records that differ only in their positive product.
+
+    Each positive is a distinct product bucket that no real product hashes to, so its
+    embedding row and bias move only if its canary is trained on. Everything else (a random
+    history of real products, the negatives, the positive's category and department) is drawn
+    once and shared: any variation there would move in- and out-canaries' scores alike and
+    only blur the guesses.
+    """
     free = np.setdiff1d(np.arange(1, spec.product_buckets), catalog.items)
     if len(free) < count:
         raise ConfigError(
             f"only {len(free)} product buckets are unused by the catalogue, fewer than "
-            f"{count} canaries: lower --canaries or raise model.product_buckets"
+            f"{count} canaries: lower the canary count or raise model.product_buckets"
         )
     positive = rng.choice(free, size=count, replace=False)
-    history = catalog.items[rng.integers(0, len(catalog), size=(count, spec.history_length))]
-    sampled = rng.integers(0, len(catalog), size=(count, negatives))
-    pos_category = rng.integers(1, spec.category_buckets, size=count)
-    pos_department = rng.integers(1, spec.department_buckets, size=count)
-    items = np.concatenate([positive[:, None], catalog.items[sampled]], axis=1)
-    categories = np.concatenate([pos_category[:, None], catalog.categories[sampled]], axis=1)
-    departments = np.concatenate([pos_department[:, None], catalog.departments[sampled]], axis=1)
+    history = catalog.items[rng.integers(0, len(catalog), size=spec.history_length)]
+    sampled = rng.integers(0, len(catalog), size=negatives)
+    category = rng.integers(1, spec.category_buckets)
+    department = rng.integers(1, spec.department_buckets)
+    items = np.concatenate([positive[:, None], np.tile(catalog.items[sampled], (count, 1))], 1)
+    categories = np.tile(np.r_[category, catalog.categories[sampled]], (count, 1))
+    departments = np.tile(np.r_[department, catalog.departments[sampled]], (count, 1))
     return RecordTensors(
-        history=torch.from_numpy(history[:, None, :].astype(np.int64)),
+        history=torch.from_numpy(np.tile(history, (count, 1))[:, None, :].astype(np.int64)),
         items=torch.from_numpy(items[:, None, :].astype(np.int64)),
         categories=torch.from_numpy(categories[:, None, :].astype(np.int64)),
         departments=torch.from_numpy(departments[:, None, :].astype(np.int64)),
@@ -326,6 +332,15 @@ class CanaryReport:
         return {**asdict(self), "violation": self.violation}
 
 
+@contextlib.contextmanager
+def _quiet_opacus() -> Iterator[None]:
+    """Silence Opacus' notes on ghost clipping's hooks and on RDP orders: not problems."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Full backward hook", category=UserWarning)
+        warnings.filterwarnings("ignore", message="Optimal order", category=UserWarning)
+        yield
+
+
 def _noise_multiplier(config: CanaryConfig, sample_rate: float, steps: int) -> float:
     if config.noise_multiplier is not None:
         return float(config.noise_multiplier)
@@ -338,7 +353,9 @@ def _noise_multiplier(config: CanaryConfig, sample_rate: float, steps: int) -> f
     )
 
 
-def _train(config: CanaryConfig, records: RecordTensors, sigma: float) -> tuple[Recommender, MechanismStep]:
+def _train(
+    config: CanaryConfig, records: RecordTensors, sigma: float
+) -> tuple[Recommender, MechanismStep]:
     settings = LocalTraining(
         batch_size=config.batch_size,
         local_epochs=config.epochs,
@@ -347,14 +364,15 @@ def _train(config: CanaryConfig, records: RecordTensors, sigma: float) -> tuple[
     with torch.random.fork_rng(devices=[]):  # model initialisation only; global state restored
         torch.manual_seed(derive_seed(config.seed, "canary", "init"))
         model = Recommender(config.spec)
-    result = train_round(
-        model=model,
-        records=records,
-        settings=settings,
-        dp=DPSettings(noise_multiplier=sigma, clipping_norm=config.clipping_norm),
-        sampling_generator=torch_stream(config.seed, "canary", "sampling"),
-        noise_generator=torch_stream(config.seed, "canary", "noise"),
-    )
+    with _quiet_opacus():
+        result = train_round(
+            model=model,
+            records=records,
+            settings=settings,
+            dp=DPSettings(noise_multiplier=sigma, clipping_norm=config.clipping_norm),
+            sampling_generator=torch_stream(config.seed, "canary", "sampling"),
+            noise_generator=torch_stream(config.seed, "canary", "noise"),
+        )
     assert result.mechanism is not None
     trained = Recommender(config.spec)
     load_state_arrays(trained, result.arrays)
@@ -380,9 +398,13 @@ def run_canary_audit(config: CanaryConfig, *, events: pd.DataFrame | None = None
     q, steps = steps_per_round(
         len(train), LocalTraining(batch_size=config.batch_size, local_epochs=config.epochs)
     )
-    sigma = _noise_multiplier(config, q, steps)
+    with _quiet_opacus():
+        sigma = _noise_multiplier(config, q, steps)
     model, used = _train(config, train, 0.0 if config.noise_off else sigma)
-    claimed = epsilon_spent([MechanismStep(sigma, used.sample_rate, used.steps)], delta=config.delta)
+    with _quiet_opacus():
+        claimed = epsilon_spent(
+            [MechanismStep(sigma, used.sample_rate, used.steps)], delta=config.delta
+        )
     guesses = guess_membership(canary_losses(model, canaries), per_side=config.per_side)
     truth = np.where(included, 1, -1)
     r = int(np.count_nonzero(guesses))

@@ -24,6 +24,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "simulations.commands.model",
     "simulations.commands.keys",
     "simulations.commands.audit",
+    "simulations.commands.canary",
 )
 
 FLOWER_QUIET_ENV = {
@@ -61,6 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    for noisy in ("alembic", "filelock", "urllib3", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         code = args.handler(args)
     except FedshopError as exc:

@@ -66,18 +66,22 @@ def load_events(config: RunConfig) -> pd.DataFrame:
         return load_merchants(top_n=data.top_n, min_rows=data.min_rows)
     from common.synthetic import SyntheticSpec, generate_events
 
-    spec = SyntheticSpec(n_merchants=data.top_n, events_per_merchant=data.synthetic_events_per_merchant,
-                         seed=config.seed)
+    spec = SyntheticSpec(
+        n_merchants=data.top_n,
+        events_per_merchant=data.synthetic_events_per_merchant,
+        seed=config.seed,
+    )
     return generate_events(spec)
 
 
 def split_of(config: RunConfig) -> WeekSplit:
     d = config.data
-    return WeekSplit(train=tuple(d.train_weeks), valid=tuple(d.valid_weeks),  # type: ignore[arg-type]
-                     test=tuple(d.test_weeks))  # type: ignore[arg-type]
+    return WeekSplit(train=d.train_weeks, valid=d.valid_weeks, test=d.test_weeks)
 
 
-def evaluation_sets(config: RunConfig, parts: dict[str, dict[str, pd.DataFrame]]) -> dict[str, EvaluationSet]:
+def evaluation_sets(
+    config: RunConfig, parts: dict[str, dict[str, pd.DataFrame]]
+) -> dict[str, EvaluationSet]:
     """Fixed, seeded evaluation cases per merchant for the valid and test weeks."""
     out: dict[str, list[tuple[str, object]]] = {"valid": [], "test": []}
     for merchant, split in sorted(parts.items()):
@@ -88,7 +92,9 @@ def evaluation_sets(config: RunConfig, parts: dict[str, dict[str, pd.DataFrame]]
                 continue
             encoded = encode_events(split[name], config.model, context=contexts[name])
             records = evaluation_records(
-                encoded, catalog, candidates=config.evaluation.candidates,
+                encoded,
+                catalog,
+                candidates=config.evaluation.candidates,
                 max_cases=config.evaluation.max_cases_per_merchant,
                 rng=numpy_stream(config.seed, "evaluation", merchant, name),
             )
@@ -97,6 +103,7 @@ def evaluation_sets(config: RunConfig, parts: dict[str, dict[str, pd.DataFrame]]
 
 
 def provision(config: RunConfig, root: Path, *, events: pd.DataFrame | None = None) -> RunLayout:
+    root = root.resolve()  # merchant.toml files hold absolute paths
     layout = RunLayout(root)
     if root.exists() and any(root.iterdir()):
         raise ConfigError(f"run directory {root} is not empty: pick another --out or use --resume")
@@ -107,8 +114,10 @@ def provision(config: RunConfig, root: Path, *, events: pd.DataFrame | None = No
         parts[str(merchant)] = split_events(group.reset_index(drop=True), split)
     merchants = sorted(m for m, p in parts.items() if len(p["train"]) > 0)
     if len(merchants) < config.federation.min_merchants:
-        raise ConfigError(f"only {len(merchants)} merchants have training events "
-                          f"(federation.min_merchants = {config.federation.min_merchants})")
+        raise ConfigError(
+            f"only {len(merchants)} merchants have training events "
+            f"(federation.min_merchants = {config.federation.min_merchants})"
+        )
     try:
         _write_layout(config, layout, {m: parts[m] for m in merchants})
     except BaseException:
@@ -117,7 +126,9 @@ def provision(config: RunConfig, root: Path, *, events: pd.DataFrame | None = No
     return layout
 
 
-def _write_layout(config: RunConfig, layout: RunLayout, parts: dict[str, dict[str, pd.DataFrame]]) -> None:
+def _write_layout(
+    config: RunConfig, layout: RunLayout, parts: dict[str, dict[str, pd.DataFrame]]
+) -> None:
     layout.keys.mkdir(parents=True)
     for merchant, split in parts.items():
         home = layout.merchants / merchant
@@ -126,10 +137,14 @@ def _write_layout(config: RunConfig, layout: RunLayout, parts: dict[str, dict[st
         private, public = generate_keypair(home, name=merchant)
         shutil.copy(public, layout.keys / f"{merchant}.pub")
         merchant_config = MerchantConfig(
-            id=merchant, data=home / "events.parquet", state_dir=home / "state",
-            signing_key=private, epsilon_cap=config.privacy.epsilon_cap, delta=config.privacy.delta,
-            privacy_unit=config.privacy.unit, cohort=f"train:w{config.data.train_weeks[0]:02d}-"
-            f"w{config.data.train_weeks[1]:02d}",
+            id=merchant,
+            data=home / "events.parquet",
+            state_dir=home / "state",
+            signing_key=private,
+            epsilon_cap=config.privacy.epsilon_cap,
+            delta=config.privacy.delta,
+            privacy_unit=config.privacy.unit,
+            cohort=f"train:w{config.data.train_weeks[0]:02d}-w{config.data.train_weeks[1]:02d}",
             allow_non_private=not config.privacy.enabled,
         )
         atomic_write_bytes(home / "merchant.toml", merchant_config.to_toml().encode())

@@ -23,11 +23,14 @@ def server_settings(layout: RunLayout, *, stop_after_round: int | None = None) -
     run_id_file = layout.root / "run-id"
     run_id = run_id_file.read_text().strip() if run_id_file.exists() else uuid.uuid4().hex[:12]
     settings = ServerSettings(
-        config=config, run_dir=layout.root, keys_dir=layout.keys,
+        config=config,
+        run_dir=layout.root,
+        keys_dir=layout.keys,
         ledger_path=layout.server / "ledger.sqlite",
         validation_set=_existing(layout.server / "eval-valid.npz"),
         test_set=_existing(layout.server / "eval-test.npz"),
-        simulation_dir=layout.root, stop_after_round=stop_after_round,
+        simulation_dir=layout.root,
+        stop_after_round=stop_after_round,
     )
     return replace(settings, run_id=run_id)
 
@@ -36,8 +39,9 @@ def _existing(path: Path) -> Path | None:
     return path if path.exists() else None
 
 
-def simulate(layout: RunLayout, *, stop_after_round: int | None = None,
-             num_cpus_per_client: float = 1.0) -> dict[str, Any]:
+def simulate(
+    layout: RunLayout, *, stop_after_round: int | None = None, num_cpus_per_client: float = 1.0
+) -> dict[str, Any]:
     """Run (or resume) the federation of ``layout``; returns the run summary."""
     from flwr.simulation import run_simulation
 
@@ -58,13 +62,20 @@ def simulate(layout: RunLayout, *, stop_after_round: int | None = None,
     )
     summary_path = layout.root / "summary.json"
     if not summary_path.exists():
-        raise FedshopError(f"the simulation ended without a summary in {layout.root}; see the log above")
+        raise FedshopError(
+            f"the simulation ended without a summary in {layout.root}; see the log above"
+        )
     summary: dict[str, Any] = json.loads(summary_path.read_text())
+    if summary["completed"] and summary.get("aggregated_rounds", 0) == 0:
+        raise FedshopError(
+            f"no round had enough usable merchant updates; the model was never trained "
+            f"(reasons per round in {layout.root / 'metrics.json'})"
+        )
     return summary
 
 
 def resume_layout(root: Path) -> RunLayout:
-    layout = RunLayout(root)
+    layout = RunLayout(root.resolve())
     if not layout.config.exists():
         raise CheckpointError(f"{root} is not a fedshop run directory (no config.toml)")
     return layout

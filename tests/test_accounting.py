@@ -51,16 +51,23 @@ def test_empty_and_noiseless():
 
 def test_noise_for_target_meets_target_with_prior():
     prior = [MechanismStep(1.0, 0.05, 40)]
-    sigma = noise_for_target(target_epsilon=3.0, delta=1e-5, sample_rate=0.05, steps=60, prior=prior)
+    sigma = noise_for_target(
+        target_epsilon=3.0, delta=1e-5, sample_rate=0.05, steps=60, prior=prior
+    )
     reached = epsilon_spent([*prior, MechanismStep(sigma, 0.05, 60)], delta=1e-5)
     assert reached <= 3.0 + 1e-6
     assert reached > 2.9  # not wastefully noisy
 
 
-@pytest.mark.parametrize("kwargs", [dict(noise_multiplier=-1, sample_rate=0.1, steps=1),
-                                    dict(noise_multiplier=1, sample_rate=0, steps=1),
-                                    dict(noise_multiplier=1, sample_rate=1.5, steps=1),
-                                    dict(noise_multiplier=1, sample_rate=0.1, steps=0)])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(noise_multiplier=-1, sample_rate=0.1, steps=1),
+        dict(noise_multiplier=1, sample_rate=0, steps=1),
+        dict(noise_multiplier=1, sample_rate=1.5, steps=1),
+        dict(noise_multiplier=1, sample_rate=0.1, steps=0),
+    ],
+)
 def test_mechanism_validation_names_value(kwargs):
     with pytest.raises(ConfigError):
         MechanismStep(**kwargs)

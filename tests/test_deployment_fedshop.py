@@ -104,6 +104,28 @@ def _federation(tmp_path: Path, rounds: int) -> Federation:
     return Federation(tmp_path, layout, pki, free_port(), merchants)
 
 
+def _check_ledgers(fed: Federation) -> dict[str, int]:
+    """Every merchant's chain verifies, and every release the platform accepted is in the
+    merchant's own ledger with the same hash: the budget is never under-counted."""
+    from common.keys import load_signing_key
+    from common.ledger import MerchantLedger, ServerLedger
+
+    server = ServerLedger.open(fed.layout.server / "ledger.sqlite")
+    counts = {}
+    try:
+        for name in fed.merchants:
+            merchant = fed.layout.merchant_config(name)
+            with MerchantLedger.open(merchant.ledger_path, merchant_id=name,
+                                     signing_key=load_signing_key(merchant.signing_key)) as own:
+                mine = {e.entry_hash for e in own.entries()}
+            accepted = {e.entry_hash for e in server.entries(name)}
+            assert accepted <= mine, f"{name}: the platform holds releases its ledger lacks"
+            counts[name] = len(mine)
+    finally:
+        server.close()
+    return counts
+
+
 def _ledger_rows(path: Path) -> int:
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
@@ -131,9 +153,12 @@ def test_three_merchants_train_with_dp_over_tls(tmp_path: Path) -> None:
         for proc in [server, *clients]:
             h.stop(proc)
     assert code == 0, (tmp_path / "server.log").read_text()[-4000:]
-    for name in fed.merchants:
-        assert fed.ledger(name).is_file(), f"{name} has no ledger"
-        assert _ledger_rows(fed.ledger(name)) > 0, f"{name}'s ledger is empty"
+    import json
+
+    summary = json.loads((fed.layout.root / "summary.json").read_text())
+    rounds = json.loads((fed.layout.root / "metrics.json").read_text())["rounds"]
+    assert summary["completed"] and [len(r["trained"]) for r in rounds] == [3, 3]
+    assert _check_ledgers(fed) == dict.fromkeys(fed.merchants, 2)
 
 
 @pytest.mark.slow
@@ -169,3 +194,5 @@ def test_merchant_killed_mid_round_keeps_an_intact_ledger(tmp_path: Path) -> Non
     log = (tmp_path / "server.log").read_text()
     assert code == 0, log[-4000:]
     assert _ledger_rows(fed.ledger(victim)) >= before
+    counts = _check_ledgers(fed)
+    assert counts[victim] >= 1

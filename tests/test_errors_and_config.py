@@ -16,8 +16,14 @@ from simulations.cli import main
 
 
 def test_exit_codes_are_distinct_and_documented():
-    classes = [ConfigError, DataValidationError, PrivacyBudgetExceeded, LedgerError, IntegrityError,
-               CheckpointError]
+    classes = [
+        ConfigError,
+        DataValidationError,
+        PrivacyBudgetExceeded,
+        LedgerError,
+        IntegrityError,
+        CheckpointError,
+    ]
     codes = [c.exit_code for c in classes]
     assert len(set(codes)) == len(codes) and ExitCode.INTERNAL not in codes
     assert all(issubclass(c, FedshopError) for c in classes)
@@ -29,15 +35,20 @@ def test_data_error_names_file_row_column():
 
 
 def test_unknown_key_is_an_error_and_names_it():
-    with pytest.raises(ConfigError, match="privacy.epsilon_kap"):
+    with pytest.raises(ConfigError, match=r"privacy\.epsilon_kap"):
         RunConfig.from_dict({"privacy": {"epsilon_kap": 3}})
 
 
 @pytest.mark.parametrize(
     ("override", "fragment"),
-    [("privacy.epsilon_cap=0", "epsilon_cap"), ("privacy.delta=1", "delta"),
-     ("federation.rounds=0", "rounds"), ("privacy.unit=household", "household"),
-     ("training.batch_size=1.5", "integer"), ("data.train_weeks=1,45", "weeks")],
+    [
+        ("privacy.epsilon_cap=0", "epsilon_cap"),
+        ("privacy.delta=1", "delta"),
+        ("federation.rounds=0", "rounds"),
+        ("privacy.unit=household", "household"),
+        ("training.batch_size=1.5", "integer"),
+        ("data.train_weeks=1,45", "weeks"),
+    ],
 )
 def test_bad_values_rejected(override, fragment):
     with pytest.raises(ConfigError, match=fragment):
@@ -46,8 +57,11 @@ def test_bad_values_rejected(override, fragment):
 
 def test_overrides_parse_types_and_hash_changes():
     base = RunConfig()
-    tuned = RunConfig.from_dict(apply_overrides({}, ["federation.rounds=3", "privacy.unit=customer",
-                                                     "federation.strategy=fedadam"]))
+    tuned = RunConfig.from_dict(
+        apply_overrides(
+            {}, ["federation.rounds=3", "privacy.unit=customer", "federation.strategy=fedadam"]
+        )
+    )
     assert tuned.federation.rounds == 3 and tuned.privacy.unit.value == "customer"
     assert tuned.sha256() != base.sha256()
     assert RunConfig.from_dict(base.to_dict()) == base
@@ -57,4 +71,8 @@ def test_cli_maps_errors_to_exit_codes(capsys):
     code = main(["simulate", "--set", "privacy.epsilon_cap=-1", "--out", "/nonexistent/x"])
     assert code == ExitCode.CONFIG
     err = capsys.readouterr().err
-    assert err.startswith("fedshop: error:") and "epsilon_cap" in err and len(err.strip().splitlines()) == 1
+    assert (
+        err.startswith("fedshop: error:")
+        and "epsilon_cap" in err
+        and len(err.strip().splitlines()) == 1
+    )

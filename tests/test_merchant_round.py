@@ -22,14 +22,23 @@ from server.federation import initial_model
 def request(layout, rnd, arrays=None, run_id="run-a", config=None):
     config = config or RunConfig.from_toml(layout.config)
     arrays = arrays if arrays is not None else initial_model(config)
-    return TrainRequest(run_id=run_id, round=rnd, planned_rounds=config.federation.rounds,
-                        seed=config.seed, model_in_sha256=arrays_sha256(arrays), config=config,
-                        arrays=arrays)
+    return TrainRequest(
+        run_id=run_id,
+        round=rnd,
+        planned_rounds=config.federation.rounds,
+        seed=config.seed,
+        model_in_sha256=arrays_sha256(arrays),
+        config=config,
+        arrays=arrays,
+    )
 
 
 def entries(merchant):
-    with MerchantLedger.open(merchant.ledger_path, merchant_id=merchant.id,
-                             signing_key=load_signing_key(merchant.signing_key)) as ledger:
+    with MerchantLedger.open(
+        merchant.ledger_path,
+        merchant_id=merchant.id,
+        signing_key=load_signing_key(merchant.signing_key),
+    ) as ledger:
         return ledger.entries()
 
 
@@ -41,19 +50,27 @@ def test_rounds_record_then_release_and_compose(small_layout):
     log = entries(merchant)
     assert [e.release.round for e in log] == [1, 2]
     assert log[1].release.model_out_sha256 == arrays_sha256(second.arrays)
-    history = [MechanismStep(e.release.noise_multiplier, e.release.sample_rate, e.release.steps)
-               for e in log]
-    assert second.metrics["epsilon"] == pytest.approx(epsilon_spent(history, delta=log[1].release.delta))
+    history = [
+        MechanismStep(e.release.noise_multiplier, e.release.sample_rate, e.release.steps)
+        for e in log
+    ]
+    assert second.metrics["epsilon"] == pytest.approx(
+        epsilon_spent(history, delta=log[1].release.delta)
+    )
     assert second.metrics["epsilon"] <= RunConfig.from_toml(small_layout.config).privacy.epsilon_cap
 
 
 def test_restored_state_gives_identical_epsilon_and_weights(small_layout, tmp_path):
-    """Rounds 1-3 in one process == rounds 1-2, a restart (caches dropped, ledger reopened), round 3."""
+    """Rounds 1-3 in one go == rounds 1-2, a restart (caches dropped, ledger reopened), round 3."""
     ids = small_layout.merchant_ids()
     merchant = small_layout.merchant_config(ids[0])
-    other = dataclasses.replace(small_layout.merchant_config(ids[1]), data=merchant.data,
-                                signing_key=merchant.signing_key, id=merchant.id,
-                                state_dir=tmp_path / "other-state")
+    other = dataclasses.replace(
+        small_layout.merchant_config(ids[1]),
+        data=merchant.data,
+        signing_key=merchant.signing_key,
+        id=merchant.id,
+        state_dir=tmp_path / "other-state",
+    )
     replies = {}
     for who in (merchant, other):
         arrays = None
@@ -72,7 +89,9 @@ def test_refusal_releases_nothing_and_writes_nothing(small_layout):
     merchant = small_layout.merchant_config(small_layout.merchant_ids()[0])
     merchant = dataclasses.replace(merchant, epsilon_cap=0.01)
     config = RunConfig.from_toml(small_layout.config)
-    config = dataclasses.replace(config, privacy=dataclasses.replace(config.privacy, noise_multiplier=0.5))
+    config = dataclasses.replace(
+        config, privacy=dataclasses.replace(config.privacy, noise_multiplier=0.5)
+    )
     reply = run_merchant_round(request(small_layout, 1, config=config), merchant)
     assert reply.outcome is Outcome.REFUSED and reply.arrays is None and reply.ledger_entry is None
     assert "cap" in reply.reason and entries(merchant) == []

@@ -56,8 +56,17 @@ def test_hostile_updates_rejected(update, reason):
 
 def test_checkpoint_round_trip_and_latest_pointer(tmp_path):
     for rnd in (1, 2):
-        save_checkpoint(tmp_path, Checkpoint(rnd, "run", "cfg", arrays(float(rnd)), {"m/w": arrays(0.5)["w"]},
-                                             [{"round": r} for r in range(1, rnd + 1)]))
+        save_checkpoint(
+            tmp_path,
+            Checkpoint(
+                rnd,
+                "run",
+                "cfg",
+                arrays(float(rnd)),
+                {"m/w": arrays(0.5)["w"]},
+                [{"round": r} for r in range(1, rnd + 1)],
+            ),
+        )
     latest = load_latest(tmp_path)
     assert latest is not None and latest.round == 2 and np.allclose(latest.model["w"], 2.0)
     assert latest.strategy_state["m/w"].shape == (2, 3) and len(latest.history) == 2

@@ -20,8 +20,13 @@ pytestmark = pytest.mark.slow
 
 def fedshop(*args: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", "simulations.cli", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
 
 
 def simulate(out: Path, overrides: list[str], *extra: str) -> subprocess.CompletedProcess[str]:
@@ -48,8 +53,11 @@ def test_simulation_trains_records_and_reports(tmp_path, small_overrides):
     layout = RunLayout(run)
     for merchant_id in layout.merchant_ids():
         merchant = layout.merchant_config(merchant_id)
-        with MerchantLedger.open(merchant.ledger_path, merchant_id=merchant_id,
-                                 signing_key=load_signing_key(merchant.signing_key)) as ledger:
+        with MerchantLedger.open(
+            merchant.ledger_path,
+            merchant_id=merchant_id,
+            signing_key=load_signing_key(merchant.signing_key),
+        ) as ledger:
             log = ledger.entries()
         assert [e.release.round for e in log] == [1, 2, 3]
         assert metrics[-1]["epsilon"][merchant_id] == pytest.approx(log[-1].release.epsilon_after)
@@ -87,7 +95,8 @@ def test_refusing_merchant_is_dropped_and_round_goes_on(tmp_path, small_override
     rounds = json.loads((run / "metrics.json").read_text())["rounds"]
     assert all(stingy in row["refused"] and len(row["trained"]) == 2 for row in rounds)
     merchant = layout.merchant_config(stingy)
-    with MerchantLedger.open(merchant.ledger_path, merchant_id=stingy,
-                             signing_key=load_signing_key(merchant.signing_key)) as ledger:
+    with MerchantLedger.open(
+        merchant.ledger_path, merchant_id=stingy, signing_key=load_signing_key(merchant.signing_key)
+    ) as ledger:
         assert ledger.entries() == []
     assert not merchant.outbox.exists() or not any(merchant.outbox.iterdir())

@@ -4,28 +4,49 @@ import numpy as np
 import pytest
 import torch
 
-from client.training import DPSettings, GroupedSoftmaxLoss, LocalTraining, steps_per_round, train_round
+from client.training import (
+    DPSettings,
+    GroupedSoftmaxLoss,
+    LocalTraining,
+    steps_per_round,
+    train_round,
+)
 from common.features import RecordTensors
 from common.model import ModelSpec, Recommender, arrays_sha256
 
-SPEC = ModelSpec(product_buckets=512, category_buckets=16, department_buckets=4,
-                 embedding_dim=8, hidden_dim=8, history_length=4)
+SPEC = ModelSpec(
+    product_buckets=512,
+    category_buckets=16,
+    department_buckets=4,
+    embedding_dim=8,
+    hidden_dim=8,
+    history_length=4,
+)
 
 
 def records(n=600, groups=1, seed=0):
     g = torch.Generator().manual_seed(seed)
     items = torch.randint(1, 64, (n, groups, 5), generator=g)
     history = items[:, :, :1].repeat(1, 1, 4)  # the positive was bought before: learnable
-    return RecordTensors(history, items, torch.ones_like(items), torch.ones_like(items),
-                         torch.ones(n, groups))
+    return RecordTensors(
+        history, items, torch.ones_like(items), torch.ones_like(items), torch.ones(n, groups)
+    )
 
 
-def run(dp, seed=0, settings=LocalTraining(batch_size=64, local_epochs=2, learning_rate=0.02)):
+DEFAULT = LocalTraining(batch_size=64, local_epochs=2, learning_rate=0.02)
+
+
+def run(dp, seed=0, settings=DEFAULT):
     torch.manual_seed(0)
     model = Recommender(SPEC)
-    return train_round(model=model, records=records(), settings=settings, dp=dp,
-                       sampling_generator=torch.Generator().manual_seed(seed),
-                       noise_generator=torch.Generator().manual_seed(seed + 1))
+    return train_round(
+        model=model,
+        records=records(),
+        settings=settings,
+        dp=dp,
+        sampling_generator=torch.Generator().manual_seed(seed),
+        noise_generator=torch.Generator().manual_seed(seed + 1),
+    )
 
 
 def test_same_seeds_same_weights_different_seeds_differ():
@@ -66,4 +87,6 @@ def test_grouped_loss_per_record():
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
     loss.reduction = "none"
     per = loss(logits, mask)
-    assert per.shape == (2,) and torch.allclose(per, torch.full((2,), np.log(4), dtype=torch.float32))
+    assert per.shape == (2,) and torch.allclose(
+        per, torch.full((2,), np.log(4), dtype=torch.float32)
+    )

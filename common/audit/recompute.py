@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import dp_accounting
 from dp_accounting import pld, rdp
 
+from common.accounting import PrivacyUnit
 from common.ledger import LedgerEntry
 
 TOLERANCE = 0.02
@@ -93,12 +94,17 @@ def recompute_cohort(merchant_id: str, entries: Sequence[LedgerEntry]) -> list[R
 
 
 def recompute_all(chains: Mapping[str, Sequence[LedgerEntry]]) -> list[Recomputed]:
-    """Every entry of every merchant+cohort, sorted by merchant, cohort and seq."""
+    """Every entry of every merchant+cohort, sorted by merchant, cohort and seq. Event-level
+    histories compose per cohort; customer-level ones across all of the merchant's cohorts."""
     out: list[Recomputed] = []
     for merchant_id in sorted(chains):
+        chain = chains[merchant_id]
         cohorts: dict[str, list[LedgerEntry]] = {}
-        for entry in chains[merchant_id]:
-            cohorts.setdefault(entry.release.cohort, []).append(entry)
+        if any(e.release.privacy_unit is PrivacyUnit.CUSTOMER for e in chain):
+            cohorts["*"] = list(chain)  # a customer can be in every cohort: compose them all
+        else:
+            for entry in chain:
+                cohorts.setdefault(entry.release.cohort, []).append(entry)
         for cohort in sorted(cohorts):
             out.extend(recompute_cohort(merchant_id, cohorts[cohort]))
     return out

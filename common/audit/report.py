@@ -24,12 +24,15 @@ th{background:#eee}
 """
 
 
+def _cell(value: object) -> str:
+    text = str(value)
+    flagged = " class='flag'" if "below" in text or "exceeds" in text else ""
+    return f"<td{flagged}>{html.escape(text)}</td>"
+
+
 def _table(headers: Sequence[str], rows: Sequence[Sequence[object]], css_id: str) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-    body = "".join(
-        '<tr class="row">' + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>"
-        for row in rows
-    )
+    body = "".join('<tr class="row">' + "".join(_cell(c) for c in row) + "</tr>" for row in rows)
     return f'<table id="{css_id}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
@@ -45,6 +48,7 @@ def _plot(merchant_id: str, chain: Sequence[LedgerEntry]) -> str:
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     figure = Figure(figsize=(6, 3))
     axes = figure.subplots()
@@ -52,6 +56,7 @@ def _plot(merchant_id: str, chain: Sequence[LedgerEntry]) -> str:
         xs = list(range(1, len(points) + 1))
         axes.plot(xs, [p[1] for p in points], marker="o", label=f"{cohort} spent")
         axes.step(xs, [p[2] for p in points], where="post", linestyle="--", label=f"{cohort} cap")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_xlabel("release (ledger order)")
     axes.set_ylabel("epsilon")
     axes.set_title(f"merchant {merchant_id}")
@@ -70,11 +75,16 @@ def _plot(merchant_id: str, chain: Sequence[LedgerEntry]) -> str:
 def _verdict(result: AuditResult) -> str:
     if result.ok:
         signed = "hashes, chain links and signatures" if result.signatures_checked else "hashes"
-        pending = sum(result.pending.values())
+        if result.pending:
+            server = (
+                f"merchant and server copies agree; {sum(result.pending.values())} merchant "
+                "entries not (yet) on the server"
+            )
+        else:
+            server = "no server ledger compared"
         return (
             f'<div id="verdict" class="ok">VERIFIED: {result.entries} entries of '
-            f"{len(result.chains)} merchants; {signed} check out; "
-            f"{pending} merchant entries not (yet) on the server.</div>"
+            f"{len(result.chains)} merchants; {signed} check out; {server}.</div>"
         )
     return f'<div id="verdict" class="bad">FAILED: {html.escape(str(result.problem))}</div>'
 

@@ -12,18 +12,29 @@ from common.config import RunConfig
 from common.configparse import apply_overrides, load_toml
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,unused-ignore]
     parser = subparsers.add_parser(
-        "simulate", help="run a federated DP training simulation",
+        "simulate",
+        help="run a federated DP training simulation",
         description="Provision merchants from Complete Journey (or synthetic data) and run "
         "offline federated rounds with per-merchant DP-SGD in Flower's simulation engine.",
     )
     parser.add_argument("--config", type=Path, help="run configuration TOML (defaults built in)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a configuration value, e.g. --set federation.rounds=3")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a configuration value, e.g. --set federation.rounds=3",
+    )
     parser.add_argument("--out", type=Path, help="run directory (default runs/<UTC time>)")
-    parser.add_argument("--resume", type=Path, metavar="RUN_DIR",
-                        help="continue an interrupted run from its last checkpoint")
+    parser.add_argument(
+        "--resume",
+        type=Path,
+        metavar="RUN_DIR",
+        help="continue an interrupted run from its last checkpoint",
+    )
     parser.add_argument("--stop-after-round", type=int, help=argparse.SUPPRESS)
     parser.set_defaults(handler=run)
 
@@ -43,8 +54,9 @@ def run(args: argparse.Namespace) -> int:
         if args.config or args.overrides:
             from common.errors import ConfigError
 
-            raise ConfigError("--resume takes the configuration from the run directory; "
-                              "drop --config/--set")
+            raise ConfigError(
+                "--resume takes the configuration from the run directory; drop --config/--set"
+            )
         layout = resume_layout(args.resume)
     else:
         config = load_config(args.config, args.overrides)
@@ -56,8 +68,10 @@ def run(args: argparse.Namespace) -> int:
     print("\n" + round_table(history))
     if "test" in summary:
         test = summary["test"]
-        print(f"\ntest weeks: AUC {test['auc']:.4f}  HR@10 {test['hr@10']:.4f}  "
-              f"NDCG@10 {test['ndcg@10']:.4f}")
+        print(
+            f"\ntest weeks: AUC {test['auc']:.4f}  HR@10 {test['hr@10']:.4f}  "
+            f"NDCG@10 {test['ndcg@10']:.4f}"
+        )
     state = "complete" if summary["completed"] else "stopped early (resume with --resume)"
     print(f"\nrun {summary['run_id']} {state} in {time.perf_counter() - began:.0f}s: {layout.root}")
     return 0
