@@ -21,7 +21,8 @@ def round_table(history: list[dict[str, Any]]) -> str:
         lines.append(
             f"{row['round']:>5} {loss:>8} {m.get('auc', float('nan')):>7.4f} "
             f"{m.get('ndcg@10', float('nan')):>8.4f} {m.get('hr@10', float('nan')):>7.4f} "
-            f"{row['epsilon_max']:>8.3f}  {len(row['trained'])}/{len(row['refused'])}/{len(row['failed'])}"
+            f"{(format(row['epsilon_max'], '.3f') if row['epsilon'] else '-'):>8}  "
+            f"{len(row['trained'])}/{len(row['refused'])}/{len(row['failed'])}"
         )
     if merchants and history:
         last = history[-1]["epsilon"]

@@ -1,0 +1,328 @@
+"""The one-run canary audit: the bound against closed forms and scipy, the canaries, the
+guesses, the negative control (noise off must be caught) and DP on (must not be)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import stats
+
+from common.accounting import MechanismStep, epsilon_spent
+from common.errors import ConfigError, ExitCode
+from common.features import Catalog
+from common.model_spec import ModelSpec
+from simulations.canary import (
+    CanaryConfig,
+    CanaryReport,
+    audit_p_value,
+    epsilon_lower_bound,
+    guess_membership,
+    make_canaries,
+    run_canary_audit,
+    write_report,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ModelSpec(
+    product_buckets=4096,
+    category_buckets=64,
+    department_buckets=16,
+    embedding_dim=8,
+    hidden_dim=16,
+    history_length=8,
+)
+
+
+# ----------------------------------------------------------------------------- the bound
+
+
+def scipy_p_value(m: int, r: int, v: int, eps: float, delta: float) -> float:
+    """The paper's p-value, computed independently with scipy.stats.binom."""
+    q = math.exp(eps) / (1 + math.exp(eps))
+    tail = stats.binom.sf(v - 1, r, q)  # P[Binomial(r, q) >= v]
+    alpha = max(
+        (stats.binom.cdf(v - 1, r, q) - stats.binom.cdf(v - 1 - i, r, q)) / i
+        for i in range(1, v + 1)
+    ) if v > 0 else 0.0
+    return min(1.0, tail + 2 * m * delta * alpha)
+
+
+def test_all_correct_matches_closed_form_and_grows_with_guesses():
+    # delta = 0, v = r: p = q^r, so the bound is logit(beta^(1/r)).
+    bounds = []
+    for r in (10, 50, 200, 1000):
+        q = 0.05 ** (1 / r)
+        expected = math.log(q / (1 - q))
+        got = epsilon_lower_bound(canaries=1000, guesses=r, correct=r, delta=0.0)
+        assert got == pytest.approx(expected, abs=1e-9)
+        bounds.append(got)
+    assert bounds == sorted(bounds) and bounds[0] > 0
+    assert bounds[0] == pytest.approx(1.041, abs=1e-3) and bounds[-1] == pytest.approx(5.79, abs=0.01)
+
+
+def test_half_correct_proves_nothing_and_small_counts_neither():
+    for r in (10, 100, 800):
+        assert epsilon_lower_bound(canaries=1000, guesses=r, correct=r // 2, delta=1e-5) == 0.0
+    assert epsilon_lower_bound(canaries=1000, guesses=0, correct=0, delta=1e-5) == 0.0
+    # 4 of 4 right has probability 1/16 > 5 % even at epsilon 0.
+    assert epsilon_lower_bound(canaries=1000, guesses=4, correct=4, delta=0.0) == 0.0
+
+
+def test_ninety_percent_of_a_thousand_is_about_two():
+    """The documented ceiling: ~1000 canaries at 90 % correct prove only epsilon ~ 2."""
+    bound = epsilon_lower_bound(canaries=1000, guesses=1000, correct=900, delta=1e-5)
+    assert 1.9 < bound < 2.1
+
+
+@pytest.mark.parametrize(
+    ("m", "r", "v", "eps", "delta"),
+    [
+        (1000, 800, 700, 1.5, 1e-5),
+        (1000, 800, 786, 3.0, 1e-5),
+        (100, 60, 50, 0.5, 1e-3),
+        (1000, 1000, 1000, 5.0, 1e-5),
+        (50, 20, 0, 1.0, 1e-2),
+        (2000, 500, 260, 0.0, 1e-6),
+        (10, 10, 9, 2.0, 0.0),
+    ],
+)
+def test_p_value_matches_scipy(m, r, v, eps, delta):
+    ours = audit_p_value(canaries=m, guesses=r, correct=v, epsilon=eps, delta=delta)
+    assert ours == pytest.approx(scipy_p_value(m, r, v, eps, delta), rel=1e-8, abs=1e-15)
+
+
+@pytest.mark.parametrize(("r", "v"), [(800, 786), (800, 700), (200, 180), (1000, 620)])
+def test_bound_is_tight_against_scipy(r, v):
+    """At the bound scipy's p-value is below beta; a hair above it, it no longer is."""
+    bound = epsilon_lower_bound(canaries=1000, guesses=r, correct=v, delta=1e-5)
+    assert bound > 0
+    assert scipy_p_value(1000, r, v, bound, 1e-5) < 0.05
+    assert scipy_p_value(1000, r, v, bound * (1 + 1e-6) + 1e-9, 1e-5) >= 0.05
+
+
+def test_delta_and_confidence_weaken_the_bound():
+    plain = epsilon_lower_bound(canaries=1000, guesses=800, correct=760, delta=0.0)
+    with_delta = epsilon_lower_bound(canaries=1000, guesses=800, correct=760, delta=1e-4)
+    stricter = epsilon_lower_bound(
+        canaries=1000, guesses=800, correct=760, delta=0.0, confidence=0.99
+    )
+    assert plain > with_delta > 0 and plain > stricter > 0
+    # A delta term above beta on its own: nothing can be proven.
+    assert epsilon_lower_bound(canaries=1000, guesses=800, correct=800, delta=0.01) == 0.0
+
+
+@settings(max_examples=40, deadline=None)
+@given(r=st.integers(1, 400), data=st.data())
+def test_bound_monotone_in_correct_guesses(r, data):
+    v = data.draw(st.integers(0, r - 1))
+    lower = epsilon_lower_bound(canaries=1000, guesses=r, correct=v, delta=1e-5)
+    higher = epsilon_lower_bound(canaries=1000, guesses=r, correct=v + 1, delta=1e-5)
+    assert 0.0 <= lower <= higher
+    p = audit_p_value(canaries=1000, guesses=r, correct=v, epsilon=1.0, delta=1e-5)
+    assert 0.0 <= p <= 1.0
+
+
+def test_bound_rejects_impossible_counts():
+    with pytest.raises(ConfigError, match="correct"):
+        epsilon_lower_bound(canaries=10, guesses=5, correct=6, delta=1e-5)
+    with pytest.raises(ConfigError, match="guesses"):
+        epsilon_lower_bound(canaries=10, guesses=11, correct=1, delta=1e-5)
+    with pytest.raises(ConfigError, match="confidence"):
+        epsilon_lower_bound(canaries=10, guesses=5, correct=5, delta=1e-5, confidence=1.0)
+    with pytest.raises(ConfigError, match="delta"):
+        audit_p_value(canaries=10, guesses=5, correct=5, epsilon=1.0, delta=1.0)
+
+
+# ------------------------------------------------------------------- canaries and guesses
+
+
+def catalog_of(items: list[int]) -> Catalog:
+    array = np.array(items, dtype=np.int64)
+    return Catalog(items=array, categories=array % 7 + 1, departments=array % 3 + 1)
+
+
+def test_canaries_differ_only_in_an_unused_positive():
+    catalog = catalog_of(list(range(1, 4000, 2)))  # odd buckets are real products
+    rng = np.random.default_rng(0)
+    canaries = make_canaries(catalog, TINY, count=500, negatives=4, rng=rng)
+    positives = canaries.items[:, 0, 0].numpy()
+    assert len(set(positives.tolist())) == 500
+    assert not np.isin(positives, catalog.items).any() and (positives > 0).all()
+    for tensor in (canaries.history, canaries.items[..., 1:], canaries.categories,
+                   canaries.departments):
+        assert (tensor == tensor[:1]).all()
+    assert canaries.history.shape == (500, 1, TINY.history_length)
+    assert canaries.items.shape == (500, 1, 5) and canaries.mask.sum() == 500
+    assert np.isin(canaries.history.numpy(), catalog.items).all()
+
+
+def test_too_many_canaries_for_the_free_buckets_is_refused():
+    catalog = catalog_of(list(range(1, 4090)))
+    with pytest.raises(ConfigError, match="product_buckets"):
+        make_canaries(catalog, TINY, count=10, negatives=2, rng=np.random.default_rng(0))
+
+
+def test_guesses_take_the_extremes():
+    losses = np.array([0.5, 0.1, 0.9, 0.3, 0.7, 0.2])
+    assert guess_membership(losses, per_side=2).tolist() == [0, 1, -1, 0, -1, 1]
+    with pytest.raises(ConfigError, match="per_side"):
+        guess_membership(losses, per_side=4)
+
+
+def test_config_validation_names_the_value():
+    with pytest.raises(ConfigError, match="exactly one"):
+        CanaryConfig(target_epsilon=1.0, noise_multiplier=1.0)
+    with pytest.raises(ConfigError, match="guesses_per_side"):
+        CanaryConfig(canaries=10, guesses_per_side=6)
+    with pytest.raises(ConfigError, match="-1"):
+        CanaryConfig(target_epsilon=-1.0)
+    assert CanaryConfig(canaries=1000).per_side == 400
+
+
+# ----------------------------------------------------------------------- the audit itself
+
+
+def small(**changes) -> CanaryConfig:
+    base = CanaryConfig(
+        canaries=40,
+        target_epsilon=1.0,
+        epochs=1,
+        batch_size=128,
+        learning_rate=0.01,
+        synthetic_events=300,
+        spec=TINY,
+        seed=3,
+    )
+    return replace(base, **changes)
+
+
+def test_small_audit_is_consistent_and_reproducible(tmp_path):
+    config = small()
+    first, second = run_canary_audit(config), run_canary_audit(config)
+    assert replace(first, seconds=0.0) == replace(second, seconds=0.0)
+    assert first.guesses == 2 * config.per_side == 32 and first.guessed_in == 16
+    assert 0 < first.included < 40 and first.real_records == 300
+    assert first.noise_used == first.noise_multiplier > 0
+    claimed = epsilon_spent(
+        [MechanismStep(first.noise_multiplier, first.sample_rate, first.steps)], delta=1e-5
+    )
+    assert first.claimed_epsilon == pytest.approx(claimed) and claimed <= 1.0 + 1e-9
+    assert first.sample_rate == pytest.approx(1 / math.ceil((300 + first.included) / 128))
+    expected = epsilon_lower_bound(
+        canaries=40, guesses=first.guesses, correct=first.correct, delta=1e-5
+    )
+    assert first.epsilon_lower == expected
+    write_report(first, tmp_path / "out" / "canary.json")
+    saved = json.loads((tmp_path / "out" / "canary.json").read_text())
+    assert saved["correct"] == first.correct and saved["violation"] is False
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["canary.json"]
+
+
+@pytest.mark.slow
+def test_negative_control_is_caught_and_dp_is_not():
+    """Claim epsilon 1: with noise off the bound must exceed 2; with noise on, not exceed 1."""
+    config = small(canaries=1000, epochs=5, batch_size=256, synthetic_events=3000, seed=1)
+    control = run_canary_audit(replace(config, noise_off=True))
+    private = run_canary_audit(config)
+    assert control.noise_used == 0 and control.claimed_epsilon == pytest.approx(1.0, abs=0.01)
+    assert control.epsilon_lower > 2 * control.claimed_epsilon
+    assert control.violation and control.correct / control.guesses > 0.95
+    assert private.noise_used == private.noise_multiplier > 0
+    assert private.epsilon_lower <= private.claimed_epsilon and not private.violation
+    assert private.correct / private.guesses < 0.6
+
+
+# -------------------------------------------------------------------------------- the CLI
+
+
+def test_cli_module_is_light():
+    code = (
+        "import sys, simulations.commands.canary; "
+        "print(sorted(m for m in ('torch', 'opacus', 'pandas') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]"
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    from simulations.cli import build_parser
+
+    return build_parser().parse_args(argv)
+
+
+def test_cli_registers_alias_and_audit_subcommand():
+    from simulations.commands.canary import register_canary
+
+    args = parse(["audit-canary", "--canaries", "200", "--no-noise", "--epsilon", "2"])
+    assert args.canaries == 200 and args.no_noise and args.epsilon == 2.0
+    with pytest.raises(SystemExit):
+        parse(["audit-canary", "--epsilon", "1", "--noise-multiplier", "2"])
+    parser = argparse.ArgumentParser()
+    group = parser.add_subparsers(dest="audit_command")
+    register_canary(group)
+    nested = parser.parse_args(["canary", "--seed", "5"])
+    assert nested.seed == 5 and callable(nested.handler)
+
+
+def test_cli_config_file_and_flags(tmp_path):
+    from simulations.commands.canary import config_from_args
+
+    toml = tmp_path / "run.toml"
+    toml.write_text(
+        "seed = 11\n[privacy]\nepsilon_cap = 2.5\ndelta = 1e-6\nclipping_norm = 0.5\n"
+        "[model]\nproduct_buckets = 4096\nembedding_dim = 8\n"
+        "[training]\nbatch_size = 64\n[data]\nsource = \"synthetic\"\n"
+    )
+    config = config_from_args(parse(["audit-canary", "--config", str(toml)]))
+    assert (config.target_epsilon, config.delta, config.clipping_norm) == (2.5, 1e-6, 0.5)
+    assert config.seed == 11 and config.batch_size == 64 and config.spec.product_buckets == 4096
+    assert config.data.value == "synthetic" and config.noise_multiplier is None
+    flags = ["--noise-multiplier", "1.5", "--clipping-norm", "2", "--seed", "4"]
+    config = config_from_args(parse(["audit-canary", "--config", str(toml), *flags]))
+    assert (config.target_epsilon, config.noise_multiplier) == (None, 1.5)
+    assert config.clipping_norm == 2.0 and config.seed == 4
+
+
+def fake_report(**changes) -> CanaryReport:
+    base = CanaryReport(
+        data="synthetic", real_records=10, canaries=100, included=50, guesses=80,
+        guessed_in=40, correct=40, epsilon_lower=0.0, confidence=0.95, claimed_epsilon=1.0,
+        delta=1e-5, noise_multiplier=2.0, noise_used=2.0, clipping_norm=1.0, sample_rate=0.5,
+        steps=4, epochs=1, seed=0, seconds=0.1,
+    )
+    return replace(base, **changes)
+
+
+@pytest.mark.parametrize(
+    ("argv", "report", "code"),
+    [
+        ([], fake_report(), ExitCode.OK),
+        ([], fake_report(epsilon_lower=1.5), ExitCode.INTEGRITY),
+        (["--no-noise"], fake_report(epsilon_lower=1.5, noise_used=0.0), ExitCode.OK),
+        (["--no-noise"], fake_report(noise_used=0.0), ExitCode.CONFIG),
+    ],
+)
+def test_cli_exit_codes(monkeypatch, capsys, tmp_path, argv, report, code):
+    import simulations.canary as canary
+    from simulations.cli import main
+
+    monkeypatch.setattr(canary, "run_canary_audit", lambda config: report)
+    out = tmp_path / "report.json"
+    assert main(["audit-canary", "--data", "synthetic", "--json", str(out), *argv]) == code
+    printed = capsys.readouterr()
+    assert "lower bound (95%)" in printed.out
+    assert json.loads(out.read_text())["epsilon_lower"] == report.epsilon_lower
+    if code == ExitCode.INTEGRITY:
+        assert "VIOLATION" in printed.err
