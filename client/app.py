@@ -51,6 +51,10 @@ def parse_request(msg: Message) -> TrainRequest:
         model_in_sha256=str(config[P.MODEL_IN_SHA256]),
         config=RunConfig.from_dict(json.loads(str(config[P.RUN_CONFIG_JSON]))),
         arrays=P.from_array_record(arrays),
+        server_seqs={
+            str(k): int(v)
+            for k, v in json.loads(str(config.get(P.SERVER_LEDGER_SEQS, "{}"))).items()
+        },
     )
 
 
@@ -68,6 +72,7 @@ def train(msg: Message, context: Context) -> Message:
     }
     if reply.ledger_entry is not None:
         status[P.LEDGER_ENTRY] = reply.ledger_entry
+        status[P.LEDGER_BACKLOG] = json.dumps(list(reply.ledger_backlog))
     content[P.STATUS] = ConfigRecord(status)  # type: ignore[arg-type]
     content[P.METRICS] = MetricRecord(reply.metrics)  # type: ignore[arg-type]
     if reply.arrays is not None:

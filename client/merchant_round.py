@@ -48,6 +48,7 @@ class TrainRequest:
     model_in_sha256: str
     config: RunConfig
     arrays: dict[str, np.ndarray]
+    server_seqs: dict[str, int] = field(default_factory=dict)  # what the platform's ledger holds
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ class TrainReply:
     arrays: dict[str, np.ndarray] | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     ledger_entry: str | None = None
+    ledger_backlog: tuple[str, ...] = ()  # entries released earlier that the platform lacks
 
 
 @dataclass(frozen=True)
@@ -166,7 +168,7 @@ def _device(merchant: MerchantConfig) -> torch.device:
 
 
 def _replay(
-    request: TrainRequest, merchant: MerchantConfig, entry: LedgerEntry
+    request: TrainRequest, merchant: MerchantConfig, entry: LedgerEntry, ledger: MerchantLedger
 ) -> TrainReply | None:
     """Re-send a release already in the ledger (same run, round and input model)."""
     path = _outbox_file(merchant, request)
@@ -187,7 +189,17 @@ def _replay(
             "num-examples": float(entry.release.dataset_size),
         },
         entry.to_wire(),
+        _backlog(ledger, request, merchant, entry),
     )
+
+
+def _backlog(
+    ledger: MerchantLedger, request: TrainRequest, merchant: MerchantConfig, entry: LedgerEntry
+) -> tuple[str, ...]:
+    """Earlier releases the platform has not recorded (e.g. the merchant crashed after its
+    ledger append but before sending): they travel with this one so the chains stay whole."""
+    known = request.server_seqs.get(merchant.id, 0)
+    return tuple(e.to_wire() for e in ledger.entries_after(known) if e.seq < entry.seq)
 
 
 def run_merchant_round(request: TrainRequest, merchant: MerchantConfig) -> TrainReply:
@@ -218,7 +230,7 @@ def _run(request: TrainRequest, merchant: MerchantConfig) -> TrainReply:
     ) as ledger:
         existing = ledger.find(request.run_id, request.round)
         if existing is not None:
-            replay = _replay(request, merchant, existing)
+            replay = _replay(request, merchant, existing, ledger)
             if replay is not None:
                 return replay
         plan = plan_round(request, merchant, data, _budget_history(ledger, merchant))
@@ -248,6 +260,7 @@ def _run(request: TrainRequest, merchant: MerchantConfig) -> TrainReply:
             created_utc=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
         )
         entry = ledger.append(release)
+        backlog = _backlog(ledger, request, merchant, entry)
     metrics = {
         "num-examples": float(plan.records),
         "train-loss": result.mean_loss,
@@ -257,7 +270,9 @@ def _run(request: TrainRequest, merchant: MerchantConfig) -> TrainReply:
         "noise-multiplier": plan.mechanism.noise_multiplier,
         "train-seconds": result.seconds,
     }
-    return TrainReply(Outcome.TRAINED, merchant.id, "", result.arrays, metrics, entry.to_wire())
+    return TrainReply(
+        Outcome.TRAINED, merchant.id, "", result.arrays, metrics, entry.to_wire(), backlog
+    )
 
 
 def _run_non_private(

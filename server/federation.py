@@ -89,6 +89,7 @@ class Federation:
             EvaluationSet.load(settings.validation_set) if settings.validation_set else None
         )
         self.model = Recommender(self.config.model)
+        self._ledger_seqs: dict[str, int] | None = None
 
     # -- one round ---------------------------------------------------------------
     def _nodes(self) -> list[int]:
@@ -112,6 +113,8 @@ class Federation:
         }
         if self.settings.simulation_dir is not None:
             config[P.SIMULATION_DIR] = str(self.settings.simulation_dir)
+        if self._ledger_seqs is not None:
+            config[P.SERVER_LEDGER_SEQS] = json.dumps(self._ledger_seqs)
         messages = []
         for node in nodes:
             content = RecordDict(
@@ -165,6 +168,7 @@ class Federation:
                 expected=expected,
                 model_out_sha256=arrays_sha256(update),
                 merchant_id=merchant,
+                backlog=json.loads(str(status.get(P.LEDGER_BACKLOG, "[]"))),
             )
         except (FedshopError, KeyError) as exc:
             reason = exc.one_line() if isinstance(exc, FedshopError) else f"missing {exc}"
@@ -186,6 +190,7 @@ class Federation:
         action, e.g. ``train.finetune``) and sort the replies into usable updates, refusals
         and failures."""
         nodes = self._nodes()
+        self._ledger_seqs = {m: ledger.last_seq(m) for m in ledger.merchants()}
         replies = self.grid.send_and_receive(
             self._messages(arrays, rnd, nodes, message_type),
             timeout=self.config.federation.round_timeout_s,

@@ -266,8 +266,12 @@ def _concat(first: RecordTensors, second: RecordTensors) -> RecordTensors:
 # --------------------------------------------------------------------------------------------
 
 
-def canary_losses(model: Recommender, canaries: RecordTensors, *, batch: int = 4096) -> np.ndarray:
-    """Each canary's loss under ``model`` (softmax over its candidates): low means memorised."""
+def canary_margins(model: Recommender, canaries: RecordTensors, *, batch: int = 4096) -> np.ndarray:
+    """Each canary's positive logit minus the log-sum-exp of its negatives' logits.
+
+    High means memorised. This is minus the logit of the canary's loss, which saturates to
+    0 (and ties) once the model is confident; the margin keeps ranking.
+    """
     model.eval()
     out: list[np.ndarray] = []
     with torch.no_grad():
@@ -275,20 +279,21 @@ def canary_losses(model: Recommender, canaries: RecordTensors, *, batch: int = 4
             history, items, categories, departments, _ = (
                 t[start : start + batch] for t in canaries.tensors()
             )
-            logits = model(history, items, categories, departments)
-            out.append((-torch.log_softmax(logits, dim=-1)[..., 0]).mean(1).numpy())
-    return np.concatenate(out).astype(np.float64)
+            logits = model(history, items, categories, departments).to(torch.float64)
+            margin = logits[..., 0] - torch.logsumexp(logits[..., 1:], dim=-1)
+            out.append(margin.mean(1).numpy())
+    return np.concatenate(out)
 
 
-def guess_membership(losses: np.ndarray, *, per_side: int) -> np.ndarray:
-    """+1 (in) for the ``per_side`` lowest losses, -1 (out) for the highest, 0 to abstain.
+def guess_membership(scores: np.ndarray, *, per_side: int) -> np.ndarray:
+    """+1 (in) for the ``per_side`` highest scores, -1 (out) for the lowest, 0 to abstain.
 
     ``per_side`` is fixed before training, so the bound needs no correction for a search.
     """
-    if not 1 <= per_side <= len(losses) // 2:
-        raise ConfigError(f"per_side must be in 1..{len(losses) // 2}, got {per_side!r}")
-    order = np.argsort(losses, kind="stable")
-    guesses = np.zeros(len(losses), dtype=np.int64)
+    if not 1 <= per_side <= len(scores) // 2:
+        raise ConfigError(f"per_side must be in 1..{len(scores) // 2}, got {per_side!r}")
+    order = np.argsort(-scores, kind="stable")
+    guesses = np.zeros(len(scores), dtype=np.int64)
     guesses[order[:per_side]] = 1
     guesses[order[-per_side:]] = -1
     return guesses
@@ -405,7 +410,7 @@ def run_canary_audit(config: CanaryConfig, *, events: pd.DataFrame | None = None
         claimed = epsilon_spent(
             [MechanismStep(sigma, used.sample_rate, used.steps)], delta=config.delta
         )
-    guesses = guess_membership(canary_losses(model, canaries), per_side=config.per_side)
+    guesses = guess_membership(canary_margins(model, canaries), per_side=config.per_side)
     truth = np.where(included, 1, -1)
     r = int(np.count_nonzero(guesses))
     correct = int(np.count_nonzero(guesses == truth))

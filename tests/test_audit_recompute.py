@@ -50,6 +50,7 @@ def test_golden_values_and_flags(tmp_path: Path) -> None:
     assert opacus == pytest.approx(rows[0].rdp, abs=5e-3)
 
 
+@pytest.mark.slow
 def test_rdp_screen_skips_pld_for_conservative_entries(tmp_path: Path) -> None:
     steps = [MechanismStep(1.0, 0.0256, 39)] * 3
     rdp_values = [epsilon_spent(steps[: i + 1], delta=1e-5) for i in range(3)]

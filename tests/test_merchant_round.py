@@ -134,3 +134,19 @@ def test_non_private_needs_merchant_consent(small_layout):
     config = dataclasses.replace(config, privacy=dataclasses.replace(config.privacy, enabled=False))
     reply = run_merchant_round(request(small_layout, 1, config=config), merchant)
     assert reply.outcome is Outcome.FAILED and "differential privacy" in reply.reason
+
+
+def test_release_the_platform_missed_travels_as_backlog(small_layout):
+    """A crash after the ledger append loses the send, never the record: the next reply carries it."""
+    merchant = small_layout.merchant_config(small_layout.merchant_ids()[0])
+    first = run_merchant_round(request(small_layout, 1), merchant)  # never reaches the platform
+    second = run_merchant_round(
+        dataclasses.replace(request(small_layout, 2, first.arrays), server_seqs={merchant.id: 0}),
+        merchant,
+    )
+    assert second.ledger_backlog == (first.ledger_entry,)
+    caught_up = run_merchant_round(
+        dataclasses.replace(request(small_layout, 3, second.arrays), server_seqs={merchant.id: 2}),
+        merchant,
+    )
+    assert caught_up.ledger_backlog == ()
