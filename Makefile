@@ -7,7 +7,7 @@ export FLWR_DISABLE_UPDATE_CHECK := 1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install run test test-fast check lint typecheck bench clean
+.PHONY: install run test test-deps test-fast check lint typecheck bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,8 +22,12 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/fedshop simulate --out runs/default
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -q
+# Debian's chromium renders the audit report in the browser test; installed when missing.
+test-deps:
+	sh tests/support/ensure_chromium.sh || echo "warning: chromium unavailable; the browser test will be skipped"
+
+test: $(STAMP) test-deps
+	$(BIN)/python -m pytest -q --durations=15
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"

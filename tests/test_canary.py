@@ -10,6 +10,7 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -50,10 +51,14 @@ def scipy_p_value(m: int, r: int, v: int, eps: float, delta: float) -> float:
     """The paper's p-value, computed independently with scipy.stats.binom."""
     q = math.exp(eps) / (1 + math.exp(eps))
     tail = stats.binom.sf(v - 1, r, q)  # P[Binomial(r, q) >= v]
-    alpha = max(
-        (stats.binom.cdf(v - 1, r, q) - stats.binom.cdf(v - 1 - i, r, q)) / i
-        for i in range(1, v + 1)
-    ) if v > 0 else 0.0
+    alpha = (
+        max(
+            (stats.binom.cdf(v - 1, r, q) - stats.binom.cdf(v - 1 - i, r, q)) / i
+            for i in range(1, v + 1)
+        )
+        if v > 0
+        else 0.0
+    )
     return min(1.0, tail + 2 * m * delta * alpha)
 
 
@@ -67,7 +72,9 @@ def test_all_correct_matches_closed_form_and_grows_with_guesses():
         assert got == pytest.approx(expected, abs=1e-9)
         bounds.append(got)
     assert bounds == sorted(bounds) and bounds[0] > 0
-    assert bounds[0] == pytest.approx(1.0519, abs=1e-4) and bounds[-1] == pytest.approx(5.809, abs=1e-3)
+    assert bounds[0] == pytest.approx(1.0519, abs=1e-4) and bounds[-1] == pytest.approx(
+        5.809, abs=1e-3
+    )
 
 
 def test_half_correct_proves_nothing_and_small_counts_neither():
@@ -157,8 +164,12 @@ def test_canaries_differ_only_in_an_unused_positive():
     positives = canaries.items[:, 0, 0].numpy()
     assert len(set(positives.tolist())) == 500
     assert not np.isin(positives, catalog.items).any() and (positives > 0).all()
-    for tensor in (canaries.history, canaries.items[..., 1:], canaries.categories,
-                   canaries.departments):
+    for tensor in (
+        canaries.history,
+        canaries.items[..., 1:],
+        canaries.categories,
+        canaries.departments,
+    ):
         assert (tensor == tensor[:1]).all()
     assert canaries.history.shape == (500, 1, TINY.history_length)
     assert canaries.items.shape == (500, 1, 5) and canaries.mask.sum() == 500
@@ -191,7 +202,7 @@ def test_config_validation_names_the_value():
 # ----------------------------------------------------------------------- the audit itself
 
 
-def small(**changes) -> CanaryConfig:
+def small(**changes: Any) -> CanaryConfig:
     base = CanaryConfig(
         canaries=40,
         target_epsilon=1.0,
@@ -284,7 +295,7 @@ def test_cli_config_file_and_flags(tmp_path):
     toml.write_text(
         "seed = 11\n[privacy]\nepsilon_cap = 2.5\ndelta = 1e-6\nclipping_norm = 0.5\n"
         "[model]\nproduct_buckets = 4096\nembedding_dim = 8\n"
-        "[training]\nbatch_size = 64\n[data]\nsource = \"synthetic\"\n"
+        '[training]\nbatch_size = 64\n[data]\nsource = "synthetic"\n'
     )
     config = config_from_args(parse(["audit-canary", "--config", str(toml)]))
     assert (config.target_epsilon, config.delta, config.clipping_norm) == (2.5, 1e-6, 0.5)
@@ -296,12 +307,27 @@ def test_cli_config_file_and_flags(tmp_path):
     assert config.clipping_norm == 2.0 and config.seed == 4
 
 
-def fake_report(**changes) -> CanaryReport:
+def fake_report(**changes: Any) -> CanaryReport:
     base = CanaryReport(
-        data="synthetic", real_records=10, canaries=100, included=50, guesses=80,
-        guessed_in=40, correct=40, epsilon_lower=0.0, confidence=0.95, claimed_epsilon=1.0,
-        delta=1e-5, noise_multiplier=2.0, noise_used=2.0, clipping_norm=1.0, sample_rate=0.5,
-        steps=4, epochs=1, seed=0, seconds=0.1,
+        data="synthetic",
+        real_records=10,
+        canaries=100,
+        included=50,
+        guesses=80,
+        guessed_in=40,
+        correct=40,
+        epsilon_lower=0.0,
+        confidence=0.95,
+        claimed_epsilon=1.0,
+        delta=1e-5,
+        noise_multiplier=2.0,
+        noise_used=2.0,
+        clipping_norm=1.0,
+        sample_rate=0.5,
+        steps=4,
+        epochs=1,
+        seed=0,
+        seconds=0.1,
     )
     return replace(base, **changes)
 
