@@ -35,6 +35,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     export.add_argument("--format", choices=[f.value for f in ExportFormat], default="json")
     export.add_argument("--out", type=Path, help="output file (default: stdout)")
     export.set_defaults(handler=_export)
+    from simulations.commands.canary import register_canary
+
+    register_canary(sub)
 
 
 def _inputs(parser: argparse.ArgumentParser, *, keys_required: bool) -> None:
