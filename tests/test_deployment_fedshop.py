@@ -205,3 +205,41 @@ def test_merchant_killed_mid_round_keeps_an_intact_ledger(tmp_path: Path) -> Non
     assert _ledger_rows(fed.ledger(victim)) >= before
     counts = _check_ledgers(fed)
     assert counts[victim] >= 1
+
+
+@pytest.mark.slow
+def test_platform_killed_mid_run_resumes_from_its_checkpoint(tmp_path: Path) -> None:
+    """kill -9 of the whole platform after round 1's checkpoint; the restarted platform
+    resumes at round 2 with the same run id and the merchants' ledgers stay consistent."""
+    import json
+
+    _skip_unless_app_ready()
+    fed = _federation(tmp_path, rounds=3)
+    checkpoint = fed.layout.root / "checkpoints" / "round-0001.json"
+    server = h.start_fedshop(fed.server_args(), tmp_path / "server.log", cwd=tmp_path)
+    clients: list[subprocess.Popen[bytes]] = []
+    restarted = None
+    try:
+        h.wait_for(
+            lambda: (tmp_path / "state" / "nodes.json").exists(),
+            timeout=120,
+            what="SuperLink",
+            proc=server,
+        )
+        clients = [fed.client(name) for name in fed.merchants]
+        h.wait_for(checkpoint.exists, timeout=900, what="round 1's checkpoint", proc=server)
+        run_id = (fed.layout.root / "run-id").read_text()
+        h.kill_tree(server)
+        assert not (fed.layout.root / "summary.json").exists()
+        restarted = h.start_fedshop(fed.server_args(), tmp_path / "server2.log", cwd=tmp_path)
+        code = restarted.wait(timeout=1500)
+    finally:
+        for proc in [server, *clients, *([restarted] if restarted else [])]:
+            h.stop(proc)
+    assert code == 0, (tmp_path / "server2.log").read_text()[-4000:]
+    summary = json.loads((fed.layout.root / "summary.json").read_text())
+    rounds = json.loads((fed.layout.root / "metrics.json").read_text())["rounds"]
+    assert summary["completed"] and summary["run_id"] == run_id
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    counts = _check_ledgers(fed)
+    assert all(n >= 3 for n in counts.values())
