@@ -29,7 +29,7 @@ import hashlib
 import io
 import os
 import sqlite3
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from common import sqlite_store
 from common.errors import ConfigError, DataValidationError, IntegrityError
 from common.events import (
     DEFAULT_MAX_BYTES,
@@ -183,25 +184,11 @@ class Inbox:
 
     # ------------------------------------------------------------------ storage
 
-    @contextlib.contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        conn = sqlite3.connect(self.index_path, isolation_level=None, timeout=30.0)
-        try:
-            conn.execute("PRAGMA synchronous = FULL")
-            yield conn
-        finally:
-            conn.close()
+    def _connect(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return sqlite_store.connect(self.index_path)
 
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._connect() as conn:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+    def _transaction(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return sqlite_store.transaction(self.index_path)
 
     def _remove_orphans(self) -> None:
         """Delete cohort files a crash left without an index row (their id will be reused)."""

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
@@ -25,6 +23,7 @@ from client.merchant import MerchantConfig
 from client.training import DPSettings, LocalTraining, RoundResult, steps_per_round, train_round
 from common.accounting import MechanismStep, PrivacyUnit, epsilon_spent, noise_for_target
 from common.arrays_io import arrays_to_npz, npz_to_arrays
+from common.atomic import atomic_write_bytes
 from common.config import RunConfig
 from common.errors import ConfigError, FedshopError, PrivacyBudgetExceeded
 from common.features import training_records
@@ -144,17 +143,7 @@ def _outbox_file(merchant: MerchantConfig, request: TrainRequest) -> Path:
 
 
 def _write_outbox(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(arrays_to_npz(arrays))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, arrays_to_npz(arrays))
 
 
 def _read_outbox(path: Path) -> dict[str, np.ndarray]:
@@ -320,6 +309,8 @@ def _train(
             local_epochs=config.training.local_epochs,
             learning_rate=config.training.learning_rate,
             proximal_mu=mu,
+            optimizer=config.training.optimizer,
+            momentum=config.training.momentum,
         ),
         dp=None
         if plan is None

@@ -13,7 +13,6 @@ import math
 import time
 import warnings
 from dataclasses import dataclass
-from enum import Enum
 
 import numpy as np
 import torch
@@ -22,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from common.accounting import MechanismStep
+from common.config import OptimizerKind
 from common.errors import ConfigError
 from common.features import RecordTensors
 from common.model import Recommender, load_state_arrays, state_arrays
@@ -41,13 +41,6 @@ class DPSettings:
             raise ConfigError(f"noise_multiplier must be >= 0, got {self.noise_multiplier!r}")
         if not (self.clipping_norm > 0 and math.isfinite(self.clipping_norm)):
             raise ConfigError(f"clipping_norm must be > 0, got {self.clipping_norm!r}")
-
-
-class OptimizerKind(Enum):
-    """SGD keeps DP noise on untouched embedding rows small; Adam rescales it to the step size."""
-
-    ADAM = "adam"
-    SGD = "sgd"
 
 
 @dataclass(frozen=True)

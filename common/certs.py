@@ -18,9 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import ipaddress
-import os
 import re
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +36,7 @@ from cryptography.x509.verification import (
     VerificationError,
 )
 
+from common.atomic import atomic_write_bytes
 from common.errors import DeploymentError
 
 CA_CERT = "ca.crt"
@@ -90,19 +89,8 @@ def validate_name(name: str) -> str:
 
 
 def write_atomic(path: Path, data: bytes, *, mode: int) -> None:
-    """Write ``data`` to ``path`` with ``mode`` via a same-directory temp file and rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``data`` to ``path`` with ``mode`` (private keys: 0600), all or nothing."""
+    atomic_write_bytes(path, data, mode=mode)
 
 
 def _refuse_overwrite(paths: Sequence[Path], *, force: bool) -> None:

@@ -27,6 +27,14 @@ class StrategyKind(Enum):
     FEDADAM = "fedadam"
 
 
+class OptimizerKind(Enum):
+    """Local optimiser. Adam rescales DP noise on rows no record touched to the step size;
+    SGD keeps it proportional to sigma x C / batch."""
+
+    ADAM = "adam"
+    SGD = "sgd"
+
+
 class DataSource(Enum):
     COMPLETEJOURNEY = "completejourney"
     SYNTHETIC = "synthetic"
@@ -58,6 +66,8 @@ class TrainingConfig:
     learning_rate: float = 3e-3
     negatives: int = 4
     events_per_customer: int = 32
+    optimizer: OptimizerKind = OptimizerKind.ADAM
+    momentum: float = 0.9
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "local_epochs", "negatives", "events_per_customer"):

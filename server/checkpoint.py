@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,23 +16,12 @@ from typing import Any
 import numpy as np
 
 from common.arrays_io import arrays_to_npz, npz_to_arrays
+from common.atomic import atomic_write_bytes
 from common.errors import CheckpointError, IntegrityError
 
 Arrays = dict[str, np.ndarray]
 
-
-def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+__all__ = ["Checkpoint", "atomic_write_bytes", "load_latest", "save_checkpoint"]
 
 
 @dataclass(frozen=True)

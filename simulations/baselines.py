@@ -88,6 +88,8 @@ def train_alone(
         batch_size=config.training.batch_size,
         local_epochs=epochs,
         learning_rate=config.training.learning_rate,
+        optimizer=config.training.optimizer,
+        momentum=config.training.momentum,
     )
     dp = None
     if epsilon is not None:
