@@ -32,7 +32,7 @@ from client.training import DPSettings, LocalTraining, steps_per_round, train_ro
 from common.accounting import MechanismStep, PrivacyUnit, epsilon_spent, noise_for_target
 from common.errors import ConfigError
 from common.features import Catalog, RecordTensors, build_catalog, encode_events, training_records
-from common.model import Recommender, load_state_arrays
+from common.model import Recommender, load_state_arrays, state_arrays
 from common.model_spec import ModelSpec
 from common.rng import derive_seed, numpy_stream, torch_stream
 
@@ -128,6 +128,19 @@ def epsilon_lower_bound(
 # --------------------------------------------------------------------------------------------
 
 
+class CanaryScore(Enum):
+    """How a canary is scored; fixed before training.
+
+    ``bias-shift``: how far training moved the bias of the canary's positive product from its
+    seeded initial value (white box: merchants release weights, so the platform sees them).
+    ``margin``: the positive's logit minus the log-sum-exp of its negatives' (black box: what
+    someone querying the model sees). Both are valid; bias-shift is much stronger.
+    """
+
+    BIAS_SHIFT = "bias-shift"
+    MARGIN = "margin"
+
+
 class CanaryData(Enum):
     """Which real records the canaries hide among."""
 
@@ -147,6 +160,7 @@ class CanaryConfig:
     delta: float = 1e-5
     confidence: float = 0.95
     noise_off: bool = False  # negative control: train with sigma = 0, claim the configured sigma
+    score: CanaryScore = CanaryScore.BIAS_SHIFT
     epochs: int = 5
     batch_size: int = 1024
     learning_rate: float = 3e-3
@@ -266,6 +280,15 @@ def _concat(first: RecordTensors, second: RecordTensors) -> RecordTensors:
 # --------------------------------------------------------------------------------------------
 
 
+def bias_shifts(
+    initial: dict[str, np.ndarray], trained: dict[str, np.ndarray], canaries: RecordTensors
+) -> np.ndarray:
+    """Trained minus initial bias of each canary's positive: only its own canary pushes it up."""
+    rows = canaries.items[:, 0, 0].numpy()
+    key = "item_bias.weight"
+    return (trained[key][rows, 0] - initial[key][rows, 0]).astype(np.float64)
+
+
 def canary_margins(model: Recommender, canaries: RecordTensors, *, batch: int = 4096) -> np.ndarray:
     """Each canary's positive logit minus the log-sum-exp of its negatives' logits.
 
@@ -309,6 +332,7 @@ class CanaryReport:
     """What one audit found; ``epsilon_lower`` is refuted at ``confidence``."""
 
     data: str
+    score: str
     real_records: int
     canaries: int
     included: int
@@ -358,9 +382,15 @@ def _noise_multiplier(config: CanaryConfig, sample_rate: float, steps: int) -> f
     )
 
 
-def _train(
-    config: CanaryConfig, records: RecordTensors, sigma: float
-) -> tuple[Recommender, MechanismStep]:
+@dataclass(frozen=True)
+class _Trained:
+    model: Recommender
+    initial: dict[str, np.ndarray]
+    trained: dict[str, np.ndarray]
+    mechanism: MechanismStep
+
+
+def _train(config: CanaryConfig, records: RecordTensors, sigma: float) -> _Trained:
     settings = LocalTraining(
         batch_size=config.batch_size,
         local_epochs=config.epochs,
@@ -369,6 +399,7 @@ def _train(
     with torch.random.fork_rng(devices=[]):  # model initialisation only; global state restored
         torch.manual_seed(derive_seed(config.seed, "canary", "init"))
         model = Recommender(config.spec)
+    initial = state_arrays(model)
     with _quiet_opacus():
         result = train_round(
             model=model,
@@ -381,7 +412,7 @@ def _train(
     assert result.mechanism is not None
     trained = Recommender(config.spec)
     load_state_arrays(trained, result.arrays)
-    return trained, result.mechanism
+    return _Trained(trained, initial, dict(result.arrays), result.mechanism)
 
 
 def run_canary_audit(config: CanaryConfig, *, events: pd.DataFrame | None = None) -> CanaryReport:
@@ -405,12 +436,17 @@ def run_canary_audit(config: CanaryConfig, *, events: pd.DataFrame | None = None
     )
     with _quiet_opacus():
         sigma = _noise_multiplier(config, q, steps)
-    model, used = _train(config, train, 0.0 if config.noise_off else sigma)
+    run = _train(config, train, 0.0 if config.noise_off else sigma)
+    used = run.mechanism
     with _quiet_opacus():
         claimed = epsilon_spent(
             [MechanismStep(sigma, used.sample_rate, used.steps)], delta=config.delta
         )
-    guesses = guess_membership(canary_margins(model, canaries), per_side=config.per_side)
+    if config.score is CanaryScore.BIAS_SHIFT:
+        scores = bias_shifts(run.initial, run.trained, canaries)
+    else:
+        scores = canary_margins(run.model, canaries)
+    guesses = guess_membership(scores, per_side=config.per_side)
     truth = np.where(included, 1, -1)
     r = int(np.count_nonzero(guesses))
     correct = int(np.count_nonzero(guesses == truth))
@@ -423,6 +459,7 @@ def run_canary_audit(config: CanaryConfig, *, events: pd.DataFrame | None = None
     )
     return CanaryReport(
         data="events" if events is not None else config.data.value,
+        score=config.score.value,
         real_records=len(real),
         canaries=config.canaries,
         included=int(included.sum()),

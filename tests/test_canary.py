@@ -25,7 +25,9 @@ from common.model_spec import ModelSpec
 from simulations.canary import (
     CanaryConfig,
     CanaryReport,
+    CanaryScore,
     audit_p_value,
+    bias_shifts,
     epsilon_lower_bound,
     guess_membership,
     make_canaries,
@@ -182,6 +184,18 @@ def test_too_many_canaries_for_the_free_buckets_is_refused():
         make_canaries(catalog, TINY, count=10, negatives=2, rng=np.random.default_rng(0))
 
 
+def test_bias_shift_reads_each_positive_row():
+    canaries = make_canaries(
+        catalog_of([1, 3, 5]), TINY, count=3, negatives=2, rng=np.random.default_rng(1)
+    )
+    rows = canaries.items[:, 0, 0].numpy()
+    initial = {"item_bias.weight": np.zeros((TINY.product_buckets, 1), dtype=np.float32)}
+    trained = {"item_bias.weight": np.zeros((TINY.product_buckets, 1), dtype=np.float32)}
+    trained["item_bias.weight"][rows, 0] = [0.5, -0.25, 0.0]
+    trained["item_bias.weight"][1, 0] = 9.0  # a real product's row: ignored
+    assert bias_shifts(initial, trained, canaries).tolist() == [0.5, -0.25, 0.0]
+
+
 def test_guesses_take_the_extremes():
     margins = -np.array([0.5, 0.1, 0.9, 0.3, 0.7, 0.2])
     assert guess_membership(margins, per_side=2).tolist() == [0, 1, -1, 0, -1, 1]
@@ -216,6 +230,7 @@ def small(**changes: Any) -> CanaryConfig:
     return replace(base, **changes)
 
 
+@pytest.mark.slow
 def test_small_audit_is_consistent_and_reproducible(tmp_path):
     config = small(target_epsilon=None, noise_multiplier=1.2)  # no calibration: faster
     first, second = run_canary_audit(config), run_canary_audit(config)
@@ -239,10 +254,17 @@ def test_small_audit_is_consistent_and_reproducible(tmp_path):
 
 
 @pytest.mark.slow
-def test_negative_control_is_caught_and_dp_is_not():
+@pytest.mark.parametrize("score", list(CanaryScore))
+def test_negative_control_is_caught_and_dp_is_not(score):
     """Claim epsilon 1: with noise off the bound must exceed 2; with noise on, not exceed 1."""
     config = small(
-        canaries=1000, epochs=5, batch_size=512, learning_rate=0.02, synthetic_events=2000, seed=1
+        canaries=1000,
+        epochs=5,
+        batch_size=512,
+        learning_rate=0.02,
+        synthetic_events=2000,
+        seed=1,
+        score=score,
     )
     control = run_canary_audit(replace(config, noise_off=True))
     private = run_canary_audit(config)
@@ -310,6 +332,7 @@ def test_cli_config_file_and_flags(tmp_path):
 def fake_report(**changes: Any) -> CanaryReport:
     base = CanaryReport(
         data="synthetic",
+        score="bias-shift",
         real_records=10,
         canaries=100,
         included=50,

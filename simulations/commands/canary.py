@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from simulations.canary import CanaryConfig, CanaryReport
 
 DATA_CHOICES = ("synthetic", "completejourney")
+SCORE_CHOICES = ("bias-shift", "margin")
 
 
 def register_canary(audit_subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -63,6 +64,12 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=5, help="training epochs (default 5)")
     parser.add_argument("--batch-size", type=int, help="expected Poisson batch size")
     parser.add_argument("--learning-rate", type=float, help="Adam learning rate")
+    parser.add_argument(
+        "--score",
+        choices=SCORE_CHOICES,
+        default="bias-shift",
+        help="bias-shift (white box, default) or margin (black box)",
+    )
     parser.add_argument("--data", choices=DATA_CHOICES, help="real records the canaries hide among")
     parser.add_argument("--seed", type=int, help="seed of every random stream")
     parser.add_argument(
@@ -81,7 +88,7 @@ def _pick(flag: Any, default: Any) -> Any:
 def config_from_args(args: argparse.Namespace) -> CanaryConfig:
     """Flags over the run configuration (``--config``, or the defaults) over the audit defaults."""
     from common.config import RunConfig
-    from simulations.canary import CanaryConfig, CanaryData
+    from simulations.canary import CanaryConfig, CanaryData, CanaryScore
 
     run = RunConfig.from_toml(args.config) if args.config is not None else RunConfig()
     privacy = run.privacy
@@ -98,6 +105,7 @@ def config_from_args(args: argparse.Namespace) -> CanaryConfig:
         delta=_pick(args.delta, privacy.delta),
         confidence=args.confidence,
         noise_off=args.no_noise,
+        score=CanaryScore(args.score),
         epochs=args.epochs,
         batch_size=_pick(args.batch_size, run.training.batch_size),
         learning_rate=_pick(args.learning_rate, run.training.learning_rate),
@@ -122,6 +130,7 @@ def format_report(report: CanaryReport) -> str:
             f"sigma {report.noise_multiplier:.4g} (trained with {report.noise_used:.4g}), "
             f"C {report.clipping_norm:g}, q {report.sample_rate:.4g}, {report.steps} steps",
         ),
+        ("score", report.score),
         ("claimed epsilon", f"{report.claimed_epsilon:.3f} (delta {report.delta:g}, RDP)"),
         (f"lower bound ({pct})", f"{report.epsilon_lower:.3f}"),
         (
