@@ -71,7 +71,7 @@ def _expected(round: int = 1, **changes: object) -> ExpectedRelease:
 )
 def test_release_validation_names_the_field(field: str, value: object) -> None:
     with pytest.raises(ConfigError, match=field):
-        make_release(**{field: value})
+        make_release(**{field: value})  # type: ignore[arg-type]
 
 
 def test_canonical_json_roundtrips_floats_exactly() -> None:

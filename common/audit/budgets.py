@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from common.ledger import LedgerEntry
+from common.ledger import LedgerEntry, ReleaseSummary, VerifiedChain
 
 
 @dataclass(frozen=True)
@@ -23,22 +23,29 @@ class BudgetRow:
     last_release_utc: str
 
 
+def _summaries(chain: Sequence[LedgerEntry]) -> Sequence[ReleaseSummary]:
+    # A VerifiedChain carries its summaries: the table then needs no parsed entries.
+    if isinstance(chain, VerifiedChain):
+        return chain.summaries
+    return [ReleaseSummary.of(entry.release) for entry in chain]
+
+
 def budget_rows(chains: Mapping[str, Sequence[LedgerEntry]]) -> list[BudgetRow]:
     """Rows sorted by merchant and cohort (entries must be verified chains, in order)."""
     rows: list[BudgetRow] = []
     for merchant_id in sorted(chains):
-        last: dict[str, LedgerEntry] = {}
+        last: dict[str, ReleaseSummary] = {}
         counts: dict[str, int] = {}
-        for entry in chains[merchant_id]:
-            last[entry.release.cohort] = entry
-            counts[entry.release.cohort] = counts.get(entry.release.cohort, 0) + 1
+        for summary in _summaries(chains[merchant_id]):
+            last[summary.cohort] = summary
+            counts[summary.cohort] = counts.get(summary.cohort, 0) + 1
         for cohort in sorted(last):
-            release = last[cohort].release
+            release = last[cohort]
             rows.append(
                 BudgetRow(
                     merchant_id=merchant_id,
                     cohort=cohort,
-                    privacy_unit=release.privacy_unit.value,
+                    privacy_unit=release.privacy_unit,
                     delta=release.delta,
                     spent=release.epsilon_after,
                     cap=release.epsilon_cap,
@@ -53,7 +60,6 @@ def budget_rows(chains: Mapping[str, Sequence[LedgerEntry]]) -> list[BudgetRow]:
 def epsilon_series(chain: Sequence[LedgerEntry]) -> dict[str, list[tuple[str, float, float]]]:
     """Per cohort: (created_utc, epsilon_after, epsilon_cap) in ledger order, for plots."""
     series: dict[str, list[tuple[str, float, float]]] = {}
-    for entry in chain:
-        r = entry.release
+    for r in _summaries(chain):
         series.setdefault(r.cohort, []).append((r.created_utc, r.epsilon_after, r.epsilon_cap))
     return series

@@ -19,6 +19,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     sub = parser.add_subparsers(dest="audit_command", metavar="ACTION", required=True)
     verify = sub.add_parser("verify", help="check chains, signatures and merchant/server copies")
     _inputs(verify, keys_required=True)
+    verify.add_argument(
+        "--every-signature",
+        action="store_true",
+        help="check each entry's signature, not only each chain's last",
+    )
     verify.set_defaults(handler=_verify)
     budgets = sub.add_parser("budgets", help="epsilon spent, cap and remaining per cohort")
     _inputs(budgets, keys_required=False)
@@ -52,7 +57,12 @@ def _inputs(parser: argparse.ArgumentParser, *, keys_required: bool) -> None:
 
 
 def _load(args: argparse.Namespace) -> AuditResult:
-    result = audit_ledgers(args.ledger, keys_dir=args.keys, server_ledger=args.server_ledger)
+    result = audit_ledgers(
+        args.ledger,
+        keys_dir=args.keys,
+        server_ledger=args.server_ledger,
+        every_signature=getattr(args, "every_signature", False),
+    )
     if not result.signatures_checked:
         print("note: no --keys given: hashes checked, signatures NOT checked", file=sys.stderr)
     return result
@@ -61,7 +71,7 @@ def _load(args: argparse.Namespace) -> AuditResult:
 def _verify(args: argparse.Namespace) -> int:
     result = _load(args)
     result.raise_if_bad()
-    print(f"VERIFIED: {result.entries} entries, {len(result.chains)} merchants")
+    print(f"VERIFIED: {result.entries} entries, {len(result.chains)} merchants ({result.checked})")
     for merchant_id, count in sorted(result.pending.items()):
         if count and args.server_ledger is not None:
             print(f"  {merchant_id}: {count} entries not on the server (release not delivered)")
