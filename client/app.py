@@ -78,3 +78,15 @@ def train(msg: Message, context: Context) -> Message:
     if reply.arrays is not None:
         content[P.ARRAYS] = P.to_array_record(reply.arrays)
     return Message(content=content, reply_to=msg)
+
+
+@app.train("finetune")
+def finetune(msg: Message, context: Context) -> Message:
+    """Online fine-tuning on the merchant's newest inbox cohort (see client/finetune.py)."""
+    from client.finetune import reply_content, run_finetune_round
+
+    config = msg.content[P.CONFIG]
+    assert isinstance(config, ConfigRecord)
+    merchant = resolve_merchant(context, config)
+    reply = run_finetune_round(parse_request(msg), merchant)
+    return Message(content=reply_content(reply), reply_to=msg)

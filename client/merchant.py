@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from client.inbox import ArrivalMode
 from common.accounting import PrivacyUnit
 from common.configparse import from_mapping, load_toml
 from common.errors import ConfigError
@@ -29,6 +30,9 @@ class MerchantConfig:
     threads: int = 1
     allow_non_private: bool = False  # only for a data scientist's own baselines in simulation
     max_noise_multiplier: float = 10.0  # refuse rounds whose remaining budget needs more noise
+    inbox: Path | None = None  # online fine-tuning: the inbox root (see docs/online.md)
+    inbox_arrival: ArrivalMode = ArrivalMode.STABLE  # how the inbox knows a file is complete
+    stream_epsilon_cap: float = 1.0  # per stream cohort (event level); composes per customer
 
     def __post_init__(self) -> None:
         if not self.id or any(c in self.id for c in "/\\\0"):

@@ -307,7 +307,7 @@ def _train(
         settings=LocalTraining(
             batch_size=config.training.batch_size,
             local_epochs=config.training.local_epochs,
-            learning_rate=config.training.learning_rate,
+            learning_rate=config.training.step_size,
             proximal_mu=mu,
             optimizer=config.training.optimizer,
             momentum=config.training.momentum,

@@ -63,17 +63,23 @@ class FederationConfig:
 class TrainingConfig:
     batch_size: int = 1024
     local_epochs: int = 1
-    learning_rate: float = 3e-3
+    learning_rate: float | None = None  # None: 2.0 for SGD, 3e-3 for Adam (see docs/results.md)
     negatives: int = 4
     events_per_customer: int = 32
-    optimizer: OptimizerKind = OptimizerKind.ADAM
+    optimizer: OptimizerKind = OptimizerKind.SGD
     momentum: float = 0.9
+
+    @property
+    def step_size(self) -> float:
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return 2.0 if self.optimizer is OptimizerKind.SGD else 3e-3
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "local_epochs", "negatives", "events_per_customer"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"training.{name} must be >= 1, got {getattr(self, name)}")
-        if not self.learning_rate > 0:
+        if self.learning_rate is not None and not self.learning_rate > 0:
             raise ConfigError(f"training.learning_rate must be > 0, got {self.learning_rate}")
 
 

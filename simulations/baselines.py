@@ -87,7 +87,7 @@ def train_alone(
     settings = LocalTraining(
         batch_size=config.training.batch_size,
         local_epochs=epochs,
-        learning_rate=config.training.learning_rate,
+        learning_rate=config.training.step_size,
         optimizer=config.training.optimizer,
         momentum=config.training.momentum,
     )

@@ -81,6 +81,13 @@ def _register_server(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
         help="extra run-config string (repeat), e.g. run-dir=/srv/fedshop/runs/2026-11",
     )
     p.add_argument("--insecure-dev", action="store_true", help="plaintext, no node auth (dev)")
+    p.add_argument(
+        "--online",
+        action="store_true",
+        help="after the offline rounds keep fine-tuning on merchants' fresh inbox data, with "
+        "the model registry and a Prometheus endpoint (run-config key online=true; settings "
+        "from --set online-config=FILE, see docs/online.md)",
+    )
     p.set_defaults(handler=run_server)
 
 
@@ -170,7 +177,7 @@ def plan_server(args: argparse.Namespace) -> ServerPlan:
     run_config = args.run_config.resolve() if args.run_config else None
     if run_config is not None and not run_config.is_file():
         raise DeploymentError(f"--run-config {run_config} does not exist")
-    extra = parse_run_config_set(args.run_config_set)
+    extra = parse_run_config_set([*args.run_config_set, *(["online=true"] if args.online else [])])
     check_app_config_keys(args.app, ["fedshop-config", *(key for key, _ in extra)])
     wait_nodes = len(allowlist) if args.wait_nodes is None else args.wait_nodes
     if wait_nodes < 0:

@@ -35,6 +35,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         metavar="RUN_DIR",
         help="continue an interrupted run from its last checkpoint",
     )
+    parser.add_argument(
+        "--online",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="FIRST-LAST",
+        help="after the offline rounds, stream later weeks through the merchants' inboxes "
+        "with gated fine-tuning (default: every week after the training weeks); writes "
+        "online.csv and online.json",
+    )
     parser.add_argument("--stop-after-round", type=int, help=argparse.SUPPRESS)
     parser.set_defaults(handler=run)
 
@@ -63,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
         out = args.out or Path("runs") / datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
         print(f"fedshop: provisioning merchants in {out} ...", flush=True)
         layout = provision(config, out)
+    if args.online is not None:
+        return _run_online(args, layout, began)
     summary = simulate(layout, stop_after_round=args.stop_after_round)
     history = json.loads((layout.root / "metrics.json").read_text())["rounds"]
     print("\n" + round_table(history))
@@ -74,4 +86,24 @@ def run(args: argparse.Namespace) -> int:
         )
     state = "complete" if summary["completed"] else "stopped early (resume with --resume)"
     print(f"\nrun {summary['run_id']} {state} in {time.perf_counter() - began:.0f}s: {layout.root}")
+    return 0
+
+
+def _run_online(args: argparse.Namespace, layout: object, began: float) -> int:
+    from common.errors import ConfigError
+    from simulations.online import StreamSpec, simulate_online
+    from simulations.provision import RunLayout
+
+    assert isinstance(layout, RunLayout)
+    if args.resume or args.stop_after_round is not None:
+        raise ConfigError("--online starts a new run; it cannot be combined with --resume")
+    spec = StreamSpec.parse(args.online, RunConfig.from_toml(layout.config))
+    summary = simulate_online(layout, spec)
+    print(
+        f"\nonline weeks {spec.first_week}-{spec.last_week}: mean NDCG@10 "
+        f"{summary['mean_ndcg@10']:.4f}  mean AUC {summary['mean_auc']:.4f}  "
+        f"{summary['promotions']}/{summary['candidates']} candidates promoted, "
+        f"{summary['rollbacks']} rollback(s)"
+    )
+    print(f"run complete in {time.perf_counter() - began:.0f}s: {layout.root / 'online.csv'}")
     return 0
