@@ -100,4 +100,10 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    run_platform(grid, settings_from_run_config(dict(context.run_config)))
+    run_config = dict(context.run_config)
+    from server.online import online_enabled, run_online_from_run_config
+
+    if online_enabled(run_config):
+        run_online_from_run_config(grid, run_config)
+        return
+    run_platform(grid, settings_from_run_config(run_config))
