@@ -90,4 +90,7 @@ class MerchantConfig:
             f"threads = {self.threads}\n"
             f"allow_non_private = {'true' if self.allow_non_private else 'false'}\n"
             f"max_noise_multiplier = {self.max_noise_multiplier!r}\n"
+            f"inbox_arrival = \"{self.inbox_arrival.value}\"\n"
+            f"stream_epsilon_cap = {self.stream_epsilon_cap!r}\n"
+            + (f'inbox = "{self.inbox}"\n' if self.inbox is not None else "")
         )
