@@ -76,21 +76,41 @@ class MerchantConfig:
             raise ConfigError(f"{path}: {exc}") from None
 
     def to_toml(self) -> str:
-        return (
-            "[merchant]\n"
-            f'id = "{self.id}"\n'
-            f'data = "{self.data}"\n'
-            f'state_dir = "{self.state_dir}"\n'
-            f'signing_key = "{self.signing_key}"\n'
-            f"epsilon_cap = {self.epsilon_cap!r}\n"
-            f"delta = {self.delta!r}\n"
-            f'privacy_unit = "{self.privacy_unit.value}"\n'
-            f'cohort = "{self.cohort}"\n'
-            f'device = "{self.device}"\n'
-            f"threads = {self.threads}\n"
-            f"allow_non_private = {'true' if self.allow_non_private else 'false'}\n"
-            f"max_noise_multiplier = {self.max_noise_multiplier!r}\n"
-            f"inbox_arrival = \"{self.inbox_arrival.value}\"\n"
-            f"stream_epsilon_cap = {self.stream_epsilon_cap!r}\n"
-            + (f'inbox = "{self.inbox}"\n' if self.inbox is not None else "")
-        )
+        """The ``[merchant]`` table that :meth:`from_toml` reads back to an equal config."""
+        values: dict[str, object] = {
+            "id": self.id,
+            "data": str(self.data),
+            "state_dir": str(self.state_dir),
+            "signing_key": str(self.signing_key),
+            "epsilon_cap": self.epsilon_cap,
+            "delta": self.delta,
+            "privacy_unit": self.privacy_unit.value,
+            "cohort": self.cohort,
+            "device": self.device,
+            "threads": self.threads,
+            "allow_non_private": self.allow_non_private,
+            "max_noise_multiplier": self.max_noise_multiplier,
+            "inbox_arrival": self.inbox_arrival.value,
+            "stream_epsilon_cap": self.stream_epsilon_cap,
+        }
+        if self.inbox is not None:
+            values["inbox"] = str(self.inbox)
+        lines = ["[merchant]"] + [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+        return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + "".join(_toml_char(c) for c in value) + '"'
+    return repr(value)
+
+
+def _toml_char(char: str) -> str:
+    # TOML basic strings forbid quote, backslash and control characters other than tab.
+    if char in '"\\':
+        return "\\" + char
+    if (ord(char) < 0x20 and char != "\t") or ord(char) == 0x7F:
+        return f"\\u{ord(char):04X}"
+    return char

@@ -25,7 +25,7 @@ from common.accounting import MechanismStep, PrivacyUnit, epsilon_spent, noise_f
 from common.arrays_io import arrays_to_npz, npz_to_arrays
 from common.atomic import atomic_write_bytes
 from common.config import RunConfig
-from common.errors import ConfigError, FedshopError, PrivacyBudgetExceeded
+from common.errors import ConfigError, FedshopError, PrivacyBudgetExceededError
 from common.features import training_records
 from common.keys import load_signing_key
 from common.ledger import LedgerEntry, MerchantLedger, PrivacyRelease
@@ -93,7 +93,7 @@ def _budget_history(ledger: MerchantLedger, merchant: MerchantConfig) -> list[Le
 def plan_round(
     request: TrainRequest, merchant: MerchantConfig, data: PreparedData, spent: list[LedgerEntry]
 ) -> RoundPlan:
-    """Choose sigma and project epsilon; raise PrivacyBudgetExceeded if the cap would be passed."""
+    """Choose sigma and project epsilon; raise PrivacyBudgetExceededError past the cap."""
     privacy = request.config.privacy
     unit = merchant.privacy_unit
     records = data.customers if unit is PrivacyUnit.CUSTOMER else len(data.encoded)
@@ -124,11 +124,11 @@ def plan_round(
                 max_noise_multiplier=merchant.max_noise_multiplier,
             )
         except ConfigError as exc:
-            raise PrivacyBudgetExceeded(f"merchant {merchant.id}: {exc}") from None
+            raise PrivacyBudgetExceededError(f"merchant {merchant.id}: {exc}") from None
     mechanism = MechanismStep(sigma, q, steps)
     epsilon_after = epsilon_spent([*history, mechanism], delta=delta)
     if epsilon_after > cap * (1 + 1e-9):
-        raise PrivacyBudgetExceeded(
+        raise PrivacyBudgetExceededError(
             f"merchant {merchant.id}: round {request.round} would reach epsilon "
             f"{epsilon_after:.3f} > cap {cap:g} (cohort {merchant.cohort!r}, "
             f"spent {epsilon_spent(history, delta=delta):.3f})"
@@ -195,7 +195,7 @@ def run_merchant_round(request: TrainRequest, merchant: MerchantConfig) -> Train
     """Train one round or refuse; never raises for expected failures."""
     try:
         return _run(request, merchant)
-    except PrivacyBudgetExceeded as exc:
+    except PrivacyBudgetExceededError as exc:
         log.warning("%s", exc)
         return TrainReply(Outcome.REFUSED, merchant.id, str(exc))
     except FedshopError as exc:

@@ -174,7 +174,7 @@ def train_round(
         )
     if dp is not None:
         used = engine.accountant.history
-        sigma_used, q_used, steps_used = used[0] if used else (dp.noise_multiplier, 0.0, 0)
+        sigma_used, q_used, _steps = used[0] if used else (dp.noise_multiplier, 0.0, 0)
         assert mechanism is not None
         if len(used) != 1 or not math.isclose(q_used, mechanism.sample_rate):
             raise RuntimeError(f"accountant history {used} differs from the planned {mechanism}")

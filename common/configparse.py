@@ -25,9 +25,9 @@ def _convert(value: Any, annotation: Any, key: str) -> Any:
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         options = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() in ("", "none")):
-            if type(None) in typing.get_args(annotation):
-                return None
+        blank = value is None or (isinstance(value, str) and value.lower() in ("", "none"))
+        if blank and type(None) in typing.get_args(annotation):
+            return None
         for option in options:
             try:
                 return _convert(value, option, key)

@@ -72,7 +72,7 @@ class DataValidationError(FedshopError):
         self.column = column
 
 
-class PrivacyBudgetExceeded(FedshopError):
+class PrivacyBudgetExceededError(FedshopError):
     """A release would push a merchant past its epsilon cap; no weights were released."""
 
     exit_code = ExitCode.BUDGET

@@ -39,7 +39,7 @@ from common.errors import (
     FedshopError,
     IntegrityError,
     LedgerError,
-    PrivacyBudgetExceeded,
+    PrivacyBudgetExceededError,
 )
 from common.keys import NAME_PATTERN
 
@@ -895,7 +895,7 @@ class MerchantLedger(_Closable):
                 f"{self.merchant_id!r}"
             )
         if release.epsilon_after > release.epsilon_cap:
-            raise PrivacyBudgetExceeded(
+            raise PrivacyBudgetExceededError(
                 f"epsilon_after {release.epsilon_after} exceeds epsilon_cap "
                 f"{release.epsilon_cap} for cohort {release.cohort!r}; nothing was recorded"
             )

@@ -114,7 +114,7 @@ def load_state_arrays(model: nn.Module, arrays: dict[str, np.ndarray]) -> None:
 
 
 def arrays_sha256(arrays: dict[str, np.ndarray]) -> str:
-    """Content hash of a set of named arrays (names, dtypes, shapes and bytes), order independent."""
+    """Content hash of named arrays (names, dtypes, shapes, bytes), independent of order."""
     import hashlib
 
     digest = hashlib.sha256()

@@ -22,8 +22,8 @@ PLANNED_ROUNDS = "planned-rounds"
 SEED = "seed"
 MODEL_IN_SHA256 = "model-in-sha256"
 RUN_CONFIG_JSON = "run-config-json"  # the full RunConfig as JSON (model spec, training, privacy)
-SIMULATION_DIR = "simulation-dir"
-SERVER_LEDGER_SEQS = "server-ledger-seqs"  # JSON {merchant: last seq the platform holds}  # simulation only: where merchants' configurations live
+SIMULATION_DIR = "simulation-dir"  # simulation only: where merchants' configurations live
+SERVER_LEDGER_SEQS = "server-ledger-seqs"  # JSON {merchant: last seq the platform holds}
 
 # status keys (merchant -> server)
 OUTCOME = "outcome"

@@ -39,7 +39,7 @@ from server.drift import DriftConfig, decide
 from server.evaluation_set import EvaluationSet
 from server.federation import Federation, RoundOutcome, ServerSettings
 from server.monitoring import EventLog, FedshopMetrics, MonitoringServer
-from server.registry import GateDecision, ModelRegistry, ModelVersion, PromotionAction, gate
+from server.registry import ModelRegistry, ModelVersion, PromotionAction
 from server.strategies import Strategy, build_strategy
 
 log = logging.getLogger(__name__)
@@ -362,9 +362,13 @@ class OnlineLoop:
             },
             privacy=privacy,
         )
-        decision = self._gate(cand_metrics, serv_metrics)
+        decision = self.registry.gate_candidate(
+            version.id,
+            current_metrics=serv_metrics,
+            metric=self.settings.gate_metric,
+            tolerance=self.settings.gate_tolerance,
+        )
         if decision.promote:
-            self.registry.promote(version.id, reason=f"gate: {decision.reason}")
             self.metrics.promoted(version.id)
         self.events.emit(
             "gate", candidate=version.id, promoted=decision.promote, reason=decision.reason
@@ -378,15 +382,6 @@ class OnlineLoop:
             candidate_metrics=cand_metrics,
             serving_metrics=serv_metrics,
             seconds=time.perf_counter() - began,
-        )
-
-    def _gate(self, candidate: Mapping[str, float], serving: Mapping[str, float]) -> GateDecision:
-        """Both models scored on the same held-out recent data, so the comparison is fair."""
-        return gate(
-            candidate,
-            serving or None,
-            metric=self.settings.gate_metric,
-            tolerance=self.settings.gate_tolerance,
         )
 
 

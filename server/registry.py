@@ -482,17 +482,24 @@ class ModelRegistry:
         self,
         candidate_id: int,
         *,
+        current_metrics: Mapping[str, float] | None = None,
         metric: str = "ndcg@10",
         tolerance: float = 0.01,
         higher_is_better: bool = True,
         now: datetime | None = None,
     ) -> GateDecision:
-        """Gate ``candidate_id`` against the serving version; record why; promote if it passes."""
+        """Gate ``candidate_id`` against the serving version; record why; promote if it passes.
+
+        ``current_metrics`` are the serving model's scores on the candidate's own gate data
+        (the fair comparison); without them the serving version's recorded metrics are used.
+        """
         candidate = self.get(candidate_id)
         current = self.promoted()
+        if current_metrics is None and current is not None:
+            current_metrics = current.metrics
         decision = gate(
             candidate.metrics,
-            None if current is None else current.metrics,
+            current_metrics,
             metric=metric,
             tolerance=tolerance,
             higher_is_better=higher_is_better,

@@ -13,7 +13,10 @@ from server.checkpoint import atomic_write_bytes
 
 def round_table(history: list[dict[str, Any]]) -> str:
     merchants = sorted({m for row in history for m in row["epsilon"]})
-    head = f"{'round':>5} {'loss':>8} {'AUC':>7} {'NDCG@10':>8} {'HR@10':>7} {'eps max':>8}  trained/refused/failed"
+    head = (
+        f"{'round':>5} {'loss':>8} {'AUC':>7} {'NDCG@10':>8} {'HR@10':>7} {'eps max':>8}"
+        "  trained/refused/failed"
+    )
     lines = [head, "-" * len(head)]
     for row in history:
         m = row["metrics"]

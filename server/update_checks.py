@@ -9,7 +9,7 @@ from common.errors import FedshopError
 Arrays = dict[str, np.ndarray]
 
 
-class RejectedUpdate(FedshopError):
+class RejectedUpdateError(FedshopError):
     """An update that must not enter the aggregate; the reason is logged and counted."""
 
 
@@ -18,17 +18,17 @@ def check_update(update: Arrays, reference: Arrays, *, max_update_norm: float) -
     if set(update) != set(reference):
         missing = sorted(set(reference) - set(update))[:3]
         extra = sorted(set(update) - set(reference))[:3]
-        raise RejectedUpdate(f"wrong parameter names (missing {missing}, unexpected {extra})")
+        raise RejectedUpdateError(f"wrong parameter names (missing {missing}, unexpected {extra})")
     squared = 0.0
     for name, ref in reference.items():
         value = update[name]
         if value.shape != ref.shape:
-            raise RejectedUpdate(f"{name}: shape {value.shape}, expected {ref.shape}")
+            raise RejectedUpdateError(f"{name}: shape {value.shape}, expected {ref.shape}")
         if value.dtype != np.float32:
-            raise RejectedUpdate(f"{name}: dtype {value.dtype}, expected float32")
+            raise RejectedUpdateError(f"{name}: dtype {value.dtype}, expected float32")
         if not np.isfinite(value).all():
-            raise RejectedUpdate(f"{name}: contains NaN or Inf")
+            raise RejectedUpdateError(f"{name}: contains NaN or Inf")
         squared += float(np.sum((value.astype(np.float64) - ref) ** 2))
     norm = squared**0.5
     if norm > max_update_norm:
-        raise RejectedUpdate(f"update norm {norm:.3g} exceeds the bound {max_update_norm:g}")
+        raise RejectedUpdateError(f"update norm {norm:.3g} exceeds the bound {max_update_norm:g}")

@@ -1,1 +1,1 @@
-"""Compositions of client, server and common: simulations, benchmarks' building blocks and the CLI."""
+"""Compositions of client, server and common: simulations, benchmark building blocks, the CLI."""

@@ -23,7 +23,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -160,13 +160,14 @@ def enable_inboxes(layout: RunLayout, spec: StreamSpec) -> dict[str, MerchantCon
         base = layout.merchant_config(merchant)
         root = inbox_root(layout, merchant)
         Inbox(root, arrival=ArrivalMode.RENAMED, merchant_id=merchant)  # creates its folders
-        text = base.to_toml() + (
-            f'inbox = "{root}"\n'
-            f'inbox_arrival = "{ArrivalMode.RENAMED.value}"\n'
-            f"stream_epsilon_cap = {spec.stream_epsilon_cap!r}\n"
+        streaming = replace(
+            base,
+            inbox=root,
+            inbox_arrival=ArrivalMode.RENAMED,
+            stream_epsilon_cap=spec.stream_epsilon_cap,
         )
         path = layout.merchants / merchant / "merchant.toml"
-        atomic_write_bytes(path, text.encode())
+        atomic_write_bytes(path, streaming.to_toml().encode())
         configs[merchant] = MerchantConfig.from_toml(path)
     return configs
 

@@ -1,4 +1,4 @@
-"""Run a provisioned federation in Flower's simulation engine (Ray), many merchants on one machine."""
+"""Run a provisioned federation in Flower's simulation engine (Ray): many merchants, one machine."""
 
 from __future__ import annotations
 

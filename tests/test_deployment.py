@@ -28,7 +28,12 @@ from simulations.deployment.flower import (
     toml_string,
     write_connection_config,
 )
-from simulations.deployment.process import free_port
+from simulations.deployment.process import (
+    flower_env,
+    free_port,
+    relay_until_exit,
+    start_process,
+)
 
 sys.path.insert(0, str(Path(__file__).parent / "support"))
 import deploy_harness as h
@@ -283,6 +288,35 @@ def _server(root: Path, pki: h.Pki, port: int, run_spec: Path, *extra: str) -> l
         str(run_spec),
         *extra,
     ]
+
+
+def test_relay_returns_when_the_leader_exits_even_if_a_helper_holds_the_pipe(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A SuperNode refused activation exits while its SuperExec helper lives on: the client
+    must see the exit and the refusal at once, not wait for the helper to close the pipe."""
+    script = "sleep 300 & echo 'note'; echo '[code: 2004] Failed to activate SuperNode.'; exit 1"
+    began = time.monotonic()
+    node = start_process(
+        "fake-supernode",
+        ["bash", "-c", script],
+        env=flower_env(tmp_path / "home"),
+        log_path=None,
+        relay=True,
+    )
+    code, refused = relay_until_exit(node, "[code: 2004]")
+    assert (code, refused) == (1, True)
+    assert time.monotonic() - began < 30
+    assert node.popen.poll() is not None
+    assert "Failed to activate SuperNode" in capfd.readouterr().out
+    quiet = start_process(
+        "fine",
+        ["bash", "-c", "echo ok"],
+        env=flower_env(tmp_path / "h2"),
+        log_path=None,
+        relay=True,
+    )
+    assert relay_until_exit(quiet, "[code: 2004]") == (0, False)
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ from common.errors import (
     FedshopError,
     IntegrityError,
     LedgerError,
-    PrivacyBudgetExceeded,
+    PrivacyBudgetExceededError,
 )
 from simulations.cli import main
 
@@ -19,7 +19,7 @@ def test_exit_codes_are_distinct_and_documented():
     classes = [
         ConfigError,
         DataValidationError,
-        PrivacyBudgetExceeded,
+        PrivacyBudgetExceededError,
         LedgerError,
         IntegrityError,
         CheckpointError,

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from test_ledger_support import COHORT, build_ledger, make_release
 
 from common.accounting import MechanismStep, PrivacyUnit
-from common.errors import ConfigError, IntegrityError, LedgerError, PrivacyBudgetExceeded
+from common.errors import ConfigError, IntegrityError, LedgerError, PrivacyBudgetExceededError
 from common.keys import generate_keypair, load_signing_key, load_verify_key
 from common.ledger import (
     GENESIS_HASH,
@@ -133,7 +133,7 @@ def test_append_refusals_write_nothing(tmp_path: Path) -> None:
     with MerchantLedger.open(path, merchant_id="m1", signing_key=key) as ledger:
         with pytest.raises(ConfigError, match="merchant_id"):
             ledger.append(make_release("m2", 2))
-        with pytest.raises(PrivacyBudgetExceeded, match=r"epsilon_after 9\.0 exceeds"):
+        with pytest.raises(PrivacyBudgetExceededError, match=r"epsilon_after 9\.0 exceeds"):
             ledger.append(make_release(round=2, epsilon_after=9.0))
         with pytest.raises(ConfigError, match="delta"):
             ledger.append(make_release(round=2, delta=1e-6))

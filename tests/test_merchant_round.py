@@ -137,7 +137,7 @@ def test_non_private_needs_merchant_consent(small_layout):
 
 
 def test_release_the_platform_missed_travels_as_backlog(small_layout):
-    """A crash after the ledger append loses the send, never the record: the next reply carries it."""
+    """A crash after the ledger append loses the send, never the record: the next reply has it."""
     merchant = small_layout.merchant_config(small_layout.merchant_ids()[0])
     first = run_merchant_round(request(small_layout, 1), merchant)  # never reaches the platform
     second = run_merchant_round(

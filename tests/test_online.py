@@ -203,6 +203,11 @@ def test_loop_gates_promotes_keeps_and_rolls_back(tmp_path):
     lonely = loop.step(gate_set, first_round=6, trigger="test")  # type: ignore[arg-type]
     assert lonely.candidate is None and lonely.serving == better.candidate
     assert len(loop.registry.list()) == 3
+    # Each gate decision is recorded with the version it was compared against.
+    assert loop.registry.gate_history() == [
+        (better.candidate, start.id, True, better.reason),
+        (worse.candidate, better.candidate, False, worse.reason),
+    ]
 
     assert loop.check_rollback(gate_set) is None  # type: ignore[arg-type]
     target[0] = 0.5  # newer data favours the older model: 1.0 vs 0.9

@@ -7,7 +7,7 @@ from common.config import FederationConfig, StrategyKind
 from common.errors import CheckpointError, IntegrityError
 from server.checkpoint import Checkpoint, load_latest, save_checkpoint
 from server.strategies import FedAdam, MerchantUpdate, build_strategy, weighted_average
-from server.update_checks import RejectedUpdate, check_update
+from server.update_checks import RejectedUpdateError, check_update
 
 
 def arrays(value, shape=(2, 3)):
@@ -49,7 +49,7 @@ def test_build_strategy_by_enum():
     ],
 )
 def test_hostile_updates_rejected(update, reason):
-    with pytest.raises(RejectedUpdate, match=reason):
+    with pytest.raises(RejectedUpdateError, match=reason):
         check_update(update, arrays(0.0), max_update_norm=100.0)
     check_update(arrays(1.0), arrays(0.0), max_update_norm=100.0)
 

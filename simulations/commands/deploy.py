@@ -37,6 +37,7 @@ from simulations.deployment.process import (
     ManagedProcess,
     flower_env,
     free_port,
+    relay_until_exit,
     start_process,
     terminate_on_sigterm,
 )
@@ -91,6 +92,13 @@ def _register_server(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
     p.set_defaults(handler=run_server)
 
 
+# Flower's SuperLink refuses to activate a node it still lists as online (error code 2004);
+# it lists a node online for 2 x its heartbeat interval (30 s by default) after the last beat.
+ACTIVATION_REFUSED = "[code: 2004]"
+ACTIVATION_REJOIN_WINDOW_S = 120.0
+ACTIVATION_RETRY_S = 5.0
+
+
 def _register_client(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser("client", help="run one merchant's SuperNode")
     p.add_argument("--config", type=Path, required=True, help="the merchant TOML")
@@ -100,6 +108,13 @@ def _register_client(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
     p.add_argument("--flwr-home", type=Path, help="private Flower directory (default: by config)")
     p.add_argument("--runtime-port", type=int, default=0, help="local ClientApp API; 0 = free")
     p.add_argument("--max-retries", type=int, help="give up after N failed connection attempts")
+    p.add_argument(
+        "--rejoin-window",
+        type=float,
+        default=ACTIVATION_REJOIN_WINDOW_S,
+        help="seconds to keep retrying while the SuperLink still lists this node as online "
+        "(after a crash it does so for up to two heartbeat intervals)",
+    )
     p.add_argument("--insecure-dev", action="store_true", help="plaintext, no node auth (dev)")
     p.set_defaults(handler=run_client)
 
@@ -393,13 +408,24 @@ def run_client(args: argparse.Namespace) -> int:
         argv += ["--max-retries", str(args.max_retries)]
     if spec.root_cert is None:
         LOG.warning("--insecure-dev: plaintext connection without node authentication (dev only)")
-    LOG.info("starting SuperNode for %s -> %s", spec.merchant_config, spec.superlink)
+    deadline = time.monotonic() + max(args.rejoin_window, 0.0)
     with terminate_on_sigterm():
-        node = start_process("flower-supernode", argv, env=flower_env(flwr_home), log_path=None)
-        try:
-            code = node.popen.wait()
-        finally:
-            node.stop(grace=10.0)
+        while True:
+            LOG.info("starting SuperNode for %s -> %s", spec.merchant_config, spec.superlink)
+            node = start_process(
+                "flower-supernode", argv, env=flower_env(flwr_home), log_path=None, relay=True
+            )
+            code, refused = relay_until_exit(node, ACTIVATION_REFUSED)
+            if code == 0 or not refused or time.monotonic() >= deadline:
+                break
+            # A node that died without signing off stays "online" at the SuperLink until its
+            # heartbeat lapses; activation is refused until then.
+            LOG.warning(
+                "the SuperLink still lists this node as online (a previous process ended "
+                "without signing off); retrying in %.0f s",
+                ACTIVATION_RETRY_S,
+            )
+            time.sleep(ACTIVATION_RETRY_S)
     if code != 0:
         raise DeploymentError(f"flower-supernode exited with code {code} (see its log above)")
     return 0

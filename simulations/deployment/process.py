@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
@@ -141,8 +142,14 @@ def start_process(
     env: Mapping[str, str],
     log_path: Path | None,
     cwd: Path | None = None,
+    relay: bool = False,
 ) -> ManagedProcess:
-    """Start ``argv`` in a new session; output goes to ``log_path`` (or is inherited)."""
+    """Start ``argv`` in a new session; output goes to ``log_path`` (or is inherited).
+
+    With ``relay`` the output is a pipe that :func:`relay_until_exit` copies to our stdout.
+    """
+    if relay and log_path is not None:
+        raise ValueError("relay and log_path are exclusive")
     handle: IO[bytes] | None = None
     offset = 0
     if log_path is not None:
@@ -155,8 +162,8 @@ def start_process(
             env=dict(env),
             cwd=cwd,
             stdin=subprocess.DEVNULL,
-            stdout=handle,
-            stderr=subprocess.STDOUT if handle is not None else None,
+            stdout=subprocess.PIPE if relay else handle,
+            stderr=subprocess.STDOUT if handle is not None or relay else None,
             start_new_session=True,
             preexec_fn=_die_with_parent,
         )
@@ -168,6 +175,38 @@ def start_process(
         if handle is not None:
             handle.close()
     return ManagedProcess(name=name, popen=popen, log_path=log_path, log_offset=offset)
+
+
+def relay_until_exit(process: ManagedProcess, marker: str) -> tuple[int, bool]:
+    """Copy a relayed process's output to our stdout until its leader exits.
+
+    Returns the exit code and whether ``marker`` appeared. Helpers the leader started may hold
+    the pipe open after it is gone, so the copy runs beside the wait, and the group is stopped
+    (closing the pipe) before the copy is joined.
+    """
+    stream = process.popen.stdout
+    if stream is None:
+        raise ValueError(f"{process.name} was not started with relay=True")
+    seen = threading.Event()
+    needle = marker.encode()
+
+    def copy() -> None:
+        out = sys.stdout.buffer
+        for line in iter(stream.readline, b""):
+            if needle in line:
+                seen.set()
+            out.write(line)
+            out.flush()
+
+    copier = threading.Thread(target=copy, name=f"relay-{process.name}", daemon=True)
+    copier.start()
+    try:
+        code = process.popen.wait()
+    finally:
+        process.stop(grace=10.0)
+        copier.join(timeout=5.0)
+        stream.close()
+    return code, seen.is_set()
 
 
 @contextmanager

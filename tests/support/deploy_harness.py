@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from common import certs
 from simulations.deployment.process import QUIET_FLOWER_ENV
@@ -157,3 +158,197 @@ def wait_for(
             raise AssertionError(f"process exited ({proc.returncode}) while waiting for {what}")
         time.sleep(0.5)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+# -- the real fedshop apps on loopback ------------------------------------------------------
+
+
+@dataclass
+class FedshopDeployment:
+    """A provisioned run, its PKI and the command lines of ``fedshop server`` / ``client``."""
+
+    root: Path
+    layout: Any  # simulations.provision.RunLayout
+    pki: Pki
+    port: int
+    merchants: list[str]
+
+    def server_args(self, *extra: str) -> list[str]:
+        layout = self.layout
+        return [
+            "server",
+            "--certs",
+            str(self.pki.server),
+            "--state",
+            str(self.root / "state"),
+            "--port",
+            str(self.port),
+            "--app",
+            str(REPO),
+            "--run-config",
+            str(layout.config),
+            "--nodes-allowlist",
+            str(self.pki.nodes),
+            "--run-timeout",
+            "900",
+            "--set",
+            f"run-dir={layout.root}",
+            "--set",
+            f"keys-dir={layout.keys}",
+            "--set",
+            f"server-ledger={layout.server / 'ledger.sqlite'}",
+            "--expect",
+            str(layout.root / "summary.json"),
+            *extra,
+        ]
+
+    def online_server_args(self, online_toml: Path) -> list[str]:
+        """The platform running fine-tuning rounds after the offline ones (docs/online.md)."""
+        return self.server_args(
+            "--online",
+            "--set",
+            f"online-config={online_toml}",
+            "--set",
+            f"validation-set={self.layout.server / 'eval-valid.npz'}",
+        )
+
+    def client(self, name: str) -> subprocess.Popen[bytes]:
+        args = [
+            "client",
+            "--config",
+            str(self.layout.merchants / name / "merchant.toml"),
+            "--superlink",
+            f"127.0.0.1:{self.port}",
+            "--root-cert",
+            str(self.pki.server / "ca.crt"),
+            "--node-key",
+            str(self.pki.nodes / f"{name}.node.key"),
+        ]
+        return start_fedshop(args, self.root / f"{name}.log", cwd=self.root)
+
+    def ledger(self, name: str) -> Path:
+        path: Path = self.layout.merchant_config(name).ledger_path
+        return path
+
+    def wait_superlink(self, server: subprocess.Popen[bytes], timeout: float = 120) -> None:
+        wait_for(
+            lambda: (self.root / "state" / "nodes.json").exists(),
+            timeout=timeout,
+            what="SuperLink",
+            proc=server,
+        )
+
+
+def provision_deployment(root: Path, config: dict[str, Any]) -> FedshopDeployment:
+    """Provision ``config`` under ``root/run`` with a PKI for its merchants and a free port."""
+    from common.config import RunConfig
+    from simulations.deployment.process import free_port
+    from simulations.provision import provision
+
+    layout = provision(RunConfig.from_dict(config), root / "run")
+    merchants = layout.merchant_ids()
+    pki = make_pki(root / "pki", merchants)
+    return FedshopDeployment(root, layout, pki, free_port(), merchants)
+
+
+# -- online fine-tuning on loopback: inboxes, drops and freshness ---------------------------
+
+
+def write_online_toml(path: Path, *, keys_dir: Path, **settings: Any) -> Path:
+    """An ``online.toml`` with a platform key pair made up front (readers need the public key)."""
+    from server.online import platform_keys
+
+    private, public = platform_keys(keys_dir)
+    lines = ["[online]", f'signing_key = "{private}"', f'verify_key = "{public}"']
+    lines += [f"{key} = {json.dumps(value)}" for key, value in settings.items()]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def enable_inboxes(deployment: FedshopDeployment, *, stream_epsilon_cap: float = 1.0) -> None:
+    """Each merchant watches ``merchants/NAME/inbox`` (files arrive by rename)."""
+    from simulations.online import StreamSpec
+    from simulations.online import enable_inboxes as enable
+
+    enable(deployment.layout, StreamSpec(41, 53, stream_epsilon_cap=stream_epsilon_cap))
+
+
+def fresh_events(deployment: FedshopDeployment, merchant: str, *, shift_weeks: int, rows: int):
+    """``rows`` of the merchant's own events moved ``shift_weeks`` later: new content, same
+    customers and products, so the file is a new cohort that passes validation."""
+    import pandas as pd
+
+    from common.events import read_events
+
+    events = read_events(deployment.layout.merchant_config(merchant).data)
+    sample = events.tail(rows).reset_index(drop=True)
+    sample["timestamp"] = sample["timestamp"] + pd.Timedelta(weeks=shift_weeks)
+    return sample
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """One inbox file and the first promoted model version trained on it."""
+
+    merchant: str
+    dropped_at: float  # POSIX seconds when the file was renamed into the inbox
+    promoted_at: float  # POSIX seconds of the promotion, from the registry's own record
+    version: int
+    round: int
+
+    @property
+    def seconds(self) -> float:
+        return self.promoted_at - self.dropped_at
+
+
+def open_registry(registry_dir: Path, verify_key: Path) -> Any:
+    from common.keys import load_verify_key
+    from server.registry import ModelRegistry
+
+    return ModelRegistry(registry_dir, signing_key=None, verify_key=load_verify_key(verify_key))
+
+
+def latest_round(registry: Any) -> int:
+    return max((v.round for v in registry.list()), default=0)
+
+
+def wait_for_arrivals(
+    registry: Any,
+    dropped: dict[str, float],
+    *,
+    after_round: int,
+    timeout: float,
+    proc: subprocess.Popen[bytes] | None = None,
+) -> list[Arrival]:
+    """Poll the registry until, for every merchant in ``dropped``, a version with a round after
+    ``after_round`` that this merchant trained in has been promoted.
+
+    Before a drop the merchants have nothing new (they refuse with "no fresh data"), so any
+    later version they contributed to was trained on the dropped file.
+    """
+    from datetime import datetime
+
+    found: dict[str, Arrival] = {}
+
+    def check() -> bool:
+        promoted_at: dict[int, float] = {}
+        for promotion in registry.history():
+            if promotion.action.value == "promote":
+                at = datetime.fromisoformat(promotion.at).timestamp()
+                promoted_at.setdefault(promotion.version_id, at)
+        for version in sorted(registry.list(), key=lambda v: v.id):
+            if version.round <= after_round or version.id not in promoted_at:
+                continue
+            for merchant in version.merchants:
+                if merchant in dropped and merchant not in found:
+                    found[merchant] = Arrival(
+                        merchant,
+                        dropped[merchant],
+                        promoted_at[version.id],
+                        version.id,
+                        version.round,
+                    )
+        return set(found) >= set(dropped)
+
+    wait_for(check, timeout=timeout, what="promoted versions with the new files", proc=proc)
+    return [found[m] for m in sorted(dropped)]
