@@ -80,7 +80,7 @@ def main() -> int:
             for name in fed.merchants:
                 events, _ = stream.split(name, week)
                 if len(events):
-                    drop_file(fed.layout.merchants / name / "inbox", f"week-{week}.csv", events)
+                    drop_file(fed.layout.merchants / name / "inbox", f"week-{week}.parquet", events)
                     dropped[name] = time.time()
             found = h.wait_for_arrivals(registry, dropped, after_round=after, timeout=900)
             arrivals.append(found)

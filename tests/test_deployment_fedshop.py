@@ -228,7 +228,7 @@ def test_online_platform_promotes_a_version_trained_on_new_inbox_files(tmp_path:
         dropped = {}
         for name in fed.merchants:
             events = h.fresh_events(fed, name, shift_weeks=1, rows=200)
-            drop_file(fed.layout.merchants / name / "inbox", "week-1.csv", events)
+            drop_file(fed.layout.merchants / name / "inbox", "week-1.parquet", events)
             dropped[name] = time.time()
         arrivals = h.wait_for_arrivals(registry, dropped, after_round=after, timeout=600)
         with urllib.request.urlopen(f"http://127.0.0.1:{monitoring}/metrics", timeout=10) as r:
