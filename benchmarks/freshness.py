@@ -15,7 +15,6 @@ import argparse
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -58,22 +57,12 @@ def main() -> int:
         min_merchants=2,
         monitoring_port=-1,
     )
-    server = h.start_fedshop(fed.online_server_args(online), root / "server.log", cwd=root)
-    clients: list[subprocess.Popen[bytes]] = []
+    server, clients, registry = h.start_online(
+        fed, online, verify_key=root / "platform" / "platform.pub", timeout=1800
+    )
+    offline_s = time.perf_counter() - began
     arrivals: list[list[h.Arrival]] = []
-    offline_s = 0.0
     try:
-        fed.wait_superlink(server)
-        clients = [fed.client(name) for name in fed.merchants]
-        registry_dir = fed.layout.root / "registry"
-        h.wait_for(
-            lambda: (registry_dir / "registry.sqlite").exists(),
-            timeout=1800,
-            what="the offline model in the registry",
-            proc=server,
-        )
-        offline_s = time.perf_counter() - began
-        registry = h.open_registry(registry_dir, root / "platform" / "platform.pub")
         for week in range(41, 41 + args.weeks):
             after = h.latest_round(registry)
             dropped = {}

@@ -19,6 +19,7 @@ from common.accounting import AccountantKind, PrivacyUnit
 from common.configparse import as_plain_dict, from_mapping, load_toml
 from common.errors import ConfigError
 from common.model_spec import ModelSpec
+from common.split import WeekSplit
 
 
 class StrategyKind(Enum):
@@ -126,15 +127,18 @@ class DataConfig:
     test_weeks: tuple[int, int] = (45, 53)
     synthetic_events_per_merchant: int = 6000
 
+    @property
+    def week_split(self) -> WeekSplit:
+        return WeekSplit(train=self.train_weeks, valid=self.valid_weeks, test=self.test_weeks)
+
     def __post_init__(self) -> None:
-        for name in ("train_weeks", "valid_weeks", "test_weeks"):
-            weeks = getattr(self, name)
-            if len(weeks) != 2 or not (1 <= weeks[0] <= weeks[1] <= 53):
-                raise ConfigError(f"data.{name} must be [first, last] within 1..53, got {weeks}")
-        if not (
-            self.train_weeks[1] < self.valid_weeks[0] <= self.valid_weeks[1] < self.test_weeks[0]
-        ):
-            raise ConfigError("data: train, valid and test weeks must be ordered and disjoint")
+        try:
+            self.week_split  # noqa: B018 -- validates the three week ranges
+        except ConfigError as exc:
+            message = str(exc)
+            for part in ("train", "valid", "test"):
+                message = message.replace(f"split.{part}:", f"data.{part}_weeks:")
+            raise ConfigError(message) from None
         if self.top_n < 1:
             raise ConfigError(f"data.top_n must be >= 1, got {self.top_n}")
 

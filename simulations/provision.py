@@ -75,8 +75,7 @@ def load_events(config: RunConfig) -> pd.DataFrame:
 
 
 def split_of(config: RunConfig) -> WeekSplit:
-    d = config.data
-    return WeekSplit(train=d.train_weeks, valid=d.valid_weeks, test=d.test_weeks)
+    return config.data.week_split
 
 
 def evaluation_sets(

@@ -211,19 +211,10 @@ def test_online_platform_promotes_a_version_trained_on_new_inbox_files(tmp_path:
         gate_tolerance=1.0,  # this test is about the flow; the gate has its own tests
         monitoring_port=monitoring,
     )
-    server = h.start_fedshop(fed.online_server_args(online), tmp_path / "server.log", cwd=tmp_path)
-    clients: list[subprocess.Popen[bytes]] = []
+    server, clients, registry = h.start_online(
+        fed, online, verify_key=tmp_path / "platform" / "platform.pub", timeout=900
+    )
     try:
-        fed.wait_superlink(server)
-        clients = [fed.client(name) for name in fed.merchants]
-        registry_dir = fed.layout.root / "registry"
-        h.wait_for(
-            lambda: (registry_dir / "registry.sqlite").exists(),
-            timeout=900,
-            what="the offline model in the registry",
-            proc=server,
-        )
-        registry = h.open_registry(registry_dir, tmp_path / "platform" / "platform.pub")
         after = h.latest_round(registry)
         dropped = {}
         for name in fed.merchants:

@@ -247,13 +247,21 @@ def test_cli_list_show_promote_rollback(
     reg = ModelRegistry(tmp_path / "reg", signing_key=signing, verify_key=load_verify_key(public))
     register(reg, 1, 0.2)
     register(reg, 2, 0.3, parent=1)
+    register(reg, 3, 0.1, parent=2)
     flags = ["--registry", str(tmp_path / "reg"), "--verify-key", str(public)]
     assert main(["model", "promote", "1", "--reason", "first", *flags]) == 0
     assert main(["model", "promote", "2", "--reason", "better", *flags]) == 0
     capsys.readouterr()
     assert main(["model", "list", "--json", *flags]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert [(r["id"], r["promoted"]) for r in rows] == [(1, False), (2, True)]
+    assert [(r["id"], r["promoted"]) for r in rows] == [(1, False), (2, True), (3, False)]
+    assert not reg.gate_candidate(3, tolerance=0.05).promote  # 0.1 vs 0.3: kept
+    assert main(["model", "show", "3", *flags]) == 0
+    gate = json.loads(capsys.readouterr().out)["gate"]
+    assert (
+        gate == [{"compared_with": 2, "promoted": False, "reason": gate[0]["reason"]}]
+        and "kept, not promoted" in gate[0]["reason"]
+    )
     assert main(["model", "rollback", "--reason", "ctr dropped", *flags]) == 0
     assert "version 1" in capsys.readouterr().out
     assert main(["model", "show", "1", *flags]) == 0

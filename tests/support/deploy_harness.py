@@ -301,11 +301,37 @@ class Arrival:
         return self.promoted_at - self.dropped_at
 
 
-def open_registry(registry_dir: Path, verify_key: Path) -> Any:
+def start_online(
+    deployment: FedshopDeployment, online_toml: Path, *, verify_key: Path, timeout: float
+) -> tuple[subprocess.Popen[bytes], list[subprocess.Popen[bytes]], Any]:
+    """Start the online platform and every merchant; return once the offline rounds are done
+    and the registry exists (opened read-only). The caller stops the processes."""
     from common.keys import load_verify_key
     from server.registry import ModelRegistry
 
-    return ModelRegistry(registry_dir, signing_key=None, verify_key=load_verify_key(verify_key))
+    root = deployment.root
+    server = start_fedshop(
+        deployment.online_server_args(online_toml), root / "server.log", cwd=root
+    )
+    clients: list[subprocess.Popen[bytes]] = []
+    try:
+        deployment.wait_superlink(server)
+        clients = [deployment.client(name) for name in deployment.merchants]
+        registry_dir = deployment.layout.root / "registry"
+        wait_for(
+            lambda: (registry_dir / "registry.sqlite").exists(),
+            timeout=timeout,
+            what="the offline model in the registry",
+            proc=server,
+        )
+        registry = ModelRegistry(
+            registry_dir, signing_key=None, verify_key=load_verify_key(verify_key)
+        )
+    except BaseException:
+        for proc in [server, *clients]:
+            stop(proc)
+        raise
+    return server, clients, registry
 
 
 def latest_round(registry: Any) -> int:
