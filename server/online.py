@@ -59,7 +59,7 @@ class OnlineSettings:
     rounds_per_cohort: int = 1  # rounds one stream cohort may take part in (sigma is set for it)
     min_merchants: int = 2  # fresh-data trigger: fewer trained updates make no candidate
     gate_metric: str = "ndcg@10"
-    gate_tolerance: float = 0.005
+    gate_tolerance: float = 0.0  # > 0 lets small losses through, and they add up over weeks
     rollback_tolerance: float = 0.02
     interval_s: float = 3600.0  # deployment schedule between rounds (drift skips the wait)
     max_rounds: int = 0  # deployment: stop after this many online rounds (0 = run forever)

@@ -65,7 +65,7 @@ class StreamSpec:
     stream_epsilon_cap: float = 1.0
     rounds_per_cohort: int = 1
     min_merchants: int = 2
-    gate_tolerance: float = 0.005
+    gate_tolerance: float = 0.0  # > 0 lets small losses through, and they add up over weeks
     rollback_tolerance: float = 0.02
 
     def __post_init__(self) -> None:

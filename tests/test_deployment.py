@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -288,6 +289,30 @@ def _server(root: Path, pki: h.Pki, port: int, run_spec: Path, *extra: str) -> l
         str(run_spec),
         *extra,
     ]
+
+
+def test_stop_reaches_helpers_that_started_their_own_session(tmp_path: Path) -> None:
+    """Flower's SuperLink detaches its SuperExec (a new session): stopping the SuperLink must
+    not leave it, or the ServerApp it started, running."""
+    pid_file = tmp_path / "helper.pid"
+    script = f"setsid sleep 300 & echo $! > {pid_file}; sleep 300"
+    leader = start_process(
+        "fake-superlink", ["bash", "-c", script], env=flower_env(tmp_path / "h"), log_path=None
+    )
+    deadline = time.monotonic() + 10
+    while not (pid_file.exists() and pid_file.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    helper = int(pid_file.read_text())
+    assert os.getsid(helper) != os.getsid(leader.pid)  # out of reach of the group signal
+    leader.stop(grace=2.0)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{helper}").exists() and time.monotonic() < deadline:
+        stat = Path(f"/proc/{helper}/stat").read_text() if Path(f"/proc/{helper}").exists() else ""
+        if stat.rsplit(")", 1)[-1].split()[:1] == ["Z"]:
+            break  # killed, waiting to be reaped by init
+        time.sleep(0.05)
+    alive = Path(f"/proc/{helper}/stat")
+    assert not alive.exists() or alive.read_text().rsplit(")", 1)[-1].split()[0] == "Z"
 
 
 def test_relay_returns_when_the_leader_exits_even_if_a_helper_holds_the_pipe(

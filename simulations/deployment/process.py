@@ -78,6 +78,24 @@ def _die_with_parent() -> None:
         pass
 
 
+def descendants(pid: int) -> list[int]:
+    """All live descendants of ``pid`` (from /proc), children first."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found: list[int] = []
+    frontier = [pid]
+    while frontier:
+        for child in children.get(frontier.pop(), []):
+            found.append(child)
+            frontier.append(child)
+    return found
+
+
 @dataclass
 class ManagedProcess:
     """One supervised child: its process group is its PID."""
@@ -124,11 +142,19 @@ class ManagedProcess:
             os.killpg(self.pid, sig)
 
     def stop(self, *, grace: float = 10.0) -> int | None:
-        """SIGTERM the whole group, SIGKILL what is left after ``grace`` seconds; reap."""
+        """SIGTERM the whole group, SIGKILL what is left after ``grace`` seconds; reap.
+
+        Flower's SuperLink starts its SuperExec in a session of its own, out of reach of the
+        group signal; every descendant seen before stopping is killed as well.
+        """
+        helpers = descendants(self.pid)
         self.signal_group(signal.SIGTERM)
         with suppress(subprocess.TimeoutExpired):
             self.popen.wait(timeout=grace)
         self.signal_group(signal.SIGKILL)  # helpers that ignored SIGTERM or outlived the leader
+        for pid in [*helpers, *descendants(self.pid)]:
+            with suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
         try:
             return self.popen.wait(timeout=grace)
         except subprocess.TimeoutExpired:

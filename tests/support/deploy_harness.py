@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from common import certs
-from simulations.deployment.process import QUIET_FLOWER_ENV
+from simulations.deployment.process import QUIET_FLOWER_ENV, descendants
 
 REPO = Path(__file__).resolve().parents[2]
 CLI = REPO / "tests" / "support" / "deploy_cli.py"
@@ -103,24 +103,6 @@ def start_fedshop(args: list[str], log: Path, *, cwd: Path) -> subprocess.Popen[
         )
     finally:
         handle.close()
-
-
-def descendants(pid: int) -> list[int]:
-    """All live descendants of ``pid`` (from /proc), children first."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found: list[int] = []
-    frontier = [pid]
-    while frontier:
-        for child in children.get(frontier.pop(), []):
-            found.append(child)
-            frontier.append(child)
-    return found
 
 
 def kill_tree(popen: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
