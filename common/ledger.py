@@ -674,8 +674,12 @@ def _db_error(path: Path, exc: Exception) -> FedshopError:
 
 
 def _create(conn: sqlite3.Connection, *, kind: str, merchant_id: str | None) -> None:
+    """Write the schema in one transaction, unless a concurrent opener already did."""
     conn.execute("BEGIN IMMEDIATE")
     try:
+        if conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0]:
+            conn.execute("COMMIT")
+            return
         for statement in _SCHEMA:
             conn.execute(statement)
         meta = {"format": LEDGER_FORMAT, "kind": kind}

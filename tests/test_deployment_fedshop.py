@@ -71,8 +71,15 @@ def _check_ledgers(fed: Federation) -> dict[str, int]:
 
 
 def _releases(path: Path) -> int:
-    """Signed releases in a ledger file (read-only peek while its merchant may be writing)."""
+    """Signed releases in a ledger file (read-only peek while its merchant may be writing).
+
+    The merchant creates the file before it commits the schema, so a peek in between
+    sees a database with no tables yet: that is zero releases, not an error.
+    """
     with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if "entries" not in tables:
+            return 0
         return int(db.execute("SELECT COUNT(*) FROM entries").fetchone()[0])
 
 

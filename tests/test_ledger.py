@@ -127,6 +127,21 @@ def test_reopen_history_find_and_wire_roundtrip(tmp_path: Path) -> None:
         assert LedgerEntry.from_wire(entry.to_wire()) == entry
 
 
+def test_two_openers_racing_to_create_one_ledger_both_succeed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both saw no file; the second to take the write lock must find the schema, not fail."""
+    import common.ledger as ledger_module
+
+    path, entries = build_ledger(tmp_path, "m1", 2)
+    key = load_signing_key(tmp_path / "keys" / "m1.key")
+    real_exists = Path.exists
+    monkeypatch.setattr(Path, "exists", lambda self: False if self == path else real_exists(self))
+    assert not ledger_module.Path(path).exists()
+    with MerchantLedger.open(path, merchant_id="m1", signing_key=key) as ledger:
+        assert ledger.entries() == entries
+
+
 def test_append_refusals_write_nothing(tmp_path: Path) -> None:
     path, _ = build_ledger(tmp_path, "m1", 1)
     key = load_signing_key(tmp_path / "keys" / "m1.key")
