@@ -337,7 +337,7 @@ def write_reports(result: dict[str, Any], doc: Path, results: Path) -> None:
         results,
         "online",
         f"## Online fine-tuning: frozen vs online vs weekly retraining\n\n"
-        f"Written by `python benchmarks/online.py` (also as [{doc.name}]({doc.name})).\n{body}",
+        f"The same figures as [{doc.name}]({doc.name}).\n{body}",
     )
 
 
@@ -430,14 +430,18 @@ def render(result: dict[str, Any]) -> str:
         for w in cold["weekly"]:
             lines.append(f"| {w['week']} | {w['global']:.4f} | {w['alone']:.4f} |")
         lines.append(f"| mean | {cold['global']['ndcg@10']:.4f} | {cold['alone']['ndcg@10']:.4f} |")
+    rounds, offline_rounds = s["retrain"]["rounds"], s["retrain"]["offline_rounds"]
+    budget = (
+        f"as many federated rounds as the offline run ({rounds})"
+        if rounds == offline_rounds
+        else f"{rounds} federated rounds (the offline run had {offline_rounds})"
+    )
     lines += [
         "",
         "Method notes: full retraining runs in-process (the same merchant-round and aggregation "
         "code without Flower's transport), from a fresh model on all events before the week "
-        f"(held-out customers excluded), with {s['retrain']['rounds']} federated rounds "
-        f"{'as in' if s['retrain']['rounds'] == s['retrain'].get('offline_rounds') else 'against'} "
-        f"the offline run's {s['retrain'].get('offline_rounds', '?')}; its model serves until the "
-        "next retraining. Each retraining's epsilon is calibrated to the merchant's cap as the "
+        f"(held-out customers excluded), with {budget}; its model serves until the next "
+        "retraining. Each retraining's epsilon is calibrated to the merchant's cap as the "
         "offline run's is.",
         "",
     ]
