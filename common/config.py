@@ -19,7 +19,7 @@ from common.accounting import AccountantKind, PrivacyUnit
 from common.configparse import as_plain_dict, from_mapping, load_toml
 from common.errors import ConfigError
 from common.model_spec import ModelSpec
-from common.split import WeekSplit
+from common.split import WeekSplit, check_week_ranges
 
 
 class StrategyKind(Enum):
@@ -132,13 +132,10 @@ class DataConfig:
         return WeekSplit(train=self.train_weeks, valid=self.valid_weeks, test=self.test_weeks)
 
     def __post_init__(self) -> None:
-        try:
-            self.week_split  # noqa: B018 -- validates the three week ranges
-        except ConfigError as exc:
-            message = str(exc)
-            for part in ("train", "valid", "test"):
-                message = message.replace(f"split.{part}:", f"data.{part}_weeks:")
-            raise ConfigError(message) from None
+        check_week_ranges(
+            {"train": self.train_weeks, "valid": self.valid_weeks, "test": self.test_weeks},
+            field=lambda part: f"data.{part}_weeks",
+        )
         if self.top_n < 1:
             raise ConfigError(f"data.top_n must be >= 1, got {self.top_n}")
 

@@ -8,7 +8,7 @@ stay aligned to local midnight across daylight-saving changes.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +22,32 @@ MAX_WEEK = 53
 PARTS: tuple[str, ...] = ("train", "valid", "test")
 
 
+def check_week_ranges(
+    ranges: Mapping[str, Sequence[int]], *, field: Callable[[str], str]
+) -> dict[str, tuple[int, int]]:
+    """Validate train, valid and test week ranges (ordered, disjoint, within 1..53); errors name
+    each part as ``field(part)`` so that the caller's configuration key appears in the message."""
+    checked: dict[str, tuple[int, int]] = {}
+    previous_end = 0
+    for name in PARTS:
+        bounds = ranges[name]
+        if len(bounds) != 2 or not all(isinstance(b, int | np.integer) for b in bounds):
+            raise ConfigError(f"{field(name)}: expected two week numbers, got {bounds!r}")
+        first, last = int(bounds[0]), int(bounds[1])
+        if not 1 <= first <= last <= MAX_WEEK:
+            raise ConfigError(
+                f"{field(name)}: weeks ({first}, {last}) must satisfy 1 <= first <= last <= 53"
+            )
+        if first <= previous_end:
+            raise ConfigError(
+                f"{field(name)}: starts at week {first}, not after the previous part "
+                f"(which ends at week {previous_end}); parts must be ordered and disjoint"
+            )
+        previous_end = last
+        checked[name] = (first, last)
+    return checked
+
+
 @dataclass(frozen=True)
 class WeekSplit:
     """Inclusive week ranges for training, validation (model selection) and test."""
@@ -31,23 +57,9 @@ class WeekSplit:
     test: tuple[int, int] = (45, 53)
 
     def __post_init__(self) -> None:
-        previous_end = 0
-        for name in PARTS:
-            bounds = getattr(self, name)
-            if len(bounds) != 2 or not all(isinstance(b, int | np.integer) for b in bounds):
-                raise ConfigError(f"split.{name}: expected two week numbers, got {bounds!r}")
-            first, last = int(bounds[0]), int(bounds[1])
-            if not 1 <= first <= last <= MAX_WEEK:
-                raise ConfigError(
-                    f"split.{name}: weeks ({first}, {last}) must satisfy 1 <= first <= last <= 53"
-                )
-            if first <= previous_end:
-                raise ConfigError(
-                    f"split.{name}: starts at week {first}, not after the previous part "
-                    f"(which ends at week {previous_end}); parts must be ordered and disjoint"
-                )
-            previous_end = last
-            object.__setattr__(self, name, (first, last))
+        checked = check_week_ranges(self.ranges(), field=lambda part: f"split.{part}")
+        for name, bounds in checked.items():
+            object.__setattr__(self, name, bounds)
 
     def ranges(self) -> dict[str, tuple[int, int]]:
         return {name: getattr(self, name) for name in PARTS}

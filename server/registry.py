@@ -515,12 +515,18 @@ class ModelRegistry:
             self.promote(candidate_id, reason=f"gate: {decision.reason}", now=now)
         return decision
 
-    def gate_history(self) -> builtins.list[tuple[int, int | None, bool, str]]:
-        """Recorded gate decisions: (candidate, current, promoted, reason), oldest first."""
+    def gate_history(
+        self, candidate_id: int | None = None
+    ) -> builtins.list[tuple[int, int | None, bool, str]]:
+        """Recorded gate decisions (of one candidate if given): (candidate, current, promoted,
+        reason), oldest first."""
+        query = "SELECT candidate_id, current_id, promoted, reason FROM gate_decisions"
+        params: tuple[int, ...] = ()
+        if candidate_id is not None:
+            query += " WHERE candidate_id = ?"
+            params = (candidate_id,)
         with self._connect() as conn:
-            rows = conn.execute(
-                "SELECT candidate_id, current_id, promoted, reason FROM gate_decisions ORDER BY seq"
-            ).fetchall()
+            rows = conn.execute(query + " ORDER BY seq", params).fetchall()
         return [(int(c), cur, bool(p), str(r)) for c, cur, p, r in rows]
 
 

@@ -22,7 +22,7 @@ from common.events import MERCHANT_ID, REQUIRED_COLUMNS, write_events
 from common.features import build_catalog, encode_events, evaluation_records
 from common.keys import generate_keypair
 from common.rng import numpy_stream
-from common.split import WeekSplit, split_events
+from common.split import split_events
 from server.checkpoint import atomic_write_bytes
 from server.evaluation_set import EvaluationSet
 
@@ -74,10 +74,6 @@ def load_events(config: RunConfig) -> pd.DataFrame:
     return generate_events(spec)
 
 
-def split_of(config: RunConfig) -> WeekSplit:
-    return config.data.week_split
-
-
 def evaluation_sets(
     config: RunConfig, parts: dict[str, dict[str, pd.DataFrame]]
 ) -> dict[str, EvaluationSet]:
@@ -107,7 +103,7 @@ def provision(config: RunConfig, root: Path, *, events: pd.DataFrame | None = No
     if root.exists() and any(root.iterdir()):
         raise ConfigError(f"run directory {root} is not empty: pick another --out or use --resume")
     frame = load_events(config) if events is None else events
-    split = split_of(config)
+    split = config.data.week_split
     parts: dict[str, dict[str, pd.DataFrame]] = {}
     for merchant, group in frame.groupby(MERCHANT_ID, sort=True):
         parts[str(merchant)] = split_events(group.reset_index(drop=True), split)

@@ -306,13 +306,18 @@ def test_stop_reaches_helpers_that_started_their_own_session(tmp_path: Path) -> 
     assert os.getsid(helper) != os.getsid(leader.pid)  # out of reach of the group signal
     leader.stop(grace=2.0)
     deadline = time.monotonic() + 10
-    while Path(f"/proc/{helper}").exists() and time.monotonic() < deadline:
-        stat = Path(f"/proc/{helper}/stat").read_text() if Path(f"/proc/{helper}").exists() else ""
-        if stat.rsplit(")", 1)[-1].split()[:1] == ["Z"]:
-            break  # killed, waiting to be reaped by init
+    while _running(helper) and time.monotonic() < deadline:
         time.sleep(0.05)
-    alive = Path(f"/proc/{helper}/stat")
-    assert not alive.exists() or alive.read_text().rsplit(")", 1)[-1].split()[0] == "Z"
+    assert not _running(helper)
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (a killed process may wait a moment to be reaped by init)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
 
 
 def test_relay_returns_when_the_leader_exits_even_if_a_helper_holds_the_pipe(

@@ -99,10 +99,9 @@ def _show(args: argparse.Namespace) -> int:
     version = registry.get(args.id)
     payload = _as_dict(version, promoted=current is not None and current.id == version.id)
     payload["verified"] = "manifest signature and weights SHA-256"
-    gates = [g for g in registry.gate_history() if g[0] == version.id]
     payload["gate"] = [
         {"compared_with": current_id, "promoted": promoted, "reason": reason}
-        for _, current_id, promoted, reason in gates
+        for _, current_id, promoted, reason in registry.gate_history(version.id)
     ]
     print(json.dumps(payload, indent=2))
     return 0
