@@ -31,6 +31,7 @@ from common.model import Recommender, arrays_sha256, load_state_arrays, state_ar
 from common.rng import derive_seed
 from server.checkpoint import Checkpoint, atomic_write_bytes, load_latest, save_checkpoint
 from server.evaluation_set import EvaluationSet
+from server.exchange import exchange
 from server.strategies import MerchantUpdate, build_strategy
 from server.update_checks import check_update
 
@@ -191,16 +192,21 @@ class Federation:
         and failures."""
         nodes = self._nodes()
         self._ledger_seqs = {m: ledger.last_seq(m) for m in ledger.merchants()}
-        replies = self.grid.send_and_receive(
+        sent = exchange(
+            self.grid,
             self._messages(arrays, rnd, nodes, message_type),
-            timeout=self.config.federation.round_timeout_s,
+            timeout_s=self.config.federation.round_timeout_s,
         )
         outcome = RoundOutcome()
-        for reply in replies:
+        for reply in sent.replies:
             self._accept(reply, arrays, rnd, ledger, outcome)
-        missing = len(nodes) - len(outcome.updates) - len(outcome.refused) - len(outcome.failed)
-        if missing > 0:
-            outcome.failed["(no reply)"] = f"{missing} merchant(s) did not answer in time"
+        for node in sent.restarted:
+            outcome.failed[f"node-{node}"] = "restarted mid-round; the model it held was lost"
+        if sent.unanswered:
+            outcome.failed["(no reply)"] = (
+                f"{len(sent.unanswered)} merchant(s) did not answer in "
+                f"{self.config.federation.round_timeout_s:g} s"
+            )
         for merchant, reason in sorted(outcome.refused.items()):
             log.warning("round %d: merchant %s refused: %s", rnd, merchant, reason)
         for merchant, reason in sorted(outcome.failed.items()):

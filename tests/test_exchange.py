@@ -1,0 +1,113 @@
+"""The platform's send-and-collect loop against a scripted grid: replies, a merchant that died
+holding its message and came back, the timeout, a refused push."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+from server.exchange import exchange
+
+
+@dataclass
+class ScriptedGrid:
+    """Nodes answer at given poll counts; ``restart`` re-activates a node at a poll count."""
+
+    answers_at: dict[int, int]  # node -> poll on which its reply appears
+    restart: dict[int, int] = field(default_factory=dict)  # node -> poll on which it rejoins
+    refuse_push: bool = False
+    polls: int = 0
+    sent: dict[str, int] = field(default_factory=dict)
+
+    def get_nodes(self) -> list[Any]:
+        return [
+            SimpleNamespace(
+                node_id=node,
+                last_activated_at=(
+                    "later" if node in self.restart and self.polls >= self.restart[node] else "t0"
+                ),
+            )
+            for node in self.answers_at
+        ]
+
+    def push_messages(self, messages: list[Any]) -> list[str]:
+        if self.refuse_push:
+            return []
+        ids = []
+        for i, message in enumerate(messages):
+            ids.append(f"m{i}")
+            self.sent[f"m{i}"] = message.metadata.dst_node_id
+        return ids
+
+    def pull_messages(self, ids: list[str]) -> list[Any]:
+        self.polls += 1
+        replies = []
+        for msg_id in ids:
+            node = self.sent[msg_id]
+            if self.polls >= self.answers_at[node]:
+                replies.append(_stub(node=node, reply_to_message_id=msg_id))
+        return replies
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def _stub(**metadata: Any) -> Any:
+    """Only the metadata the loop reads (a real Message needs a running Flower task)."""
+    return SimpleNamespace(metadata=SimpleNamespace(**metadata))
+
+
+def _messages(nodes: list[int]) -> list[Any]:
+    return [_stub(dst_node_id=n) for n in nodes]
+
+
+def _run(grid: ScriptedGrid, timeout_s: float = 60.0) -> Any:
+    clock = FakeClock()
+    out = exchange(
+        grid,  # type: ignore[arg-type]
+        _messages(sorted(grid.answers_at)),
+        timeout_s=timeout_s,
+        clock=clock,
+        sleep=clock.sleep,
+    )
+    return out, clock.now
+
+
+def _answered(out: Any) -> list[int]:
+    return sorted(r.metadata.node for r in out.replies)
+
+
+def test_collects_every_reply_and_stops_as_soon_as_all_are_in() -> None:
+    out, waited = _run(ScriptedGrid(answers_at={1: 1, 2: 3, 3: 5}))
+    assert _answered(out) == [1, 2, 3]
+    assert out.restarted == [] and out.unanswered == []
+    assert waited < 2.0  # backs off from 50 ms, never sleeps past the last reply
+
+
+def test_a_node_that_restarted_holding_its_message_does_not_hold_up_the_round() -> None:
+    # node 2 never answers (its message died with it) and rejoins on poll 4
+    out, waited = _run(ScriptedGrid(answers_at={1: 1, 2: 10**9, 3: 2}, restart={2: 4}))
+    assert _answered(out) == [1, 3]
+    assert out.restarted == [2] and out.unanswered == []
+    assert waited < 5.0  # not the 60 s round timeout
+
+
+def test_silent_nodes_are_reported_at_the_timeout() -> None:
+    out, waited = _run(ScriptedGrid(answers_at={1: 1, 2: 10**9}), timeout_s=30.0)
+    assert _answered(out) == [1]
+    assert out.unanswered == [2] and out.restarted == []
+    assert 30.0 <= waited <= 31.0
+
+
+def test_a_refused_push_reports_every_node_unanswered_without_waiting() -> None:
+    out, waited = _run(ScriptedGrid(answers_at={1: 1, 2: 1}, refuse_push=True))
+    assert out.replies == [] and out.unanswered == [1, 2] and waited == 0.0
