@@ -11,6 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -91,6 +92,13 @@ def _ledger_rows(path: Path) -> int:
         return sum(db.execute(f'SELECT COUNT(*) FROM "{t}"').fetchone()[0] for t in tables)
 
 
+def _activation_times(state_db: Path) -> list[datetime]:
+    """When the SuperLink last activated each node (its SQLite state, Flower 1.41 schema)."""
+    with sqlite3.connect(f"file:{state_db}?mode=ro", uri=True) as db:
+        rows = db.execute("SELECT last_activated_at FROM node").fetchall()
+    return [datetime.fromisoformat(r[0]) for r in rows if r[0]]
+
+
 @pytest.mark.slow
 def test_three_merchants_train_with_dp_over_tls(tmp_path: Path) -> None:
     _skip_unless_app_ready()
@@ -143,6 +151,7 @@ def test_merchant_killed_mid_round_keeps_an_intact_ledger(tmp_path: Path) -> Non
         )
         before = _ledger_rows(fed.ledger(victim))
         h.kill_tree(clients[victim])  # the merchant's machine dies mid-run
+        killed_at = datetime.now(UTC)
         assert _ledger_rows(fed.ledger(victim)) >= before  # nothing recorded was lost
         restarted = fed.client(victim)
         code = server.wait(timeout=1500)
@@ -158,6 +167,10 @@ def test_merchant_killed_mid_round_keeps_an_intact_ledger(tmp_path: Path) -> Non
     # in the last round.
     rounds = json.loads((fed.layout.root / "metrics.json").read_text())["rounds"]
     assert len(rounds[-1]["trained"]) == 3, rounds[-1]
+    # It came back under its old node id with a new activation time, which is what the
+    # platform watches to stop waiting for a message that died with the process.
+    activated = _activation_times(tmp_path / "state" / "state.db")
+    assert len(activated) == 3 and sum(t > killed_at for t in activated) == 1, activated
 
 
 @pytest.mark.slow
