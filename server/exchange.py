@@ -45,15 +45,13 @@ def exchange(
     ``timeout_s`` passed. Polls quickly at first and backs off to once a second."""
     seen = activations(grid)
     ids = list(grid.push_messages(messages))
-    if len(ids) != len(messages):  # Flower returns nothing when the whole push was refused
-        ids = [""] * len(messages)
-    result = Exchange()
-    pending: dict[str, int] = {}
-    for msg_id, message in zip(ids, messages, strict=True):
-        if msg_id:  # and no id for a single message it could not push
-            pending[msg_id] = message.metadata.dst_node_id
-        else:
-            result.unanswered.append(message.metadata.dst_node_id)
+    nodes = [message.metadata.dst_node_id for message in messages]
+    if len(ids) != len(nodes):  # Flower returns nothing when the whole push was refused
+        return Exchange(unanswered=nodes)
+    sent = list(zip(ids, nodes, strict=True))
+    # and no id for a single message it could not push
+    result = Exchange(unanswered=[node for msg_id, node in sent if not msg_id])
+    pending = {msg_id: node for msg_id, node in sent if msg_id}
     deadline = clock() + timeout_s
     wait = FIRST_POLL_S
     while pending:
