@@ -131,13 +131,13 @@ def test_two_openers_racing_to_create_one_ledger_both_succeed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Both saw no file; the second to take the write lock must find the schema, not fail."""
-    import common.ledger as ledger_module
+    import common.ledger.store as ledger_store
 
     path, entries = build_ledger(tmp_path, "m1", 2)
     key = load_signing_key(tmp_path / "keys" / "m1.key")
     real_exists = Path.exists
     monkeypatch.setattr(Path, "exists", lambda self: False if self == path else real_exists(self))
-    assert not ledger_module.Path(path).exists()
+    assert not ledger_store.Path(path).exists()
     with MerchantLedger.open(path, merchant_id="m1", signing_key=key) as ledger:
         assert ledger.entries() == entries
 
@@ -162,9 +162,9 @@ def test_append_refusals_write_nothing(tmp_path: Path) -> None:
 def test_io_failure_raises_ledger_error_and_writes_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import common.ledger as ledger_module
+    import common.ledger.store as ledger_store
 
-    monkeypatch.setattr(ledger_module, "BUSY_TIMEOUT_S", 0.05)
+    monkeypatch.setattr(ledger_store, "BUSY_TIMEOUT_S", 0.05)
     path, _ = build_ledger(tmp_path, "m1", 1)
     key = load_signing_key(tmp_path / "keys" / "m1.key")
     with MerchantLedger.open(path, merchant_id="m1", signing_key=key) as ledger:
