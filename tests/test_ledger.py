@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_ledger_support import COHORT, build_ledger, make_release
+from test_ledger_support import COHORT, build_ledger, make_release, true_epsilons
 
 from common.accounting import MechanismStep, PrivacyUnit
 from common.errors import ConfigError, IntegrityError, LedgerError, PrivacyBudgetExceededError
@@ -210,7 +210,11 @@ def _forge(path: Path, sql: str) -> None:
 def test_open_detects_tampering(tmp_path: Path) -> None:
     path, entries = build_ledger(tmp_path, "m1", 3)
     key = load_signing_key(tmp_path / "keys" / "m1.key")
-    edited = entries[1].release.canonical_json.replace('"epsilon_after":1.0', '"epsilon_after":0.1')
+    stated = json.dumps(entries[1].release.epsilon_after)
+    edited = entries[1].release.canonical_json.replace(
+        f'"epsilon_after":{stated}', '"epsilon_after":0.1'
+    )
+    assert edited != entries[1].release.canonical_json
     _forge(path, f"UPDATE entries SET release_json = '{edited}' WHERE seq = 2")
     with pytest.raises(IntegrityError, match="seq 2: entry_hash does not match"):
         MerchantLedger.open(path, merchant_id="m1", signing_key=key)
@@ -346,6 +350,7 @@ def test_server_refuses_forgeries(tmp_path: Path) -> None:
             verify_key=load_verify_key(tmp_path / "keys" / "m1.pub"),
             expected=_expected(1),
             model_out_sha256=entries[0].release.model_out_sha256,
+            merchant_id="m1",
         )
     _, other_pub = generate_keypair(tmp_path / "other", name="m1")
     with pytest.raises(IntegrityError, match="signature does not verify"):
@@ -358,6 +363,7 @@ def test_server_refuses_forgeries(tmp_path: Path) -> None:
             verify_key=load_verify_key(tmp_path / "keys" / "m1.pub"),
             expected=_expected(1),
             model_out_sha256="0" * 64,
+            merchant_id="m1",
         )
     assert server.entries() == []
 
@@ -392,3 +398,47 @@ def test_wrong_kind_of_file_is_refused(tmp_path: Path) -> None:
     junk.write_bytes(b"this is not a database" * 100)
     with pytest.raises(IntegrityError, match=r"junk\.sqlite"):
         ServerLedger.open(junk)
+
+
+def _signed(tmp_path: Path, releases: list[PrivacyRelease]) -> list[LedgerEntry]:
+    """Entries a merchant signed with its own (valid) key: only the platform's recomputation
+    can tell that their epsilon is wrong."""
+    private, _ = generate_keypair(tmp_path / "keys", name="m1")
+    with MerchantLedger.open(
+        tmp_path / "m1.sqlite", merchant_id="m1", signing_key=load_signing_key(private)
+    ) as ledger:
+        return [ledger.append(release) for release in releases]
+
+
+def test_server_recomputes_stated_epsilon_and_refuses_under_reporting(tmp_path: Path) -> None:
+    entries = _signed(
+        tmp_path,
+        [make_release(round=1), make_release(round=2, epsilon_after=0.3)],  # true: ~1.29
+    )
+    server = ServerLedger.open(tmp_path / "server.sqlite")
+    _accept(server, entries[0], tmp_path)
+    with pytest.raises(IntegrityError, match=r"seq 2: states epsilon 0\.300000 but its history"):
+        _accept(server, entries[1], tmp_path)
+    assert [e.seq for e in server.entries()] == [1]
+
+
+def test_server_refuses_a_low_rdp_figure_and_a_spend_that_goes_down(tmp_path: Path) -> None:
+    pld_2, _ = true_epsilons(2)
+    low_rdp = make_release(round=1, epsilon_rdp=0.01)
+    with pytest.raises(IntegrityError, match="states RDP epsilon 0.010000"):
+        _accept(
+            ServerLedger.open(tmp_path / "a.sqlite"),
+            _signed(tmp_path / "a", [low_rdp])[0],
+            tmp_path / "a",
+        )
+    # round 2 overstates (allowed: conservative), round 3 then states less than round 2
+    entries = _signed(
+        tmp_path / "b",
+        [make_release(round=1), make_release(round=2, epsilon_after=5.0), make_release(round=3)],
+    )
+    server = ServerLedger.open(tmp_path / "b.sqlite")
+    _accept(server, entries[0], tmp_path / "b")
+    _accept(server, entries[1], tmp_path / "b")
+    with pytest.raises(IntegrityError, match="spend never goes down"):
+        _accept(server, entries[2], tmp_path / "b")
+    assert pld_2 < 5.0

@@ -115,15 +115,17 @@ def render_report(
         "budgets",
     )
     recompute_table = _table(
-        ["merchant", "cohort", "seq", "recorded", "RDP", "PLD", "flags"],
+        ["merchant", "cohort", "seq", "accountant", "recorded", "recorded RDP", "PLD", "RDP", "flags"],
         [
             (
                 r.merchant_id,
                 r.cohort,
                 r.seq,
+                r.accountant,
                 _fmt(r.recorded),
-                _fmt(r.rdp),
+                _fmt(r.recorded_rdp),
                 _fmt(r.pld),
+                _fmt(r.rdp),
                 "; ".join(r.flags) or "ok",
             )
             for r in recomputed

@@ -41,7 +41,7 @@ from common.ledger.entry import (
     sha256_hex,
 )
 from common.ledger.merchant import MerchantLedger
-from common.ledger.release import MECHANISM, PrivacyRelease, canonical_json, utc_now_iso
+from common.ledger.release import MECHANISM, NOISE_SOURCE, PrivacyRelease, canonical_json, utc_now_iso
 from common.ledger.server import ExpectedRelease, ServerLedger
 from common.ledger.store import (
     BUSY_TIMEOUT_S,
@@ -62,6 +62,7 @@ __all__ = [
     "KIND_SERVER",
     "LEDGER_FORMAT",
     "MECHANISM",
+    "NOISE_SOURCE",
     "WIRE_FORMAT",
     "ExpectedRelease",
     "Finding",

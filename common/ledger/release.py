@@ -21,6 +21,10 @@ from common.errors import ConfigError
 from common.keys import NAME_PATTERN
 
 MECHANISM = "poisson_subsampled_gaussian"
+NOISE_SOURCE = "merchant-secret"
+"""Where the release's noise and Poisson batches came from: streams derived from a secret only
+the merchant holds (client/dp_randomness.py). Nothing else is accepted: noise that another party
+can regenerate protects nothing against that party."""
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _TOKEN = re.compile(r"[!-~]{1,200}")
@@ -32,6 +36,7 @@ _FLOAT_FIELDS = (
     "clipping_norm",
     "delta",
     "epsilon_after",
+    "epsilon_rdp",
     "epsilon_cap",
 )
 _INT_FIELDS = ("round", "steps", "dataset_size")
@@ -98,6 +103,8 @@ def _check_ranges(v: Mapping[str, float]) -> None:
         raise ConfigError(f"epsilon_after must be >= 0, got {v['epsilon_after']!r}")
     if v["epsilon_cap"] <= 0:
         raise ConfigError(f"epsilon_cap must be > 0, got {v['epsilon_cap']!r}")
+    if v["epsilon_rdp"] < 0:
+        raise ConfigError(f"epsilon_rdp must be >= 0, got {v['epsilon_rdp']!r}")
 
 
 def _check_versions(versions: object) -> None:
@@ -127,6 +134,8 @@ def _check_release(v: Mapping[str, Any]) -> dict[str, float]:
         raise ConfigError(f"accountant must be an AccountantKind, got {v['accountant']!r}")
     if v["mechanism"] != MECHANISM:
         raise ConfigError(f"mechanism must be {MECHANISM!r}, got {v['mechanism']!r}")
+    if v["noise_source"] != NOISE_SOURCE:
+        raise ConfigError(f"noise_source must be {NOISE_SOURCE!r}, got {v['noise_source']!r}")
     floats = {name: _check_number(name, v[name]) for name in _FLOAT_FIELDS}
     _check_ranges(floats)
     _check_versions(v["library_versions"])
@@ -165,14 +174,16 @@ class PrivacyRelease:
     cohort: str
     privacy_unit: PrivacyUnit
     mechanism: str
+    noise_source: str
     noise_multiplier: float
     sample_rate: float
     steps: int
     clipping_norm: float
     delta: float
     dataset_size: int
-    accountant: AccountantKind
-    epsilon_after: float
+    accountant: AccountantKind  # the one that calibrated sigma and checked the cap
+    epsilon_after: float  # by ``accountant``: the figure caps and budgets use
+    epsilon_rdp: float  # by RDP, the looser second bound, always recorded
     epsilon_cap: float
     config_sha256: str
     library_versions: Mapping[str, str] = field(default_factory=dict)

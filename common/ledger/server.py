@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from common.accounting import MechanismStep
 from common.errors import ConfigError, IntegrityError
 from common.ledger.chain import check_cohort_consistency, verify_chain
+from common.ledger.claims import claim_problem
 from common.ledger.entry import GENESIS_HASH, LedgerEntry
 from common.ledger.release import PrivacyRelease, _check_hex64, _check_int, _check_token
 from common.ledger.store import KIND_SERVER, _Closable, _insert, _open_store
@@ -129,19 +130,19 @@ class ServerLedger(_Closable):
         verify_key: Ed25519PublicKey,
         expected: ExpectedRelease,
         model_out_sha256: str,
+        merchant_id: str,
         backlog: Sequence[str] = (),
-        merchant_id: str | None = None,
     ) -> LedgerEntry:
         """Verify a merchant's entry (and the backlog of its earlier entries this server has
         not seen) and store them verbatim in one transaction. IntegrityError says why not.
 
-        ``merchant_id`` is who the server believes sent the update (pass it: it binds the
-        entry to the sender); ``backlog`` holds the sender's entries after
-        :meth:`last_seq` that precede ``wire`` (e.g. a release whose sending crashed)."""
+        ``merchant_id`` is who the server believes sent the update: it binds the entry to the
+        sender. ``backlog`` holds the sender's entries after :meth:`last_seq` that precede
+        ``wire`` (e.g. a release whose sending crashed). Every new entry's epsilon is
+        recomputed from the merchant's history (common/ledger/claims.py)."""
         conn = self._live()
         incoming = [LedgerEntry.from_wire(text) for text in (*backlog, wire)]
         entry = incoming[-1]
-        merchant_id = entry.merchant_id if merchant_id is None else merchant_id
         new = self._continue_chain(incoming, merchant_id=merchant_id, verify_key=verify_key)
         reason = expected.mismatch(entry.release)
         if reason is None and entry.release.model_out_sha256 != model_out_sha256:
@@ -177,6 +178,9 @@ class ServerLedger(_Closable):
                 check_cohort_consistency(chain, entry)
             except ConfigError as exc:
                 raise IntegrityError(f"{where}: {exc}") from None
+            claim = claim_problem(chain, entry)
+            if claim is not None:
+                raise IntegrityError(f"{where}: {claim}")
             chain.append(entry)
             new.append(entry)
         return new

@@ -13,7 +13,7 @@ from typing import Any, Self
 from common.errors import ConfigError, FedshopError, IntegrityError, LedgerError
 from common.ledger.entry import LedgerEntry, LedgerRow
 
-LEDGER_FORMAT = "fedshop-ledger/1"
+LEDGER_FORMAT = "fedshop-ledger/2"  # 2: releases record their noise source and RDP bound
 BUSY_TIMEOUT_S = 10.0
 
 _SCHEMA = (
@@ -124,6 +124,11 @@ def _read_all(conn: sqlite3.Connection, path: Path) -> LedgerFile:
     if problem is not None:
         raise IntegrityError(f"ledger {path}: {problem}")
     meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+    if meta.get("format") == "fedshop-ledger/1":
+        raise IntegrityError(
+            f"ledger {path}: format fedshop-ledger/1 records no noise source (its noise may "
+            "have come from the platform's seed); only fedshop-ledger/2 ledgers are accepted"
+        )
     if meta.get("format") != LEDGER_FORMAT or meta.get("kind") not in (KIND_MERCHANT, KIND_SERVER):
         raise IntegrityError(f"ledger {path}: meta table is not a {LEDGER_FORMAT} header: {meta}")
     # Storage order is cheaper to read than index order; sorting in Python gives the same

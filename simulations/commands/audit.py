@@ -101,10 +101,10 @@ def _recompute(args: argparse.Namespace) -> int:
     rows = recompute_all(result.chains)
     flagged = [r for r in rows if r.flags]
     for r in rows:
-        pld = "-" if r.pld is None else f"{r.pld:.4f}"
         print(
-            f"{r.merchant_id} {r.cohort} seq {r.seq}: recorded {r.recorded:.4f} "
-            f"RDP {r.rdp:.4f} PLD {pld} {'; '.join(r.flags) or 'ok'}"
+            f"{r.merchant_id} {r.cohort} seq {r.seq}: recorded {r.accountant.upper()} "
+            f"{r.recorded:.4f} / RDP {r.recorded_rdp:.4f}; recomputed PLD {r.pld:.4f} / "
+            f"RDP {r.rdp:.4f}: {'; '.join(r.flags) or 'ok'}"
         )
     if flagged:
         raise ConfigError(f"{len(flagged)} entries under-report epsilon (see the list above)")
