@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from common.accounting import AccountantKind, PrivacyUnit
+from common.canonical import canonical_json
 from common.configparse import as_plain_dict, from_mapping, load_toml
 from common.errors import ConfigError
 from common.model_spec import ModelSpec
@@ -168,8 +169,8 @@ class RunConfig:
         return plain
 
     def sha256(self) -> str:
-        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+        """What a signed release cites as ``config_sha256``."""
+        return hashlib.sha256(canonical_json(self.to_dict())).hexdigest()
 
 
 def dump_toml(data: dict[str, Any]) -> str:

@@ -37,6 +37,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from common import sqlite_store
+from common.canonical import canonical_json
 from common.errors import ConfigError, IntegrityError
 from common.keys import key_fingerprint
 
@@ -154,13 +155,6 @@ def gate(
     return GateDecision(
         False, metric, candidate, current, tolerance, f"{summary}: {worse}; kept, not promoted"
     )
-
-
-def canonical_json(payload: Mapping[str, Any]) -> bytes:
-    """The exact bytes that are signed: sorted keys, no spaces, ASCII, no NaN."""
-    return json.dumps(
-        payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
-    ).encode("ascii")
 
 
 def _now_iso(now: datetime | None) -> str:
