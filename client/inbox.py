@@ -39,6 +39,7 @@ import numpy as np
 import pandas as pd
 
 from common import sqlite_store
+from common.atomic import atomic_write_text
 from common.errors import ConfigError, DataValidationError, IntegrityError
 from common.events import (
     DEFAULT_MAX_BYTES,
@@ -311,9 +312,7 @@ class Inbox:
         if target.exists():
             target = self.quarantine_dir / f"{path.stem}.{file_sha256(path)[:12]}{path.suffix}"
         reason_path = target.with_name(target.name + ".reason.txt")
-        tmp = reason_path.with_name("." + reason_path.name + ".tmp")
-        tmp.write_text(reason + "\n", encoding="utf-8")
-        os.replace(tmp, reason_path)
+        atomic_write_text(reason_path, reason + "\n")
         os.replace(path, target)
         return target
 

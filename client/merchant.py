@@ -10,6 +10,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import tomli_w
+
 from client.inbox import ArrivalMode
 from common.accounting import PrivacyUnit
 from common.configparse import from_mapping, load_toml
@@ -95,22 +97,4 @@ class MerchantConfig:
         }
         if self.inbox is not None:
             values["inbox"] = str(self.inbox)
-        lines = ["[merchant]"] + [f"{key} = {_toml_value(value)}" for key, value in values.items()]
-        return "\n".join(lines) + "\n"
-
-
-def _toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return '"' + "".join(_toml_char(c) for c in value) + '"'
-    return repr(value)
-
-
-def _toml_char(char: str) -> str:
-    # TOML basic strings forbid quote, backslash and control characters other than tab.
-    if char in '"\\':
-        return "\\" + char
-    if (ord(char) < 0x20 and char != "\t") or ord(char) == 0x7F:
-        return f"\\u{ord(char):04X}"
-    return char
+        return tomli_w.dumps({"merchant": values})

@@ -8,14 +8,17 @@ merchant's own configuration caps it (a merchant may spend less, never more).
 from __future__ import annotations
 
 import hashlib
-import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
+import tomli_w
+
 from common.accounting import AccountantKind, PrivacyUnit
+from common.canonical import canonical_json
 from common.configparse import as_plain_dict, from_mapping, load_toml
 from common.errors import ConfigError
 from common.model_spec import ModelSpec
@@ -168,25 +171,19 @@ class RunConfig:
         return plain
 
     def sha256(self) -> str:
-        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+        """What a signed release cites as ``config_sha256``."""
+        return hashlib.sha256(canonical_json(self.to_dict())).hexdigest()
 
 
-def dump_toml(data: dict[str, Any]) -> str:
-    """Minimal TOML writer for the two-level tables fedshop writes (no external dependency)."""
+def dump_toml(data: Mapping[str, Any]) -> str:
+    """TOML text that :func:`load_toml` reads back to ``data``. TOML has no null, so None
+    values are left out: every field that may be None defaults to None."""
+    return tomli_w.dumps(_without_none(data))
 
-    def value(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, int | float):
-            return repr(v)
-        if isinstance(v, list | tuple):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        return json.dumps(str(v))
 
-    lines = [f"{k} = {value(v)}" for k, v in data.items() if not isinstance(v, dict)]
-    for section, table in data.items():
-        if isinstance(table, dict):
-            lines.append(f"\n[{section}]")
-            lines.extend(f"{k} = {value(v)}" for k, v in table.items() if v is not None)
-    return "\n".join(lines) + "\n"
+def _without_none(data: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        key: _without_none(value) if isinstance(value, Mapping) else value
+        for key, value in data.items()
+        if value is not None
+    }

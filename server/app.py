@@ -16,10 +16,10 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from common.atomic import atomic_write_bytes
 from common.config import RunConfig
 from common.errors import ConfigError
 from common.model import Recommender, load_state_arrays
-from server.checkpoint import atomic_write_bytes
 from server.evaluation_set import EvaluationSet
 from server.federation import Federation, ServerSettings, write_final_model
 from server.reporting import round_table, write_metrics, write_plots

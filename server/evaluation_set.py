@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.atomic import atomic_write_bytes
 from common.evaluation import model_scores, ranking_metrics
 from common.features import RecordTensors
-from server.checkpoint import atomic_write_bytes
 
 
 @dataclass(frozen=True)

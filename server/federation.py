@@ -23,13 +23,14 @@ from flwr.serverapp import Grid
 
 from common import protocol as P
 from common.arrays_io import arrays_to_npz
+from common.atomic import atomic_write_bytes
 from common.config import RunConfig
 from common.errors import FedshopError
 from common.keys import load_verify_key
 from common.ledger import ExpectedRelease, ServerLedger
 from common.model import Recommender, arrays_sha256, load_state_arrays, state_arrays
 from common.rng import derive_seed
-from server.checkpoint import Checkpoint, atomic_write_bytes, load_latest, save_checkpoint
+from server.checkpoint import Checkpoint, load_latest, save_checkpoint
 from server.evaluation_set import EvaluationSet
 from server.exchange import exchange
 from server.strategies import MerchantUpdate, build_strategy

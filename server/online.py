@@ -28,13 +28,13 @@ from flwr.serverapp import Grid
 
 from common import protocol as P
 from common.arrays_io import npz_to_arrays
+from common.atomic import atomic_write_bytes
 from common.config import RunConfig
 from common.configparse import from_mapping, load_toml
 from common.errors import ConfigError
 from common.keys import generate_keypair, load_signing_key, load_verify_key
 from common.ledger import ServerLedger
 from common.model import Recommender, load_state_arrays
-from server.checkpoint import atomic_write_bytes
 from server.drift import DriftConfig, decide
 from server.evaluation_set import EvaluationSet
 from server.federation import Federation, RoundOutcome, ServerSettings

@@ -21,10 +21,8 @@ import hashlib
 import io
 import json
 import math
-import os
 import re
 import sqlite3
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -37,6 +35,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from common import sqlite_store
+from common.atomic import atomic_write_bytes
+from common.canonical import canonical_json
 from common.errors import ConfigError, IntegrityError
 from common.keys import key_fingerprint
 
@@ -156,43 +156,11 @@ def gate(
     )
 
 
-def canonical_json(payload: Mapping[str, Any]) -> bytes:
-    """The exact bytes that are signed: sorted keys, no spaces, ASCII, no NaN."""
-    return json.dumps(
-        payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
-    ).encode("ascii")
-
-
 def _now_iso(now: datetime | None) -> str:
     moment = now if now is not None else datetime.now(UTC)
     if moment.tzinfo is None:
         raise ConfigError(f"timestamps must be timezone-aware, got {moment!r}")
     return moment.astimezone(UTC).isoformat()
-
-
-def _fsync_dir(directory: Path) -> None:
-    with contextlib.suppress(OSError):  # not supported on every platform / filesystem
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a fsynced temporary file and ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
 
 
 def _check_arrays(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from server.checkpoint import atomic_write_bytes
+from common.atomic import atomic_write_bytes
 
 
 def round_table(history: list[dict[str, Any]]) -> str:

@@ -34,6 +34,7 @@ from client.finetune import run_finetune_round
 from client.inbox import ArrivalMode, Inbox
 from client.merchant import MerchantConfig
 from client.merchant_round import TrainRequest
+from common.atomic import atomic_write_bytes
 from common.config import RunConfig
 from common.errors import ConfigError, FedshopError
 from common.events import CUSTOMER_ID, MERCHANT_ID, write_events
@@ -44,7 +45,6 @@ from common.model import arrays_sha256
 from common.protocol import Outcome
 from common.rng import numpy_stream
 from common.split import WEEK, with_weeks
-from server.checkpoint import atomic_write_bytes
 from server.evaluation_set import EvaluationSet
 from server.federation import RoundOutcome
 from server.online import OnlineLoop, OnlineSettings, platform_keys, remaining_from_ledger

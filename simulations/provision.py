@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from client.merchant import MerchantConfig
+from common.atomic import atomic_write_bytes
 from common.config import DataSource, RunConfig, dump_toml
 from common.errors import ConfigError
 from common.events import MERCHANT_ID, REQUIRED_COLUMNS, write_events
@@ -23,7 +24,6 @@ from common.features import build_catalog, encode_events, evaluation_records
 from common.keys import generate_keypair
 from common.rng import numpy_stream
 from common.split import split_events
-from server.checkpoint import atomic_write_bytes
 from server.evaluation_set import EvaluationSet
 
 log = logging.getLogger(__name__)

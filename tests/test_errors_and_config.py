@@ -1,6 +1,6 @@
 import pytest
 
-from common.config import RunConfig
+from common.config import RunConfig, dump_toml
 from common.configparse import apply_overrides
 from common.errors import (
     CheckpointError,
@@ -76,3 +76,18 @@ def test_cli_maps_errors_to_exit_codes(capsys):
         and "epsilon_cap" in err
         and len(err.strip().splitlines()) == 1
     )
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        ["training.learning_rate=0.5", "privacy.noise_multiplier=1.25", "privacy.unit=customer"],
+        ["data.train_weeks=2,30", "data.valid_weeks=31,35", "data.test_weeks=36,40", "seed=7"],
+    ],
+)
+def test_dump_toml_reads_back_equal(tmp_path, overrides):
+    config = RunConfig.from_dict(apply_overrides({}, overrides))
+    path = tmp_path / "config.toml"
+    path.write_text(dump_toml(config.to_dict()), encoding="utf-8")
+    assert RunConfig.from_toml(path) == config

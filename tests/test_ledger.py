@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from test_ledger_support import COHORT, build_ledger, make_release, true_epsilons
 
 from common.accounting import MechanismStep, PrivacyUnit
+from common.canonical import canonical_json
 from common.errors import ConfigError, IntegrityError, LedgerError, PrivacyBudgetExceededError
 from common.keys import generate_keypair, load_signing_key, load_verify_key
 from common.ledger import (
@@ -27,7 +28,6 @@ from common.ledger import (
     MerchantLedger,
     PrivacyRelease,
     ServerLedger,
-    canonical_json,
     sha256_hex,
 )
 
@@ -80,7 +80,7 @@ def test_canonical_json_roundtrips_floats_exactly() -> None:
     assert data["noise_multiplier"] == 0.1 + 0.2 and data["sample_rate"] == 1 / 3
     assert data["clipping_norm"] == 1.0 and isinstance(release.clipping_norm, float)
     assert PrivacyRelease.from_dict(data) == release
-    assert release.canonical_json == canonical_json(data)
+    assert release.canonical_json.encode("ascii") == canonical_json(data)
     assert list(data) == sorted(data) and " " not in release.canonical_json
 
 
@@ -101,14 +101,12 @@ def test_append_chains_signs_and_hashes_as_documented(tmp_path: Path) -> None:
     verify_key = load_verify_key(tmp_path / "keys" / "m1.pub")
     prev = GENESIS_HASH
     for seq, entry in enumerate(entries, start=1):
-        body = canonical_json(
-            {"prev_hash": prev, "release": entry.release.to_dict(), "seq": seq}
-        ).encode()
+        body = canonical_json({"prev_hash": prev, "release": entry.release.to_dict(), "seq": seq})
         assert entry.seq == seq and entry.prev_hash == prev
         assert entry.entry_hash == sha256_hex(HASH_DOMAIN + body)
         verify_key.verify(bytes.fromhex(entry.signature), bytes.fromhex(entry.entry_hash))
         full = {k: v for k, v in json.loads(entry.to_wire()).items() if k != "format"}
-        prev = sha256_hex(canonical_json(full).encode())
+        prev = sha256_hex(canonical_json(full))
         assert prev == entry.chain_hash()
 
 

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from common.canonical import canonical_json
 from common.errors import ConfigError, IntegrityError
-from server.registry import ModelRegistry, PromotionAction, canonical_json, gate
+from server.registry import ModelRegistry, PromotionAction, gate
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 

@@ -10,8 +10,7 @@ parameters (``common.audit``).
 Hashes: ``entry_hash = sha256(DOMAIN + canonical({"prev_hash", "release", "seq"}))``, the
 signature is Ed25519 over the 32 bytes of ``entry_hash``, and the next entry's ``prev_hash`` is
 ``sha256(canonical({"entry_hash", "prev_hash", "release", "seq", "signature"}))``; the first
-entry's ``prev_hash`` is 64 zeros. Canonical JSON: sorted keys, no spaces, ASCII, floats as
-Python's shortest round-trip ``repr``.
+entry's ``prev_hash`` is 64 zeros. Canonical JSON is :mod:`common.canonical`'s.
 
 Modules, by concern: ``release`` (the schema and its validation), ``entry`` (hashing, sealing,
 parsing a stored row), ``chain`` (verifying a merchant's chain), ``store`` (the SQLite file),
@@ -40,8 +39,9 @@ from common.ledger.entry import (
     seal,
     sha256_hex,
 )
+from common.ledger.claims import claim_problem, composition_history, composes_with
 from common.ledger.merchant import MerchantLedger
-from common.ledger.release import MECHANISM, NOISE_SOURCE, PrivacyRelease, canonical_json, utc_now_iso
+from common.ledger.release import MECHANISM, NOISE_SOURCE, PrivacyRelease, utc_now_iso
 from common.ledger.server import ExpectedRelease, ServerLedger
 from common.ledger.store import (
     BUSY_TIMEOUT_S,
@@ -77,9 +77,11 @@ __all__ = [
     "_insert",
     "_open_store",
     "_summarise",
-    "canonical_json",
     "chain_is_intact",
     "check_cohort_consistency",
+    "claim_problem",
+    "composes_with",
+    "composition_history",
     "parse_row",
     "read_ledger_file",
     "scan_chain",

@@ -16,11 +16,12 @@ from common.errors import ConfigError, IntegrityError
 from common.ledger.entry import (
     _HEX128,
     GENESIS_HASH,
-    HASH_DOMAIN,
     LedgerEntry,
     LedgerRow,
+    chain_hash_of,
+    entry_hash_of,
+    hashed_fields,
     parse_row,
-    sha256_hex,
 )
 from common.ledger.release import PrivacyRelease, _check_release, _release_values
 
@@ -56,11 +57,10 @@ def chain_is_intact(
             return False
         if not release_json.isascii():
             return False
-        body = f'"prev_hash":"{prev}","release":{release_json},"seq":{seq}'
-        if sha256_hex(b"%s{%s}" % (HASH_DOMAIN, body.encode("ascii"))) != entry_hash:
+        fields = hashed_fields(release_json, seq=seq, prev_hash=prev)
+        if entry_hash_of(fields) != entry_hash:
             return False
-        text = f'{{"entry_hash":"{entry_hash}",{body},"signature":"{sig}"}}'
-        prev = sha256_hex(text.encode("ascii"))
+        prev = chain_hash_of(fields, entry_hash=entry_hash, signature=sig)
     if verify_key is None or not rows:
         return True
     head = rows[-1]

@@ -1,12 +1,7 @@
-"""What a merchant states about one privacy release, and the rules every release obeys.
-
-Canonical JSON (sorted keys, no spaces, ASCII, floats as Python's shortest round-trip
-``repr``) is the one serialisation that is hashed and signed.
-"""
+"""What a merchant states about one privacy release, and the rules every release obeys."""
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import types
@@ -17,6 +12,7 @@ from functools import cached_property
 from typing import Any
 
 from common.accounting import AccountantKind, MechanismStep, PrivacyUnit
+from common.canonical import canonical_json_text
 from common.errors import ConfigError
 from common.keys import NAME_PATTERN
 
@@ -40,13 +36,6 @@ _FLOAT_FIELDS = (
     "epsilon_cap",
 )
 _INT_FIELDS = ("round", "steps", "dataset_size")
-
-
-def canonical_json(obj: Any) -> str:
-    """The one serialisation that is hashed and signed (floats round-trip exactly)."""
-    return json.dumps(
-        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
-    )
 
 
 def utc_now_iso() -> str:
@@ -209,7 +198,8 @@ class PrivacyRelease:
 
     @cached_property
     def canonical_json(self) -> str:
-        return canonical_json(self.to_dict())
+        """What is stored and hashed (as text: it is embedded in the entry's canonical JSON)."""
+        return canonical_json_text(self.to_dict())
 
     @classmethod
     def from_dict(cls, data: object) -> PrivacyRelease:

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
+from common.atomic import atomic_write_text
 from common.audit.budgets import budget_rows
 from common.audit.export import ExportFormat, export_entries
 from common.audit.verify import AuditResult, audit_ledgers
@@ -113,10 +112,7 @@ def _recompute(args: argparse.Namespace) -> int:
 
 def _write_atomic(path: Path, text: str) -> None:
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
+        atomic_write_text(path, text)
     except OSError as exc:
         raise LedgerError(f"cannot write {path}: {exc}") from None
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from common import certs
+from common.atomic import atomic_write_json
 from common.errors import DeploymentError
 from simulations.deployment.flower import (
     FlwrCli,
@@ -266,9 +267,7 @@ def register_nodes(cli: FlwrCli, plan: ServerPlan) -> None:
         fingerprint = certs.public_key_fingerprint(certs.load_node_public_key(path))
         record[name] = {"public_key": str(path), "fingerprint": fingerprint}
         LOG.info("node %s (%s): %s", name, fingerprint[:23], outcome)
-    tmp = record_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    tmp.replace(record_path)
+    atomic_write_json(record_path, record)
 
 
 def serve_forever(superlink: ManagedProcess) -> int:
@@ -352,9 +351,7 @@ def check_expected(paths: Sequence[Path]) -> None:
 def _write_run_state(plan: ServerPlan, run_id: int, status: str) -> None:
     path = plan.spec.state_dir / RUN_STATE_FILE
     payload = {"run_id": run_id, "status": status, "run_config": str(plan.run_config)}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_json(path, payload, indent=None, sort_keys=False)
 
 
 # --------------------------------------------------------------------------- client
