@@ -35,6 +35,11 @@ class MerchantConfig:
     inbox: Path | None = None  # online fine-tuning: the inbox root (see docs/online.md)
     inbox_arrival: ArrivalMode = ArrivalMode.STABLE  # how the inbox knows a file is complete
     stream_epsilon_cap: float = 1.0  # per stream cohort (event level); composes per customer
+    # Held-out events the merchant scores models on (federated evaluation, client/evaluation.py):
+    validation_data: Path | None = None  # weeks after `data` (per-round validation)
+    test_data: Path | None = None  # weeks after `validation_data` (final test)
+    holdout_share: float = 0.0  # online: share of customers kept out of fine-tuning for the gate
+    evaluation_noise: float = 0.0  # std of Gaussian noise on every evaluation sum sent (0: none)
 
     def __post_init__(self) -> None:
         if not self.id or any(c in self.id for c in "/\\\0"):
@@ -51,6 +56,12 @@ class MerchantConfig:
             )
         if self.threads < 1:
             raise ConfigError(f"merchant.threads must be >= 1, got {self.threads}")
+        if not 0 <= self.holdout_share < 1:
+            raise ConfigError(f"merchant.holdout_share must be in [0, 1), got {self.holdout_share}")
+        if not (math.isfinite(self.evaluation_noise) and self.evaluation_noise >= 0):
+            raise ConfigError(
+                f"merchant.evaluation_noise must be >= 0, got {self.evaluation_noise}"
+            )
 
     @property
     def ledger_path(self) -> Path:
@@ -69,7 +80,7 @@ class MerchantConfig:
                 f"{path}: expected exactly one [merchant] table, found {sorted(data)}"
             )
         table = dict(data["merchant"])
-        for key in ("data", "state_dir", "signing_key", "state-dir", "signing-key"):
+        for key in ("data", "state_dir", "signing_key", "inbox", "validation_data", "test_data"):
             if key in table and not Path(table[key]).is_absolute():
                 table[key] = str((path.parent / table[key]).resolve())
         try:
@@ -94,7 +105,10 @@ class MerchantConfig:
             "max_noise_multiplier": self.max_noise_multiplier,
             "inbox_arrival": self.inbox_arrival.value,
             "stream_epsilon_cap": self.stream_epsilon_cap,
+            "holdout_share": self.holdout_share,
+            "evaluation_noise": self.evaluation_noise,
         }
-        if self.inbox is not None:
-            values["inbox"] = str(self.inbox)
+        for name in ("inbox", "validation_data", "test_data"):
+            if getattr(self, name) is not None:
+                values[name] = str(getattr(self, name))
         return tomli_w.dumps({"merchant": values})

@@ -31,8 +31,13 @@ from client.dp_randomness import (
 from client.merchant import MerchantConfig
 from client.training import DPSettings, LocalTraining, RoundResult, steps_per_round, train_round
 from common import protocol as P
-from common.accounting import AccountantKind, MechanismStep, PrivacyUnit, epsilon_spent
-from common.accounting import noise_for_target
+from common.accounting import (
+    AccountantKind,
+    MechanismStep,
+    PrivacyUnit,
+    epsilon_spent,
+    noise_for_target,
+)
 from common.arrays_io import arrays_to_npz, npz_to_arrays
 from common.atomic import atomic_write_bytes
 from common.errors import (
@@ -87,10 +92,10 @@ def library_versions() -> dict[str, str]:
 def merchant_secret(merchant: MerchantConfig, ledger: MerchantLedger) -> MerchantSecret:
     """The merchant's DP secret; created here only for a merchant that never released."""
     if not secret_path(merchant.state_dir).exists():
-        if ledger.last_seq() > 0:
+        if ledger.last_seq > 0:
             raise StateError(
                 f"merchant {merchant.id}: the DP secret in {merchant.state_dir} is missing but "
-                f"the ledger holds {ledger.last_seq()} releases; restore the secret from backup"
+                f"the ledger holds {ledger.last_seq} releases; restore the secret from backup"
             )
         ensure_merchant_secret(merchant.state_dir)
     return load_merchant_secret(merchant.state_dir)
@@ -124,7 +129,9 @@ def plan_round(
         sigma = privacy.noise_multiplier
     else:
         before_run = [
-            h for h, e in zip(history, composing, strict=True) if e.release.run_id != instruction.run_id
+            h
+            for h, e in zip(history, composing, strict=True)
+            if e.release.run_id != instruction.run_id
         ]
         try:
             sigma = noise_for_target(
@@ -202,7 +209,9 @@ def _replay(
     arrays = npz_to_arrays(path.read_bytes())
     if arrays_sha256(arrays) != entry.release.model_out_sha256:
         return None
-    log.info("merchant %s: round %d already released; re-sending it", merchant.id, entry.release.round)
+    log.info(
+        "merchant %s: round %d already released; re-sending it", merchant.id, entry.release.round
+    )
     return MerchantReply(
         Outcome.TRAINED,
         merchant.id,

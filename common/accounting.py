@@ -107,7 +107,9 @@ def merged(history: Sequence[MechanismStep]) -> tuple[MechanismStep, ...]:
             step.noise_multiplier,
             step.sample_rate,
         ):
-            out[-1] = MechanismStep(last.noise_multiplier, last.sample_rate, last.steps + step.steps)
+            out[-1] = MechanismStep(
+                last.noise_multiplier, last.sample_rate, last.steps + step.steps
+            )
         else:
             out.append(step)
     return tuple(out)

@@ -105,3 +105,10 @@ class DeploymentError(FedshopError):
 
     exit_code = ExitCode.DEPLOYMENT
     hint = "see docs/deployment.md"
+
+
+class StateError(FedshopError):
+    """Runtime state does not allow the operation (e.g. a secret or version is missing)."""
+
+    exit_code = ExitCode.CHECKPOINT
+    hint = "see the message for the missing piece"

@@ -85,9 +85,7 @@ class MetricSums:
     def from_flat(cls, prefix: str, flat: Mapping[str, float]) -> MetricSums:
         """Inverse of :meth:`to_flat`; IntegrityError on a missing or non-finite part."""
         names = {
-            key[len(prefix) + 1 :].rsplit("|", 1)[0]
-            for key in flat
-            if key.startswith(prefix + "|")
+            key[len(prefix) + 1 :].rsplit("|", 1)[0] for key in flat if key.startswith(prefix + "|")
         }
         out = {}
         for name in names:

@@ -281,7 +281,7 @@ class MerchantReply:
             backlog = json.loads(str(status.get(LEDGER_BACKLOG, "[]")))
             if not isinstance(backlog, list) or not all(isinstance(b, str) for b in backlog):
                 raise ValueError("ledger backlog must be a list of entries")
-            arrays = content[ARRAYS] if ARRAYS in content else None
+            arrays = content.get(ARRAYS)
             return cls(
                 outcome=Outcome(str(_field(status, OUTCOME))),
                 merchant_id=str(_field(status, MERCHANT_ID)),
@@ -325,7 +325,7 @@ class EvaluationReply:
         cls, content: RecordDict, tasks: tuple[tuple[EvalPart, str], ...]
     ) -> EvaluationReply:
         status = _record(content, STATUS, ConfigRecord)
-        metrics = {str(k): float(v) for k, v in _record(content, METRICS, MetricRecord).items()}  # type: ignore[arg-type]
+        metrics = {str(k): float(v) for k, v in _record(content, METRICS, MetricRecord).items()}
         try:
             outcome = Outcome(str(_field(status, OUTCOME)))
         except ValueError as exc:

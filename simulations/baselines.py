@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from server.evaluation_set import EvaluationSet
 
 from client.training import DPSettings, LocalTraining, steps_per_round, train_round
 from common.accounting import PrivacyUnit, noise_for_target
@@ -29,7 +30,6 @@ from common.features import (
 )
 from common.model import Recommender
 from common.rng import numpy_stream, torch_stream
-from server.evaluation_set import EvaluationSet
 from simulations.provision import RunLayout
 
 

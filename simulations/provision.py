@@ -1,8 +1,9 @@
 """Lay out a simulation's run directory as if each merchant were its own site.
 
-``RUN/merchants/<id>/`` holds the merchant's training events, key, ledger and
+``RUN/merchants/<id>/`` holds the merchant's training events, its held-out validation and test
+events (``holdout/``, which it evaluates models on itself), keys, DP secret, ledger and
 ``merchant.toml``; ``RUN/keys/`` the public keys the platform trusts; ``RUN/server/`` the
-evaluation archives and the platform's ledger. Merchants and the server share nothing else.
+platform's ledger (and, online, its registry). Merchants and the server share nothing else.
 """
 
 from __future__ import annotations
@@ -15,16 +16,14 @@ from pathlib import Path
 
 import pandas as pd
 
+from client.dp_randomness import ensure_merchant_secret
 from client.merchant import MerchantConfig
 from common.atomic import atomic_write_bytes
 from common.config import DataSource, RunConfig, dump_toml
 from common.errors import ConfigError
 from common.events import MERCHANT_ID, REQUIRED_COLUMNS, write_events
-from common.features import build_catalog, encode_events, evaluation_records
 from common.keys import generate_keypair
-from common.rng import numpy_stream
 from common.split import split_events
-from server.evaluation_set import EvaluationSet
 
 log = logging.getLogger(__name__)
 
@@ -74,29 +73,6 @@ def load_events(config: RunConfig) -> pd.DataFrame:
     return generate_events(spec)
 
 
-def evaluation_sets(
-    config: RunConfig, parts: dict[str, dict[str, pd.DataFrame]]
-) -> dict[str, EvaluationSet]:
-    """Fixed, seeded evaluation cases per merchant for the valid and test weeks."""
-    out: dict[str, list[tuple[str, object]]] = {"valid": [], "test": []}
-    for merchant, split in sorted(parts.items()):
-        catalog = build_catalog(split["train"], config.model)
-        contexts = {"valid": split["train"], "test": pd.concat([split["train"], split["valid"]])}
-        for name in ("valid", "test"):
-            if split[name].empty:
-                continue
-            encoded = encode_events(split[name], config.model, context=contexts[name])
-            records = evaluation_records(
-                encoded,
-                catalog,
-                candidates=config.evaluation.candidates,
-                max_cases=config.evaluation.max_cases_per_merchant,
-                rng=numpy_stream(config.seed, "evaluation", merchant, name),
-            )
-            out[name].append((merchant, records))
-    return {name: EvaluationSet.concatenate(items) for name, items in out.items() if items}  # type: ignore[arg-type]
-
-
 def provision(config: RunConfig, root: Path, *, events: pd.DataFrame | None = None) -> RunLayout:
     root = root.resolve()  # merchant.toml files hold absolute paths
     layout = RunLayout(root)
@@ -128,7 +104,14 @@ def _write_layout(
     for merchant, split in parts.items():
         home = layout.merchants / merchant
         (home / "state").mkdir(parents=True)
+        ensure_merchant_secret(home / "state")
         write_events(split["train"][CANONICAL], home / "events.parquet")
+        held = {}
+        for part in ("valid", "test"):
+            if len(split[part]):
+                held[part] = home / "holdout" / f"{part}.parquet"
+                held[part].parent.mkdir(exist_ok=True)
+                write_events(split[part][CANONICAL], held[part])
         private, public = generate_keypair(home, name=merchant)
         shutil.copy(public, layout.keys / f"{merchant}.pub")
         merchant_config = MerchantConfig(
@@ -141,10 +124,11 @@ def _write_layout(
             privacy_unit=config.privacy.unit,
             cohort=f"train:w{config.data.train_weeks[0]:02d}-w{config.data.train_weeks[1]:02d}",
             allow_non_private=not config.privacy.enabled,
+            validation_data=held.get("valid"),
+            test_data=held.get("test"),
         )
         atomic_write_bytes(home / "merchant.toml", merchant_config.to_toml().encode())
-    for name, evaluation in evaluation_sets(config, parts).items():
-        evaluation.save(layout.server / f"eval-{name}.npz")
+    layout.server.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(layout.root / "merchants.json", json.dumps(sorted(parts)).encode())
     atomic_write_bytes(layout.config, dump_toml(config.to_dict()).encode())
     log.info("provisioned %d merchants in %s", len(parts), layout.root)

@@ -48,9 +48,9 @@ def test_golden_values_and_flags(tmp_path: Path) -> None:
     # The training side's figures agree with the independent ones.
     history = [MechanismStep(1.0, 0.0256, 390)]
     assert epsilon_spent(history, delta=1e-5) == pytest.approx(rows[0].pld, abs=2e-3)
-    assert epsilon_spent(
-        history, delta=1e-5, accountant=AccountantKind.RDP
-    ) == pytest.approx(rows[0].rdp, abs=5e-3)
+    assert epsilon_spent(history, delta=1e-5, accountant=AccountantKind.RDP) == pytest.approx(
+        rows[0].rdp, abs=5e-3
+    )
 
 
 def test_true_figures_pass_and_compose_per_cohort(tmp_path: Path) -> None:

@@ -423,7 +423,7 @@ def test_server_recomputes_stated_epsilon_and_refuses_under_reporting(tmp_path: 
 def test_server_refuses_a_low_rdp_figure_and_a_spend_that_goes_down(tmp_path: Path) -> None:
     pld_2, _ = true_epsilons(2)
     low_rdp = make_release(round=1, epsilon_rdp=0.01)
-    with pytest.raises(IntegrityError, match="states RDP epsilon 0.010000"):
+    with pytest.raises(IntegrityError, match=r"states RDP epsilon 0\.010000"):
         _accept(
             ServerLedger.open(tmp_path / "a.sqlite"),
             _signed(tmp_path / "a", [low_rdp])[0],

@@ -115,7 +115,17 @@ def render_report(
         "budgets",
     )
     recompute_table = _table(
-        ["merchant", "cohort", "seq", "accountant", "recorded", "recorded RDP", "PLD", "RDP", "flags"],
+        [
+            "merchant",
+            "cohort",
+            "seq",
+            "accountant",
+            "recorded",
+            "recorded RDP",
+            "PLD",
+            "RDP",
+            "flags",
+        ],
         [
             (
                 r.merchant_id,

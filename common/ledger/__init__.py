@@ -29,6 +29,7 @@ from common.ledger.chain import (
     verify_chain,
     verify_rows,
 )
+from common.ledger.claims import claim_problem, composes_with, composition_history
 from common.ledger.entry import (
     GENESIS_HASH,
     HASH_DOMAIN,
@@ -39,7 +40,6 @@ from common.ledger.entry import (
     seal,
     sha256_hex,
 )
-from common.ledger.claims import claim_problem, composition_history, composes_with
 from common.ledger.merchant import MerchantLedger
 from common.ledger.release import MECHANISM, NOISE_SOURCE, PrivacyRelease, utc_now_iso
 from common.ledger.server import ExpectedRelease, ServerLedger

@@ -47,9 +47,10 @@ def claim_problem(chain: Sequence[LedgerEntry], entry: LedgerEntry) -> str | Non
     if release.epsilon_rdp < rdp * (1 - RELATIVE_TOLERANCE) - 1e-9:
         return f"states RDP epsilon {release.epsilon_rdp:.6f} but its history gives {rdp:.6f}"
     same_cohort = [e for e in history if e.release.cohort == release.cohort]
-    if same_cohort and release.epsilon_after < same_cohort[-1].release.epsilon_after - 1e-9:
+    last = same_cohort[-1] if same_cohort else None
+    if last is not None and release.epsilon_after < last.release.epsilon_after - 1e-9:
         return (
-            f"epsilon {release.epsilon_after:.6f} is below the {same_cohort[-1].release.epsilon_after:.6f} "
-            f"of seq {same_cohort[-1].seq} in cohort {release.cohort!r}: spend never goes down"
+            f"epsilon {release.epsilon_after:.6f} is below the {last.release.epsilon_after:.6f} "
+            f"of seq {last.seq} in cohort {release.cohort!r}: spend never goes down"
         )
     return None

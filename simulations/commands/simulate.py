@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -75,14 +74,14 @@ def run(args: argparse.Namespace) -> int:
         layout = provision(config, out)
     if args.online is not None:
         return _run_online(args, layout, began)
-    summary = simulate(layout, stop_after_round=args.stop_after_round)
-    history = json.loads((layout.root / "metrics.json").read_text())["rounds"]
-    print("\n" + round_table(history))
-    if "test" in summary:
-        test = summary["test"]
+    result = simulate(layout, stop_after_round=args.stop_after_round)
+    summary = result.summary
+    print("\n" + round_table(result.history))
+    test = summary.get("test") or {}
+    if test:
         print(
-            f"\ntest weeks: AUC {test['auc']:.4f}  HR@10 {test['hr@10']:.4f}  "
-            f"NDCG@10 {test['ndcg@10']:.4f}"
+            f"\ntest weeks (federated evaluation, {summary.get('test_cases', 0):.0f} cases): "
+            + "  ".join(f"{k} {v:.4f}" for k, v in sorted(test.items()))
         )
     state = "complete" if summary["completed"] else "stopped early (resume with --resume)"
     print(f"\nrun {summary['run_id']} {state} in {time.perf_counter() - began:.0f}s: {layout.root}")
@@ -99,9 +98,11 @@ def _run_online(args: argparse.Namespace, layout: object, began: float) -> int:
         raise ConfigError("--online starts a new run; it cannot be combined with --resume")
     spec = StreamSpec.parse(args.online, RunConfig.from_toml(layout.config))
     summary = simulate_online(layout, spec)
+    means = "  ".join(
+        f"mean {k[5:]} {v:.4f}" for k, v in sorted(summary.items()) if k.startswith("mean_")
+    )
     print(
-        f"\nonline weeks {spec.first_week}-{spec.last_week}: mean NDCG@10 "
-        f"{summary['mean_ndcg@10']:.4f}  mean AUC {summary['mean_auc']:.4f}  "
+        f"\nonline weeks {spec.first_week}-{spec.last_week} (prequential, federated): {means}  "
         f"{summary['promotions']}/{summary['candidates']} candidates promoted, "
         f"{summary['rollbacks']} rollback(s)"
     )
