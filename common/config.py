@@ -97,7 +97,7 @@ class PrivacyConfig:
     delta: float = 1e-5
     clipping_norm: float = 1.0
     noise_multiplier: float | None = None  # None: calibrate to epsilon_cap over the planned rounds
-    accountant: AccountantKind = AccountantKind.RDP
+    accountant: AccountantKind = AccountantKind.PLD  # calibration and caps; RDP is recorded too
 
     def __post_init__(self) -> None:
         if not (self.epsilon_cap > 0 and math.isfinite(self.epsilon_cap)):
