@@ -25,7 +25,13 @@ from common.accounting import MechanismStep, PrivacyUnit, epsilon_spent, noise_f
 from common.arrays_io import arrays_to_npz, npz_to_arrays
 from common.atomic import atomic_write_bytes
 from common.config import RunConfig
-from common.errors import ConfigError, FedshopError, PrivacyBudgetExceededError
+from common.errors import (
+    ConfigError,
+    FedshopError,
+    IntegrityError,
+    PrivacyBudgetExceededError,
+    TrainingError,
+)
 from common.features import training_records
 from common.keys import load_signing_key
 from common.ledger import LedgerEntry, MerchantLedger, PrivacyRelease
@@ -205,7 +211,7 @@ def run_merchant_round(request: TrainRequest, merchant: MerchantConfig) -> Train
 
 def _run(request: TrainRequest, merchant: MerchantConfig) -> TrainReply:
     if arrays_sha256(request.arrays) != request.model_in_sha256:
-        raise ConfigError("received model does not match its announced hash")
+        raise IntegrityError("received model does not match its announced hash")
     config = request.config
     torch.set_num_threads(merchant.threads)
     data = prepared_data(merchant.data, config.model)
@@ -322,11 +328,11 @@ def _train(
         noise_generator=torch_stream(request.seed, *stream, "noise", device=device),
     )
     if plan is not None and result.mechanism != plan.mechanism:
-        raise ConfigError(
+        raise TrainingError(
             f"trained mechanism {result.mechanism} differs from plan {plan.mechanism}"
         )
     if not all(np.isfinite(a).all() for a in result.arrays.values()):
-        raise ConfigError("training produced non-finite weights; nothing released")
+        raise TrainingError("training produced non-finite weights; nothing released")
     if math.isnan(result.mean_loss):
         log.warning("merchant %s: no loss recorded this round", merchant.id)
     return result

@@ -31,7 +31,7 @@ from common.arrays_io import npz_to_arrays
 from common.atomic import atomic_write_bytes
 from common.config import RunConfig
 from common.configparse import from_mapping, load_toml
-from common.errors import ConfigError
+from common.errors import ConfigError, StateError
 from common.keys import generate_keypair, load_signing_key, load_verify_key
 from common.ledger import ServerLedger
 from common.model import Recommender, load_state_arrays
@@ -422,7 +422,7 @@ def run_online_deployment(
 
     summary = run_platform(grid, server)
     if not summary.get("completed"):
-        raise ConfigError("offline rounds did not complete; online fine-tuning not started")
+        raise StateError("offline rounds did not complete; online fine-tuning not started")
     metrics = FedshopMetrics()
     loop = OnlineLoop(
         config=server.config,

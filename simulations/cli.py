@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from common.errors import ExitCode, FedshopError
+from common.errors import ExitCode, FedshopError, exit_code_table
 
 COMMAND_MODULES: tuple[str, ...] = (
     "simulations.commands.simulate",
@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedshop",
         description="Privacy-preserving federated learning for e-commerce merchants.",
+        epilog=f"exit codes:\n{exit_code_table()}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

@@ -36,7 +36,7 @@ from client.merchant import MerchantConfig
 from client.merchant_round import TrainRequest
 from common.atomic import atomic_write_bytes
 from common.config import RunConfig
-from common.errors import ConfigError, FedshopError
+from common.errors import ConfigError, FedshopError, TrainingError
 from common.events import CUSTOMER_ID, MERCHANT_ID, write_events
 from common.features import build_catalog, encode_events, evaluation_records, stable_hash
 from common.keys import load_verify_key
@@ -427,5 +427,5 @@ def simulate_online(
         },
     )
     if not result:
-        raise FedshopError(f"the online simulation ended without results in {layout.root}")
+        raise TrainingError(f"the online simulation ended without results in {layout.root}")
     return result

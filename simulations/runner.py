@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from common.config import RunConfig
-from common.errors import CheckpointError, FedshopError
+from common.errors import CheckpointError, TrainingError
 from server.federation import ServerSettings
 from simulations.provision import RunLayout
 
@@ -62,12 +62,12 @@ def simulate(
     )
     summary_path = layout.root / "summary.json"
     if not summary_path.exists():
-        raise FedshopError(
+        raise TrainingError(
             f"the simulation ended without a summary in {layout.root}; see the log above"
         )
     summary: dict[str, Any] = json.loads(summary_path.read_text())
     if summary["completed"] and summary.get("aggregated_rounds", 0) == 0:
-        raise FedshopError(
+        raise TrainingError(
             f"no round had enough usable merchant updates; the model was never trained "
             f"(reasons per round in {layout.root / 'metrics.json'})"
         )

@@ -384,7 +384,7 @@ def test_server_open_detects_tampered_copy(tmp_path: Path) -> None:
 
 def test_wrong_kind_of_file_is_refused(tmp_path: Path) -> None:
     path, _ = build_ledger(tmp_path, "m1", 1)
-    with pytest.raises(ConfigError, match="merchant ledger"):
+    with pytest.raises(LedgerError, match="merchant ledger"):  # the wrong path, not tampering
         ServerLedger.open(path)
     junk = tmp_path / "junk.sqlite"
     junk.write_bytes(b"this is not a database" * 100)

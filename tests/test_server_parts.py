@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 
 from common.config import FederationConfig, StrategyKind
-from common.errors import CheckpointError, IntegrityError
+from common.errors import CheckpointError, IntegrityError, RejectedUpdateError, TrainingError
 from server.checkpoint import Checkpoint, load_latest, save_checkpoint
 from server.strategies import FedAdam, MerchantUpdate, build_strategy, weighted_average
-from server.update_checks import RejectedUpdateError, check_update
+from server.update_checks import check_update
 
 
 def arrays(value, shape=(2, 3)):
@@ -30,6 +30,13 @@ def test_fedadam_moves_towards_mean_and_state_round_trips():
     clone.load_state(strategy.state())
     nxt = [MerchantUpdate("a", arrays(2.0), 1)]
     assert np.array_equal(strategy.aggregate(step1, nxt)["w"], clone.aggregate(step1, nxt)["w"])
+
+
+def test_strategy_failures_are_fedshop_errors():
+    with pytest.raises(TrainingError, match="no examples"):
+        weighted_average([MerchantUpdate("a", arrays(1.0), 0)])
+    with pytest.raises(CheckpointError, match="another strategy"):
+        build_strategy(FederationConfig()).load_state({"m/w": np.zeros((2, 3), np.float32)})
 
 
 def test_build_strategy_by_enum():
