@@ -10,11 +10,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
 import sys
 from collections.abc import Sequence
 
 from common.errors import ExitCode, FedshopError, exit_code_table
+from common.flower_env import quiet_flower_environment
 
 COMMAND_MODULES: tuple[str, ...] = (
     "simulations.commands.simulate",
@@ -26,19 +26,6 @@ COMMAND_MODULES: tuple[str, ...] = (
     "simulations.commands.audit",
     "simulations.commands.canary",
 )
-
-FLOWER_QUIET_ENV = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "RAY_USAGE_STATS_ENABLED": "0",
-}
-
-
-def quiet_flower_environment() -> None:
-    """Keep Flower and Ray offline: no telemetry, no update check, no per-run installs."""
-    for key, value in FLOWER_QUIET_ENV.items():
-        os.environ.setdefault(key, value)
 
 
 def build_parser() -> argparse.ArgumentParser:
