@@ -16,6 +16,7 @@ searching 2^64 seeds, each checked by replaying a whole training round.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
@@ -27,6 +28,7 @@ import torch
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from common.atomic import atomic_create
 from common.errors import ConfigError, IntegrityError
 
 SECRET_FILE = "dp-secret"
@@ -78,20 +80,12 @@ def secret_path(state_dir: Path) -> Path:
 def ensure_merchant_secret(state_dir: Path) -> Path:
     """Create the merchant's secret in ``state_dir`` unless it exists; return its path.
 
-    Created with O_EXCL and mode 0600, so two processes starting at once cannot both write one.
+    Created complete or not at all, with mode 0600 and never over an existing one, so two
+    processes starting at once cannot both write one and a crash cannot leave a short secret.
     """
     path = secret_path(state_dir)
-    Path(state_dir).mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return path
-    try:
-        os.write(fd, os.urandom(SECRET_BYTES))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    _fsync_directory(path.parent)
+    with contextlib.suppress(FileExistsError):
+        atomic_create(path, os.urandom(SECRET_BYTES), mode=0o600)
     return path
 
 
@@ -114,11 +108,3 @@ def load_merchant_secret(state_dir: Path) -> MerchantSecret:
     if len(key) != SECRET_BYTES:
         raise IntegrityError(f"{path}: expected {SECRET_BYTES} bytes, found {len(key)}")
     return MerchantSecret(key)
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -40,7 +40,7 @@ import pandas as pd
 
 from common import sqlite_store
 from common.atomic import atomic_write_text
-from common.errors import ConfigError, DataValidationError, IntegrityError
+from common.errors import ConfigError, DataValidationError, IntegrityError, NotFoundError
 from common.events import (
     DEFAULT_MAX_BYTES,
     KEY_COLUMNS,
@@ -468,7 +468,7 @@ class Inbox:
                 "SELECT parquet_sha256 FROM cohorts WHERE cohort_id = ?", (cohort_id,)
             ).fetchone()
         if row is None:
-            raise ConfigError(f"cohort {cohort_id!r} does not exist in {self.root}")
+            raise NotFoundError(f"cohort {cohort_id!r} does not exist in {self.root}")
         path = self.accepted_dir / f"{cohort_id}.parquet"
         try:
             data = path.read_bytes()
@@ -499,7 +499,7 @@ class Inbox:
         if before is not None:
             limit = next((c.seq for c in pool if c.cohort_id == before), None)
             if limit is None:
-                raise ConfigError(f"cohort {before!r} does not exist in {self.root}")
+                raise NotFoundError(f"cohort {before!r} does not exist in {self.root}")
             pool = [c for c in pool if c.seq < limit]
         sizes = np.array([c.rows for c in pool], dtype=np.int64)
         total = int(sizes.sum())

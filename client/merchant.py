@@ -16,6 +16,7 @@ from client.inbox import ArrivalMode
 from common.accounting import PrivacyUnit
 from common.configparse import from_mapping, load_toml
 from common.errors import ConfigError
+from common.keys import NAME_PATTERN
 
 
 @dataclass(frozen=True)
@@ -42,9 +43,10 @@ class MerchantConfig:
     evaluation_noise: float = 0.0  # std of Gaussian noise on every evaluation sum sent (0: none)
 
     def __post_init__(self) -> None:
-        if not self.id or any(c in self.id for c in "/\\\0"):
+        if not NAME_PATTERN.fullmatch(self.id):  # the ledger's rule, checked at load time
             raise ConfigError(
-                f"merchant.id must be a non-empty name without slashes, got {self.id!r}"
+                f"merchant.id {self.id!r} is not a valid merchant name: use 1-128 letters, "
+                "digits, '.', '_' or '-', starting with a letter or digit"
             )
         if not (self.epsilon_cap > 0 and math.isfinite(self.epsilon_cap)):
             raise ConfigError(f"merchant.epsilon_cap must be > 0, got {self.epsilon_cap}")

@@ -46,6 +46,7 @@ from common.errors import (
     IntegrityError,
     PrivacyBudgetExceededError,
     StateError,
+    TrainingError,
 )
 from common.features import training_records
 from common.keys import load_signing_key
@@ -381,9 +382,11 @@ def _train(
         noise_generator=secret.torch_stream(*stream, "noise", device=device),
     )
     if plan is not None and result.mechanism != plan.mechanism:
-        raise StateError(f"trained mechanism {result.mechanism} differs from plan {plan.mechanism}")
+        raise TrainingError(
+            f"trained mechanism {result.mechanism} differs from plan {plan.mechanism}"
+        )
     if not all(np.isfinite(a).all() for a in result.arrays.values()):
-        raise StateError("training produced non-finite weights; nothing released")
+        raise TrainingError("training produced non-finite weights; nothing released")
     if math.isnan(result.mean_loss):
         log.warning("merchant %s: no loss recorded this round", merchant.id)
     return result

@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from common import sqlite_store
 from common.atomic import atomic_write_bytes
 from common.canonical import canonical_json
-from common.errors import ConfigError, IntegrityError
+from common.errors import ConfigError, IntegrityError, NotFoundError, StateError
 from common.keys import key_fingerprint
 
 MANIFEST_FORMAT = "fedshop-model-manifest/1"
@@ -266,7 +266,7 @@ class ModelRegistry:
         created_at = _now_iso(now)
         with self._transaction() as conn:
             if parent is not None and not self._exists(conn, parent):
-                raise ConfigError(f"parent version {parent!r} does not exist")
+                raise NotFoundError(f"parent version {parent!r} does not exist")
             (last,) = conn.execute("SELECT COALESCE(MAX(id), 0) FROM versions").fetchone()
             version_id = int(last) + 1
             weights_name = f"v{version_id:06d}.npz"
@@ -315,7 +315,7 @@ class ModelRegistry:
                 "SELECT weights_file, manifest_file FROM versions WHERE id = ?", (version_id,)
             ).fetchone()
         if row is None:
-            raise ConfigError(f"model version {version_id!r} does not exist in {self.root}")
+            raise NotFoundError(f"model version {version_id!r} does not exist in {self.root}")
         return str(row[0]), str(row[1])
 
     def _read_manifest(self, version_id: int) -> dict[str, Any]:
@@ -425,7 +425,7 @@ class ModelRegistry:
         with self._transaction() as conn:
             current = self._current(conn)
             if current is None or current[2] is None:
-                raise ConfigError("nothing to roll back to: no earlier promoted version")
+                raise StateError("nothing to roll back to: no earlier promoted version")
             target = conn.execute(
                 "SELECT version_id, previous_seq FROM promotions WHERE seq = ?", (current[2],)
             ).fetchone()

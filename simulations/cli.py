@@ -10,11 +10,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
 import sys
 from collections.abc import Sequence
 
-from common.errors import ExitCode, FedshopError
+from common.errors import ExitCode, FedshopError, exit_code_table
+from common.flower_env import quiet_flower_environment
 
 COMMAND_MODULES: tuple[str, ...] = (
     "simulations.commands.simulate",
@@ -27,24 +27,13 @@ COMMAND_MODULES: tuple[str, ...] = (
     "simulations.commands.canary",
 )
 
-FLOWER_QUIET_ENV = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "RAY_USAGE_STATS_ENABLED": "0",
-}
-
-
-def quiet_flower_environment() -> None:
-    """Keep Flower and Ray offline: no telemetry, no update check, no per-run installs."""
-    for key, value in FLOWER_QUIET_ENV.items():
-        os.environ.setdefault(key, value)
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedshop",
         description="Privacy-preserving federated learning for e-commerce merchants.",
+        epilog=f"exit codes:\n{exit_code_table()}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

@@ -30,7 +30,7 @@ from client.inbox import ArrivalMode, Inbox
 from client.merchant import MerchantConfig
 from common.atomic import atomic_write_bytes, atomic_write_json
 from common.config import RunConfig
-from common.errors import ConfigError, FedshopError
+from common.errors import ConfigError, TrainingError
 from common.events import MERCHANT_ID, write_events
 from common.split import WEEK, with_weeks
 from server.online import OnlineSettings, StepResult, platform_keys, run_online
@@ -267,5 +267,5 @@ def simulate_online(
 
     run_server_app(layout, main, transport=transport, num_cpus_per_client=num_cpus_per_client)
     if not result:
-        raise FedshopError(f"the online simulation ended without results in {layout.root}")
+        raise TrainingError(f"the online simulation ended without results in {layout.root}")
     return result

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from common.config import RunConfig
-from common.errors import CheckpointError, FedshopError
+from common.errors import CheckpointError, TrainingError
 from server.federation import ServerSettings
 from server.platform import PlatformResult
 from simulations.provision import RunLayout
@@ -102,10 +102,10 @@ def simulate(
         num_cpus_per_client=num_cpus_per_client,
     )
     if not results:
-        raise FedshopError(f"the simulation ended without a result in {layout.root}; see the log")
+        raise TrainingError(f"the simulation ended without a result in {layout.root}; see the log")
     result = results[0]
     if result.completed and result.summary.get("aggregated_rounds", 0) == 0:
-        raise FedshopError(
+        raise TrainingError(
             f"no round had enough usable merchant updates; the model was never trained "
             f"(reasons per round in {layout.root / 'metrics.json'})"
         )

@@ -14,14 +14,15 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from test_ledger_support import build_ledger, make_release, run_cli, true_epsilons
+from test_ledger_support import build_ledger, make_release, true_epsilons
 
 from common.audit.budgets import budget_rows
 from common.audit.export import ExportFormat, export_entries
 from common.audit.verify import AuditResult, audit_ledgers
-from common.errors import ConfigError, IntegrityError, LedgerError
+from common.errors import ConfigError, ExitCode, IntegrityError, LedgerError
 from common.keys import load_signing_key, load_verify_key
 from common.ledger import ExpectedRelease, LedgerEntry, MerchantLedger, ServerLedger
+from simulations.cli import main as run_cli
 
 MERCHANTS = ("m1", "m2")
 ROUNDS = 4
@@ -329,6 +330,7 @@ def test_cli_verify_budgets_export(
     )
     assert (tmp_path / "e.csv").read_text().count("\n") == 9
     _tamper(root / "m2.sqlite", "UPDATE entries SET signature = ? WHERE seq = 3", ("0" * 128,))
-    assert run_cli(["audit", "verify", *common]) == 7
-    out = capsys.readouterr().out
-    assert "m2.sqlite: merchant m2 seq 3: signature does not verify" in out
+    assert run_cli(["audit", "verify", *common]) == ExitCode.INTEGRITY
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("fedshop: error: ledger verification failed")
+    assert "m2.sqlite: merchant m2 seq 3: signature does not verify" in err[0]

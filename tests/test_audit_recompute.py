@@ -95,3 +95,17 @@ def test_zero_noise_is_infinite_and_flagged(tmp_path: Path) -> None:
     assert math.isinf(row.rdp) and math.isinf(row.pld)
     assert row.flags
     assert math.isinf(pld_epsilon(entries, delta=1e-5))
+
+
+def test_cli_recompute_reports_under_reporting_as_a_privacy_violation(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from common.errors import ExitCode
+    from simulations.cli import main
+
+    _entries(tmp_path, [{"epsilon_after": 0.01}])  # the mechanism spends about 1.3 (PLD)
+    argv = ["audit", "recompute", "--ledger", str(tmp_path / "m1.sqlite")]
+    assert main([*argv, "--keys", str(tmp_path / "keys")]) == ExitCode.PRIVACY_VIOLATION
+    captured = capsys.readouterr()
+    assert "is below PLD" in captured.out
+    assert captured.err.startswith("fedshop: error: 1 entries under-report epsilon")

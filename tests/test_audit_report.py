@@ -10,10 +10,11 @@ import zlib
 from pathlib import Path
 
 import pytest
-from test_ledger_support import build_ledger, make_release, run_cli
+from test_ledger_support import build_ledger, make_release
 
 from common.keys import load_signing_key
 from common.ledger import MerchantLedger
+from simulations.cli import main as run_cli
 
 CHROMIUM = Path("/usr/bin/chromium")
 

@@ -359,9 +359,9 @@ def fake_report(**changes: Any) -> CanaryReport:
     ("argv", "report", "code"),
     [
         ([], fake_report(), ExitCode.OK),
-        ([], fake_report(epsilon_lower=1.5), ExitCode.INTEGRITY),
+        ([], fake_report(epsilon_lower=1.5), ExitCode.PRIVACY_VIOLATION),
         (["--no-noise"], fake_report(epsilon_lower=1.5, noise_used=0.0), ExitCode.OK),
-        (["--no-noise"], fake_report(noise_used=0.0), ExitCode.CONFIG),
+        (["--no-noise"], fake_report(noise_used=0.0), ExitCode.AUDIT_INCONCLUSIVE),
     ],
 )
 def test_cli_exit_codes(monkeypatch, capsys, tmp_path, argv, report, code):
@@ -374,5 +374,5 @@ def test_cli_exit_codes(monkeypatch, capsys, tmp_path, argv, report, code):
     printed = capsys.readouterr()
     assert "lower bound (95%)" in printed.out
     assert json.loads(out.read_text())["epsilon_lower"] == report.epsilon_lower
-    if code == ExitCode.INTEGRITY:
+    if code == ExitCode.PRIVACY_VIOLATION:
         assert "VIOLATION" in printed.err

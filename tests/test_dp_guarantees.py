@@ -55,9 +55,7 @@ def _entry(merchant) -> LedgerEntry:
         return ledger.entries()[-1]
 
 
-def test_same_data_same_request_different_secrets_release_different_weights(
-    small_layout, tmp_path
-):
+def test_same_data_same_request_different_secrets_release_different_weights(small_layout, tmp_path):
     merchant, twin = _twin(small_layout, tmp_path, "twin")
     request = _instruction(small_layout)
     a = run_merchant_round(request, merchant)
@@ -192,7 +190,10 @@ def test_one_record_moves_a_step_by_at_most_lr_times_2c_over_b(clipping_norm):
     base = _records(0, n)
     extreme = _records(99, 1)
     neighbour = RecordTensors(
-        *[torch.cat([t[:1] * 0 + e, t[1:]]) for t, e in zip(base.tensors(), extreme.tensors())]
+        *[
+            torch.cat([t[:1] * 0 + e, t[1:]])
+            for t, e in zip(base.tensors(), extreme.tensors(), strict=True)
+        ]
     )
     bound = lr * 2 * clipping_norm / n
     clipped = _distance(

@@ -122,7 +122,7 @@ def test_refusals_failures_and_silence_are_sorted_by_code_and_named(federation):
 
 
 def test_an_update_past_the_norm_bound_is_rejected_but_its_spend_is_kept(federation):
-    layout, fed, grid, ledger = federation
+    _layout, fed, _grid, ledger = federation
     tight = dataclasses.replace(
         fed.config, federation=dataclasses.replace(fed.config.federation, max_update_norm=1e-9)
     )
@@ -134,7 +134,7 @@ def test_an_update_past_the_norm_bound_is_rejected_but_its_spend_is_kept(federat
 
 
 def test_a_client_app_that_raises_is_a_named_failure(federation, monkeypatch):
-    layout, fed, grid, ledger = federation
+    layout, fed, _grid, ledger = federation
     arrays = initial_model(fed.config)
     fed.run_round(arrays, 1, ledger)
     import client.merchant_round
@@ -174,7 +174,8 @@ def test_reply_encoding_round_trip_and_acceptance_with_backlog(small_layout, tmp
     assert decoded.ledger_backlog == reply.ledger_backlog and len(decoded.ledger_backlog) == 1
     assert decoded.outcome is Outcome.TRAINED and "train-loss" not in decoded.metrics
     np.testing.assert_array_equal(
-        decoded.arrays["out.weight"], reply.arrays["out.weight"]  # type: ignore[index]
+        decoded.arrays["out.weight"],
+        reply.arrays["out.weight"],  # type: ignore[index]
     )
     with ServerLedger.open(tmp_path / "server.sqlite") as ledger:
         context = RoundContext(

@@ -9,6 +9,8 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -125,19 +127,41 @@ def test_reopen_history_find_and_wire_roundtrip(tmp_path: Path) -> None:
         assert LedgerEntry.from_wire(entry.to_wire()) == entry
 
 
-def test_two_openers_racing_to_create_one_ledger_both_succeed(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("openers", [2, 4])
+def test_openers_racing_to_create_one_ledger_all_succeed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, openers: int
 ) -> None:
-    """Both saw no file; the second to take the write lock must find the schema, not fail."""
+    """Threads open the same new ledger at once, on real SQLite locks. A barrier after each
+    has found no ledger and connected makes every one of them go on to create the schema:
+    whoever takes the write lock second must find it, not fail."""
     import common.ledger.store as ledger_store
 
-    path, entries = build_ledger(tmp_path, "m1", 2)
+    generate_keypair(tmp_path / "keys", name="m1")
     key = load_signing_key(tmp_path / "keys" / "m1.key")
-    real_exists = Path.exists
-    monkeypatch.setattr(Path, "exists", lambda self: False if self == path else real_exists(self))
-    assert not ledger_store.Path(path).exists()
+    path = tmp_path / "m1.sqlite"
+    barrier = threading.Barrier(openers, timeout=30)
+    real_connect = ledger_store._connect
+
+    def connect_then_wait(where: Path, *, read_only: bool) -> sqlite3.Connection:
+        conn = real_connect(where, read_only=read_only)
+        barrier.wait()
+        return conn
+
+    monkeypatch.setattr(ledger_store, "_connect", connect_then_wait)
+
+    def open_new() -> int:
+        with MerchantLedger.open(path, merchant_id="m1", signing_key=key) as ledger:
+            return ledger.last_seq
+
+    with ThreadPoolExecutor(openers) as pool:
+        assert list(pool.map(lambda _: open_new(), range(openers))) == [0] * openers
+    monkeypatch.undo()
     with MerchantLedger.open(path, merchant_id="m1", signing_key=key) as ledger:
-        assert ledger.entries() == entries
+        assert ledger.append(make_release(round=1)).seq == 1
+    build_ledger(tmp_path / "alone", "m1", 0)  # the same ledger, created by a lone opener
+    schema = "SELECT type, name, sql FROM sqlite_master ORDER BY name"
+    alone = sqlite3.connect(tmp_path / "alone" / "m1.sqlite").execute(schema).fetchall()
+    assert sqlite3.connect(path).execute(schema).fetchall() == alone
 
 
 def test_append_refusals_write_nothing(tmp_path: Path) -> None:
@@ -390,7 +414,7 @@ def test_server_open_detects_tampered_copy(tmp_path: Path) -> None:
 
 def test_wrong_kind_of_file_is_refused(tmp_path: Path) -> None:
     path, _ = build_ledger(tmp_path, "m1", 1)
-    with pytest.raises(ConfigError, match="merchant ledger"):
+    with pytest.raises(LedgerError, match="merchant ledger"):  # the wrong path, not tampering
         ServerLedger.open(path)
     junk = tmp_path / "junk.sqlite"
     junk.write_bytes(b"this is not a database" * 100)

@@ -63,23 +63,3 @@ def build_ledger(directory: Path, merchant_id: str, rounds: int) -> tuple[Path, 
     ) as ledger:
         entries = [ledger.append(make_release(merchant_id, r)) for r in range(1, rounds + 1)]
     return path, entries
-
-
-def run_cli(argv: list[str]) -> int:
-    """``fedshop keys|audit ...`` through the real registration and error mapping, without
-    importing the training stack."""
-    import argparse
-
-    from common.errors import FedshopError
-    from simulations.commands import audit, keys
-
-    parser = argparse.ArgumentParser(prog="fedshop")
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    keys.register(subparsers)
-    audit.register(subparsers)
-    args = parser.parse_args(argv)
-    try:
-        return int(args.handler(args))
-    except FedshopError as exc:
-        print(f"fedshop: error: {exc.one_line()}")
-        return int(exc.exit_code)

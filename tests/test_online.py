@@ -22,7 +22,7 @@ from common.keys import load_signing_key
 from common.ledger import MerchantLedger
 from common.metric_sums import MetricSums
 from common.model import arrays_sha256
-from common.protocol import EvalPart, Outcome, RefusalCode, TrainInstruction
+from common.protocol import Outcome, RefusalCode, TrainInstruction
 from server.federated_evaluation import EvaluationOutcome
 from server.federation import RoundOutcome, initial_model
 from server.online import OnlineLoop, OnlineSettings, platform_keys

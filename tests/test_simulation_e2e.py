@@ -6,10 +6,12 @@ import json
 import os
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tomli_w
 
 from common.keys import load_signing_key
 from common.ledger import MerchantLedger
@@ -89,7 +91,11 @@ def test_refusing_merchant_is_dropped_and_round_goes_on(tmp_path, small_override
     layout = provision(RunConfig.from_dict(apply_overrides({}, fixed)), run)
     stingy = layout.merchant_ids()[0]
     toml = layout.merchants / stingy / "merchant.toml"
-    toml.write_text(toml.read_text().replace("epsilon_cap = 3.0", "epsilon_cap = 0.05"))
+    table = tomllib.loads(toml.read_text(encoding="utf-8"))
+    assert table["merchant"]["epsilon_cap"] == 3.0
+    table["merchant"]["epsilon_cap"] = 0.05
+    toml.write_text(tomli_w.dumps(table), encoding="utf-8")
+    assert layout.merchant_config(stingy).epsilon_cap == 0.05
     result = fedshop("simulate", "--resume", str(run))
     assert result.returncode == 0, result.stderr[-3000:]
     rounds = json.loads((run / "metrics.json").read_text())["rounds"]

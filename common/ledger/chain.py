@@ -12,7 +12,7 @@ from typing import NamedTuple, overload
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from common.errors import ConfigError, IntegrityError
+from common.errors import IntegrityError
 from common.ledger.entry import (
     _HEX128,
     GENESIS_HASH,
@@ -23,7 +23,7 @@ from common.ledger.entry import (
     hashed_fields,
     parse_row,
 )
-from common.ledger.release import PrivacyRelease, _check_release, _release_values
+from common.ledger.release import PrivacyRelease, _check_release, _release_values, received
 
 
 @dataclass(frozen=True)
@@ -210,11 +210,13 @@ class VerifiedChain(Sequence[LedgerEntry]):
 def _summarise(row: LedgerRow) -> ReleaseSummary:
     """Check a stored release with exactly the rules of :func:`parse_row` (no dataclass is
     built: that halves the cost of auditing), keeping only what the budget table needs."""
+    fail = received("release_json")
     try:
-        values = _release_values(json.loads(row.release_json))
-        floats = _check_release(values)
-    except (ValueError, TypeError, ConfigError) as exc:
-        raise IntegrityError(f"release_json: {exc}") from None
+        data = json.loads(row.release_json)
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+    values = _release_values(data, fail)
+    floats = _check_release(values, fail)
     if values["merchant_id"] != row.merchant_id:
         raise IntegrityError("merchant_id column differs from the release's")
     return ReleaseSummary(
@@ -248,16 +250,18 @@ def verify_rows(
     return VerifiedChain.of_entries(rows, entries), finding
 
 
-def check_cohort_consistency(previous: Sequence[LedgerEntry], new: LedgerEntry) -> None:
-    """A cohort keeps one delta, privacy unit and accountant, so its epsilons compose."""
+def cohort_mismatch(previous: Sequence[LedgerEntry], new: LedgerEntry) -> str | None:
+    """Why ``new`` cannot join its cohort, or None: a cohort keeps one delta, privacy unit
+    and accountant, so its epsilons compose."""
     for old in previous:
         if old.release.cohort != new.release.cohort:
             continue
         for name in ("delta", "privacy_unit", "accountant"):
             if getattr(old.release, name) != getattr(new.release, name):
-                raise ConfigError(
+                return (
                     f"{name} {getattr(new.release, name)!r} differs from "
                     f"{getattr(old.release, name)!r} used earlier for cohort "
                     f"{new.release.cohort!r} (seq {old.seq}); use a new cohort name"
                 )
-        return
+        return None
+    return None

@@ -18,7 +18,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from common.canonical import canonical_json_text
-from common.errors import ConfigError, IntegrityError
+from common.errors import IntegrityError
 from common.ledger.release import _HEX64, PrivacyRelease
 
 GENESIS_HASH = "0" * 64
@@ -101,10 +101,7 @@ class LedgerEntry:
             )
         if data["format"] != WIRE_FORMAT:
             raise IntegrityError(f"format: expected {WIRE_FORMAT!r}, got {data['format']!r}")
-        try:
-            release = PrivacyRelease.from_dict(data["release"])
-        except (ConfigError, TypeError) as exc:
-            raise IntegrityError(f"release: {exc}") from None
+        release = PrivacyRelease.from_dict(data["release"], where="release")
         return cls._build(
             data["seq"], release, data["prev_hash"], data["entry_hash"], data["signature"]
         )
@@ -165,9 +162,9 @@ def parse_row(row: LedgerRow) -> LedgerEntry:
     """Turn a stored row into an entry; IntegrityError names the bad field."""
     try:
         data = json.loads(row.release_json)
-        release = PrivacyRelease.from_dict(data)
-    except (ValueError, TypeError, ConfigError) as exc:
+    except ValueError as exc:
         raise IntegrityError(f"release_json: {exc}") from None
+    release = PrivacyRelease.from_dict(data, where="release_json")
     # Hash and sign what is stored, byte for byte: skipping a re-serialisation keeps audits
     # fast, and stored text that is not canonical can only come from the key holder.
     release.__dict__["canonical_json"] = row.release_json

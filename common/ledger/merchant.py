@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from common.accounting import MechanismStep
 from common.errors import ConfigError, IntegrityError, PrivacyBudgetExceededError
 from common.keys import NAME_PATTERN
-from common.ledger.chain import check_cohort_consistency, verify_chain
+from common.ledger.chain import cohort_mismatch, verify_chain
 from common.ledger.entry import GENESIS_HASH, LedgerEntry, seal
 from common.ledger.release import PrivacyRelease
 from common.ledger.store import KIND_MERCHANT, _Closable, _insert, _open_store
@@ -79,7 +79,9 @@ class MerchantLedger(_Closable):
         seq = self.last_seq + 1
         prev_hash = self._entries[-1].chain_hash() if self._entries else GENESIS_HASH
         entry = seal(release, seq=seq, prev_hash=prev_hash, signing_key=self._key)
-        check_cohort_consistency(self._entries, entry)
+        mismatch = cohort_mismatch(self._entries, entry)
+        if mismatch is not None:
+            raise ConfigError(mismatch)
         _insert(conn, self.path, [entry])
         self._entries.append(entry)
         return entry

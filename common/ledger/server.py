@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from common.accounting import MechanismStep
 from common.errors import ConfigError, IntegrityError
-from common.ledger.chain import check_cohort_consistency, verify_chain
+from common.ledger.chain import cohort_mismatch, verify_chain
 from common.ledger.claims import claim_problem
 from common.ledger.entry import GENESIS_HASH, LedgerEntry
 from common.ledger.release import PrivacyRelease, _check_hex64, _check_int, _check_token
@@ -174,10 +174,9 @@ class ServerLedger(_Closable):
                     )
                 continue
             self._link(chain, entry, where)
-            try:
-                check_cohort_consistency(chain, entry)
-            except ConfigError as exc:
-                raise IntegrityError(f"{where}: {exc}") from None
+            mismatch = cohort_mismatch(chain, entry)
+            if mismatch is not None:
+                raise IntegrityError(f"{where}: {mismatch}")
             claim = claim_problem(chain, entry)
             if claim is not None:
                 raise IntegrityError(f"{where}: {claim}")

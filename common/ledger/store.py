@@ -10,7 +10,7 @@ from operator import itemgetter
 from pathlib import Path
 from typing import Any, Self
 
-from common.errors import ConfigError, FedshopError, IntegrityError, LedgerError
+from common.errors import FedshopError, IntegrityError, LedgerError
 from common.ledger.entry import LedgerEntry, LedgerRow
 
 LEDGER_FORMAT = "fedshop-ledger/2"  # 2: releases record their noise source and RDP bound
@@ -205,7 +205,7 @@ def _open_store(
         raise
     if data.kind != kind or data.merchant_id != merchant_id:
         conn.close()
-        raise ConfigError(
+        raise LedgerError(
             f"ledger {path} is a {data.kind} ledger for {data.merchant_id!r}, "
             f"not a {kind} ledger for {merchant_id!r}"
         )

@@ -10,7 +10,7 @@ from common.atomic import atomic_write_text
 from common.audit.budgets import budget_rows
 from common.audit.export import ExportFormat, export_entries
 from common.audit.verify import AuditResult, audit_ledgers
-from common.errors import ConfigError, LedgerError
+from common.errors import LedgerError, PrivacyViolationError
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -106,7 +106,9 @@ def _recompute(args: argparse.Namespace) -> int:
             f"RDP {r.rdp:.4f}: {'; '.join(r.flags) or 'ok'}"
         )
     if flagged:
-        raise ConfigError(f"{len(flagged)} entries under-report epsilon (see the list above)")
+        raise PrivacyViolationError(
+            f"{len(flagged)} entries under-report epsilon (see the list above)"
+        )
     return 0
 
 

@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from common.errors import ConfigError, IntegrityError
+from common.errors import AuditInconclusiveError, PrivacyViolationError
 
 if TYPE_CHECKING:
     from simulations.canary import CanaryConfig, CanaryReport
@@ -155,20 +155,18 @@ def _handle(args: argparse.Namespace) -> int:
     claim = f"{report.claimed_epsilon:.3f}"
     if config.noise_off:
         if not report.violation:
-            raise ConfigError(
+            raise AuditInconclusiveError(
                 f"negative control NOT caught: lower bound {report.epsilon_lower:.3f} <= claimed "
                 f"{claim}; the audit lacks power here (raise --epochs or --learning-rate)"
             )
         print(f"negative control caught: with noise off the bound exceeds the claim {claim}")
         return 0
     if report.violation:
-        error = IntegrityError(
+        raise PrivacyViolationError(
             f"VIOLATION: the trained model provably leaks epsilon >= "
             f"{report.epsilon_lower:.3f} at {report.confidence:.0%} confidence, more than the "
             f"claimed {claim}"
         )
-        error.hint = "the DP trainer does not deliver its claimed guarantee; see docs/canary.md"
-        raise error
     print(
         f"no violation found: the bound does not exceed the claim {claim} "
         "(this does not prove the claim; docs/canary.md)"
