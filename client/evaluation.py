@@ -64,13 +64,13 @@ class HeldOut:
     context: pd.DataFrame
 
 
-class NoEvaluationDataError(FedshopError):
-    """The merchant holds nothing for the part asked (not an error: a refusal)."""
+class NothingHeldOut(Exception):  # noqa: N818 - a refusal signal inside this module, not an error
+    """The merchant holds nothing for the part asked: it refuses (no fedshop error)."""
 
 
 def _read(path: Path | None, what: str, merchant: MerchantConfig) -> pd.DataFrame:
     if path is None:
-        raise NoEvaluationDataError(f"merchant {merchant.id} has no {what} in its configuration")
+        raise NothingHeldOut(f"merchant {merchant.id} has no {what} in its configuration")
     return read_events(path)
 
 
@@ -179,7 +179,7 @@ def evaluate_at_merchant(
         parts = {part for part, _ in instruction.tasks}
         data = held_out_data(merchant, parts, secret)
         if not data:
-            raise NoEvaluationDataError(
+            raise NothingHeldOut(
                 f"merchant {merchant.id} holds no events for {sorted(p.value for p in parts)}"
             )
         sums: dict[EvalPart, dict[str, MetricSums]] = {}
@@ -199,7 +199,7 @@ def evaluate_at_merchant(
                 label: _blur(value, std=merchant.evaluation_noise, rng=noise)
                 for label, value in scored.items()
             }
-    except NoEvaluationDataError as exc:
+    except NothingHeldOut as exc:
         return EvaluationReply(
             Outcome.REFUSED, merchant.id, code=RefusalCode.NO_EVALUATION_DATA.value, reason=str(exc)
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,5 +131,8 @@ def _write_layout(
         atomic_write_bytes(home / "merchant.toml", merchant_config.to_toml().encode())
     layout.server.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(layout.root / "merchants.json", json.dumps(sorted(parts)).encode())
+    # The run id names every release of this run directory (and the merchants' DP streams):
+    # fixed at creation, so a copy of the directory replays the same run.
+    atomic_write_bytes(layout.root / "run-id", uuid.uuid4().hex[:12].encode())
     atomic_write_bytes(layout.config, dump_toml(config.to_dict()).encode())
     log.info("provisioned %d merchants in %s", len(parts), layout.root)

@@ -334,3 +334,26 @@ def test_cli_verify_budgets_export(
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith("fedshop: error: ledger verification failed")
     assert "m2.sqlite: merchant m2 seq 3: signature does not verify" in err[0]
+
+
+def test_a_release_without_its_noise_source_fails_verification(tmp_path: Path) -> None:
+    """A release that does not say its noise came from the merchant's secret (as releases
+    written before merchant secrets existed) does not verify, even correctly hashed and signed
+    by the merchant."""
+    from common.ledger.entry import entry_hash_of, hashed_fields
+
+    path, entries = build_ledger(tmp_path, "m1", 2)
+    release = json.loads(entries[1].release.canonical_json)
+    del release["noise_source"]
+    body = json.dumps(release, sort_keys=True, separators=(",", ":"))
+    entry_hash = entry_hash_of(hashed_fields(body, seq=2, prev_hash=entries[1].prev_hash))
+    key = load_signing_key(tmp_path / "keys" / "m1.key")
+    signature = key.sign(bytes.fromhex(entry_hash)).hex()
+    _tamper(
+        path,
+        "UPDATE entries SET release_json = ?, entry_hash = ?, signature = ? WHERE seq = 2",
+        (body, entry_hash, signature),
+    )
+    result = audit_ledgers([path], keys_dir=tmp_path / "keys")
+    assert result.problem is not None and result.problem.seq == 2
+    assert "noise_source" in result.problem.reason

@@ -155,3 +155,31 @@ def test_release_the_platform_missed_travels_as_backlog(small_layout):
     assert second.ledger_backlog == (first.ledger_entry,)
     caught_up = run_merchant_round(request(small_layout, 3, second.arrays, server_seq=2), merchant)
     assert caught_up.ledger_backlog == ()
+
+
+@pytest.mark.parametrize("kind", ["pld", "rdp"])
+def test_the_recorded_accountant_is_the_one_that_calibrated_and_capped(small_layout, kind):
+    from common.accounting import AccountantKind
+
+    merchant = small_layout.merchant_config(small_layout.merchant_ids()[0])
+    config = RunConfig.from_toml(small_layout.config)
+    accountant = AccountantKind(kind)
+    config = dataclasses.replace(
+        config, privacy=dataclasses.replace(config.privacy, accountant=accountant)
+    )
+    reply = run_merchant_round(request(small_layout, 1, config=config), merchant)
+    (entry,) = entries(merchant)
+    release = entry.release
+    assert release.accountant is accountant
+    history = [release.mechanism_step]
+    assert release.epsilon_after == pytest.approx(
+        epsilon_spent(history, delta=release.delta, accountant=accountant)
+    )
+    assert release.epsilon_rdp == pytest.approx(
+        epsilon_spent(history, delta=release.delta, accountant=AccountantKind.RDP)
+    )
+    # calibrated by the named accountant: the planned rounds end just under the cap with it
+    planned = [MechanismStep(release.noise_multiplier, release.sample_rate, release.steps * 3)]
+    total = epsilon_spent(planned, delta=release.delta, accountant=accountant)
+    assert 0.97 * release.epsilon_cap <= total <= release.epsilon_cap * (1 + 1e-9)
+    assert reply.metrics["epsilon"] == release.epsilon_after

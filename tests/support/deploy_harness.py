@@ -190,8 +190,6 @@ class FedshopDeployment:
             "--online",
             "--set",
             f"online-config={online_toml}",
-            "--set",
-            f"validation-set={self.layout.server / 'eval-valid.npz'}",
         )
 
     def client(self, name: str) -> subprocess.Popen[bytes]:
