@@ -80,7 +80,7 @@ def run_platform(grid: Grid, settings: ServerSettings) -> dict[str, Any]:
     if history:
         write_metrics(settings.run_dir, history, summary)
         write_plots(settings.run_dir, history, settings.config.privacy.epsilon_cap)
-        log.info("per-round results:\n%s", round_table(history))
+        log.debug("per-round results:\n%s", round_table(history))
     atomic_write_bytes(settings.run_dir / "summary.json", json.dumps(summary, indent=1).encode())
     return summary
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import os
 import sys
 from collections.abc import Sequence
 
 from common.errors import ExitCode, FedshopError
+from simulations.console import configure_output
 
 COMMAND_MODULES: tuple[str, ...] = (
     "simulations.commands.simulate",
@@ -46,7 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fedshop",
         description="Privacy-preserving federated learning for e-commerce merchants.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also show debug logging, Flower's and Ray's output and library warnings",
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
@@ -57,13 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet_flower_environment()
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    for noisy in ("alembic", "filelock", "urllib3", "matplotlib"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    configure_output(verbose=args.verbose)
     try:
         code = args.handler(args)
     except FedshopError as exc:

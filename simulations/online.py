@@ -36,7 +36,7 @@ from client.merchant import MerchantConfig
 from client.merchant_round import TrainRequest
 from common.config import RunConfig
 from common.errors import ConfigError, FedshopError
-from common.events import CUSTOMER_ID, MERCHANT_ID, write_events
+from common.events import CUSTOMER_ID, MERCHANT_ID, TIMESTAMP, write_events
 from common.features import build_catalog, encode_events, evaluation_records, stable_hash
 from common.keys import load_verify_key
 from common.ledger import ExpectedRelease, ServerLedger
@@ -380,7 +380,7 @@ def online_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def simulate_online(
-    layout: RunLayout, spec: StreamSpec, *, num_cpus_per_client: float = 1.0
+    layout: RunLayout, spec: StreamSpec, *, num_cpus_per_client: float = 1.0, verbose: bool = False
 ) -> dict:
     """Offline rounds and the weekly stream in one Flower simulation; returns the summary."""
     from flwr.app import Context
@@ -391,12 +391,15 @@ def simulate_online(
     from common.arrays_io import npz_to_arrays
     from server.app import run_platform
     from server.online import FederationRunner
-    from simulations.runner import server_settings
+    from simulations.console import quiet_flower
+    from simulations.runner import backend_config, server_settings
 
     settings = server_settings(layout)
     config = settings.config
     enable_inboxes(layout, spec)
-    stream = WeeklyStream(load_events(config), config, spec)
+    events = load_events(config)
+    slices = layout.time_split().slice_numbers(events[TIMESTAMP])  # weeks unless data.slice_days
+    stream = WeeklyStream(events.assign(**{WEEK: slices}), config, spec)
     result: dict[str, Any] = {}
 
     server_app = ServerApp()
@@ -417,14 +420,12 @@ def simulate_online(
         write_online_results(layout.root, rows, summary)
         result.update(summary)
 
+    quiet_flower(verbose=verbose)
     run_simulation(
         server_app=server_app,
         client_app=client_app,
         num_supernodes=len(layout.merchant_ids()),
-        backend_config={
-            "client_resources": {"num_cpus": num_cpus_per_client, "num_gpus": 0.0},
-            "init_args": {"num_cpus": os.cpu_count() or 2, "include_dashboard": False},
-        },
+        backend_config=backend_config(num_cpus_per_client=num_cpus_per_client, verbose=verbose),
     )
     if not result:
         raise FedshopError(f"the online simulation ended without results in {layout.root}")

@@ -43,7 +43,7 @@ from common.events.schema import (
     TimeBounds,
     summarize,
 )
-from common.events.validate import apply_mapping, validate_events
+from common.events.validate import apply_mapping, parse_mapping, validate_events
 
 __all__ = [
     "ATTRIBUTE_COLUMNS",
@@ -77,6 +77,7 @@ __all__ = [
     "apply_mapping",
     "event_format",
     "import_events",
+    "parse_mapping",
     "read_events",
     "summarize",
     "validate_events",

@@ -150,13 +150,15 @@ def read_events(
     max_bytes: int = DEFAULT_MAX_BYTES,
     max_rows: int | None = None,
     merchant_id: str | None = None,
+    default_merchant_id: str | None = None,
     extra_columns: Sequence[str] = (),
     bounds: TimeBounds = DEFAULT_BOUNDS,
 ) -> pd.DataFrame:
     """Read a CSV (.csv, .csv.gz) or Parquet file into a validated canonical frame.
 
     The size is checked before reading; ``merchant_id`` fills that column for a file
-    that has none (a file that has one keeps it, and then passing one is an error).
+    that has none (a file that has one keeps it, and then passing one is an error);
+    ``default_merchant_id`` fills it only where the file has none.
     """
     path = Path(path)
     fmt = event_format(path)
@@ -168,6 +170,8 @@ def read_events(
     raw = apply_mapping(raw, mapping, source=str(path))
     if merchant_id is not None:
         raw = _with_merchant(raw, merchant_id, source=str(path))
+    elif default_merchant_id is not None and MERCHANT_ID not in raw.columns:
+        raw = _with_merchant(raw, default_merchant_id, source=str(path))
     return validate_events(
         raw, source=str(path), max_rows=max_rows, extra_columns=extra_columns, bounds=bounds
     )

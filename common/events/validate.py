@@ -205,6 +205,12 @@ def _check_columns(columns: list[str], *, source: str, extra_columns: Sequence[s
             if hint
             else f" (the file has: {', '.join(map(repr, columns)) or 'no columns'})"
         )
+        if name == MERCHANT_ID and not hint:
+            detail += (
+                f"; map a column to it (--map store={MERCHANT_ID}), name the merchant with "
+                "--merchant-id (data import), or give a folder with one file per merchant, "
+                "named after it (simulate --data FOLDER)"
+            )
         raise DataValidationError(
             f"missing required column {name!r}{detail}", file=source, column=name
         )
@@ -333,6 +339,19 @@ def _raise_first_problem(raw: pd.DataFrame, checked: Mapping[str, _Checked], sou
 
 
 # --------------------------------------------------------------------------- files
+
+
+def parse_mapping(items: Sequence[str]) -> dict[str, str]:
+    """``["qty=quantity", "notes=-"]`` -> ``{"qty": "quantity", "notes": "-"}``."""
+    mapping: dict[str, str] = {}
+    for item in items:
+        source, sep, target = item.partition("=")
+        if not sep or not source.strip() or not target.strip():
+            raise ConfigError(f"--map {item!r}: expected SRC=FIELD, e.g. --map qty=quantity")
+        if source.strip() in mapping:
+            raise ConfigError(f"--map: column {source.strip()!r} is mapped twice")
+        mapping[source.strip()] = target.strip()
+    return mapping
 
 
 def apply_mapping(

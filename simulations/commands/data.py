@@ -10,7 +10,13 @@ import argparse
 from typing import Any
 
 from common.errors import ConfigError
-from common.events import DEFAULT_MAX_BYTES, import_events, read_events, summarize
+from common.events import (
+    DEFAULT_MAX_BYTES,
+    import_events,
+    parse_mapping,
+    read_events,
+    summarize,
+)
 
 MIB = 1024 * 1024
 
@@ -48,19 +54,6 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         help="refuse files larger than this many MiB (default %(default).0f)",
     )
     parser.add_argument("--max-rows", type=int, default=None, help="refuse more data rows")
-
-
-def parse_mapping(items: list[str]) -> dict[str, str]:
-    """``["qty=quantity", "notes=-"]`` -> ``{"qty": "quantity", "notes": "-"}``."""
-    mapping: dict[str, str] = {}
-    for item in items:
-        source, sep, field = item.partition("=")
-        if not sep or not source.strip() or not field.strip():
-            raise ConfigError(f"--map {item!r}: expected SRC=FIELD, e.g. --map qty=quantity")
-        if source.strip() in mapping:
-            raise ConfigError(f"--map: column {source.strip()!r} is mapped twice")
-        mapping[source.strip()] = field.strip()
-    return mapping
 
 
 def _limits(args: argparse.Namespace) -> tuple[int, int | None]:
