@@ -11,7 +11,7 @@ import argparse
 import importlib
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from common.errors import ExitCode, FedshopError
 from simulations.console import configure_output
@@ -24,7 +24,6 @@ COMMAND_MODULES: tuple[str, ...] = (
     "simulations.commands.model",
     "simulations.commands.keys",
     "simulations.commands.audit",
-    "simulations.commands.canary",
 )
 
 FLOWER_QUIET_ENV = {
@@ -41,21 +40,35 @@ def quiet_flower_environment() -> None:
         os.environ.setdefault(key, value)
 
 
+VERBOSE = "also show debug logging, Flower's and Ray's output and library warnings"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedshop",
         description="Privacy-preserving federated learning for e-commerce merchants.",
     )
-    parser.add_argument(
-        "-v",
-        "--verbose",
-        action="store_true",
-        help="also show debug logging, Flower's and Ray's output and library warnings",
-    )
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
+    for _, command in commands(parser):
+        if command is not parser:
+            command.add_argument(
+                "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE
+            )
     return parser
+
+
+def commands(
+    parser: argparse.ArgumentParser, path: tuple[str, ...] = ("fedshop",)
+) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser]]:
+    """Every parser of the command tree with its path, the top level first."""
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from commands(sub, (*path, name))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -49,13 +49,13 @@ def configure_output(*, verbose: bool) -> None:
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     logging.captureWarnings(True)
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.WARNING)
     if verbose:
         warnings.simplefilter("default")
         return
     for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
         warnings.filterwarnings("ignore", category=category)
-    for name in LIBRARY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def quiet_flower(*, verbose: bool) -> None:
@@ -70,7 +70,9 @@ def quiet_flower(*, verbose: bool) -> None:
             flower.removeHandler(handler)
     flower.propagate = True
     flower.setLevel(logging.DEBUG if verbose else logging.WARNING)
-    if not verbose and not any(isinstance(f, _NoDeprecations) for f in flower.filters):
+    for old in [f for f in flower.filters if isinstance(f, _NoDeprecations)]:
+        flower.removeFilter(old)
+    if not verbose:
         flower.addFilter(_NoDeprecations())
 
 

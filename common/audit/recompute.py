@@ -10,7 +10,7 @@ cohort, are checked against PLD.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import dp_accounting
@@ -93,9 +93,14 @@ def recompute_cohort(merchant_id: str, entries: Sequence[LedgerEntry]) -> list[R
     return out
 
 
-def recompute_all(chains: Mapping[str, Sequence[LedgerEntry]]) -> list[Recomputed]:
+def recompute_all(
+    chains: Mapping[str, Sequence[LedgerEntry]],
+    *,
+    on_merchant: Callable[[], None] | None = None,
+) -> list[Recomputed]:
     """Every entry of every merchant+cohort, sorted by merchant, cohort and seq. Event-level
-    histories compose per cohort; customer-level ones across all of the merchant's cohorts."""
+    histories compose per cohort; customer-level ones across all of the merchant's cohorts.
+    ``on_merchant`` is called after each merchant (a progress display)."""
     out: list[Recomputed] = []
     for merchant_id in sorted(chains):
         chain = chains[merchant_id]
@@ -107,6 +112,8 @@ def recompute_all(chains: Mapping[str, Sequence[LedgerEntry]]) -> list[Recompute
                 cohorts.setdefault(entry.release.cohort, []).append(entry)
         for cohort in sorted(cohorts):
             out.extend(recompute_cohort(merchant_id, cohorts[cohort]))
+        if on_merchant is not None:
+            on_merchant()
     return out
 
 

@@ -64,7 +64,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "default, data.slice_days) through the merchants' inboxes with gated fine-tuning "
         "(default: every slice after training); writes online.csv and online.json",
     )
-    parser.add_argument("--stop-after-round", type=int, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--stop-after-round",
+        type=int,
+        metavar="N",
+        help="stop after round N (checkpointed); continue later with --resume",
+    )
     parser.set_defaults(handler=run)
 
 
