@@ -1,8 +1,9 @@
 """Each merchant's epsilon over its releases against its cap, as inline SVG.
 
 One small panel per merchant (small multiples stay readable at a hundred merchants): x is
-the release's position in the merchant's ledger, y the cumulative epsilon after it. Each
-cohort is one solid line; its cap is a dashed line of the same colour; a release above its
+the release's position in the merchant's ledger, y the cumulative epsilon after it (the
+axis is labelled at the caps). Each cohort is one solid line; its cap is a dashed line of
+the same colour; a release above its
 cap is marked red and the panel gets a red frame. Plain SVG written here, no scripts and no
 URLs, so the report opens offline and renders the same everywhere.
 """
@@ -71,7 +72,6 @@ def _axes(frame: _Frame, merchant_id: str) -> list[str]:
         f'<line x1="{LEFT}" y1="{TOP}" x2="{LEFT}" y2="{bottom}" class="axis"/>',
         f'<line x1="{LEFT}" y1="{bottom}" x2="{right}" y2="{bottom}" class="axis"/>',
         f'<text x="{LEFT - 4}" y="{bottom}" class="tick" text-anchor="end">0</text>',
-        f'<text x="{LEFT - 4}" y="{TOP + 4}" class="tick" text-anchor="end">{frame.top:.2f}</text>',
         f'<text x="{frame.x(1):.1f}" y="{bottom + 13}" class="tick" text-anchor="middle">1</text>',
         f'<text x="{frame.x(frame.releases):.1f}" y="{bottom + 13}" class="tick" '
         f'text-anchor="middle">{frame.releases}</text>',
@@ -118,6 +118,12 @@ def merchant_panel(
     top = max((max(p.epsilon, p.cap) for s in points.values() for p in s), default=1.0)
     frame = _Frame(releases, top * 1.08)
     shapes = _axes(frame, merchant_id)
+    caps = sorted({p.cap for series in points.values() for p in series})
+    shapes += [
+        f'<text x="{LEFT - 4}" y="{frame.y(cap) + 4:.1f}" class="tick" text-anchor="end">'
+        f"{cap:g}</text>"
+        for cap in caps[-3:]
+    ]
     for cohort in sorted(points):
         shapes += _cohort(frame, cohort, points[cohort], colours[cohort])
     over = over_cap(points)

@@ -48,13 +48,15 @@ def _fmt(value: float | None) -> str:
 
 def _verification(result: AuditResult) -> str:
     signed = "hashes, chain links and signatures" if result.signatures_checked else "hashes"
-    if result.pending:
+    if not result.pending:
+        server = "no server ledger compared"
+    elif sum(result.pending.values()):
         server = (
             f"merchant and server copies agree; {sum(result.pending.values())} merchant "
             "entries not (yet) on the server"
         )
     else:
-        server = "no server ledger compared"
+        server = "merchant and server copies agree"
     return (
         f"VERIFIED: {result.entries} entries of {len(result.chains)} merchants; "
         f"{signed} check out; {server}."
