@@ -69,9 +69,9 @@ class StreamSpec:
     rollback_tolerance: float = 0.02
 
     def __post_init__(self) -> None:
-        if not 1 <= self.first_week <= self.last_week <= 53:
+        if not 1 <= self.first_week <= self.last_week:  # the split bounds them (stream_range)
             raise ConfigError(
-                f"stream weeks must satisfy 1 <= first <= last <= 53, got "
+                f"stream slices must satisfy 1 <= first <= last, got "
                 f"{self.first_week}-{self.last_week}"
             )
         if not 0 < self.holdout_share < 1:

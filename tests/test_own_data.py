@@ -225,7 +225,8 @@ def test_explicit_dates_override_the_span(tmp_path: Path) -> None:
 
 def test_online_flag_is_checked_before_anything_is_provisioned(tmp_path: Path, capsys) -> None:
     path = write_one_file(tmp_path / "all.csv", shop_frames())
-    for spec, message in [("weeks", "FIRST-LAST"), ("2-60", "holds training events")]:
+    cases = [("weeks", "FIRST-LAST"), ("2-10", "holds training events"), ("50-90", "past the data")]
+    for spec, message in cases:
         out = tmp_path / f"run-{spec}"
         assert simulate_cli(path, out, "--online", spec) == ExitCode.CONFIG
         assert message in capsys.readouterr().err

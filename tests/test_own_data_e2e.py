@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from common.completejourney import load_all
@@ -103,3 +104,34 @@ def test_own_csv_with_other_names_simulates_resumes_and_audits(tmp_path: Path) -
     budgets = fedshop("audit", "budgets", "--ledger", *ledgers, "--keys", "keys", cwd=run)
     rows = [line for line in budgets.stdout.splitlines() if line.startswith("store-")]
     assert len(rows) == 3 and all(f"train:..{split['train']['end'][:10]}" in r for r in rows)
+
+
+def test_own_folder_streams_held_out_slices_online(tmp_path: Path) -> None:
+    """``--online`` on own files: weekly slices of the held-out time reach the inboxes."""
+    from test_own_data import MAP as SHOP_MAP
+    from test_own_data import shop_frames, write_folder
+
+    write_folder(tmp_path / "shops", shop_frames(3, 1500))
+    small = ["model.product_buckets=2048", "model.embedding_dim=8", "model.hidden_dim=16"]
+    sets = ["data.min_rows=1", "federation.rounds=1", "training.batch_size=256", *small]
+    result = fedshop(
+        "simulate",
+        "--data",
+        "shops",
+        *[arg for item in SHOP_MAP for arg in ("--map", item)],
+        *[arg for item in sets for arg in ("--set", item)],
+        "--out",
+        "run",
+        "--online",
+        "44-46",
+        cwd=tmp_path,
+    )
+    assert "online slices 44-46" in result.stdout
+    weeks = json.loads((tmp_path / "run" / "online.json").read_text())["weeks"]
+    assert [w["week"] for w in weeks] == [44, 45, 46]
+    assert all(len(w["trained"]) == 3 for w in weeks)
+    split = json.loads((tmp_path / "run" / "split.json").read_text())
+    inbox = sorted((tmp_path / "run" / "merchants" / "merchant-000" / "inbox").rglob("*.parquet"))
+    assert len(inbox) == 3, inbox
+    streamed = pd.concat(pd.read_parquet(path) for path in inbox)
+    assert streamed["timestamp"].min() >= pd.Timestamp(split["train"]["end"])  # no training

@@ -13,6 +13,7 @@ from common.config import RunConfig
 from common.configparse import apply_overrides, load_toml
 
 if TYPE_CHECKING:
+    from simulations.online import StreamSpec
     from simulations.provision import RunLayout
 
 
@@ -126,7 +127,7 @@ def _check_online_flags(args: argparse.Namespace) -> tuple[int, int] | None:
 
 def _provision(
     config: RunConfig, out: Path | None, *, online: bool, requested: tuple[int, int] | None
-) -> tuple[RunLayout, tuple[int, int] | None]:
+) -> tuple[RunLayout, StreamSpec | None]:
     """Load and check everything, then lay out the run; nothing is written on a bad input."""
     from common.datasets import load_dataset
     from common.events import TIMESTAMP
@@ -137,8 +138,10 @@ def _provision(
     dataset.parts()  # every merchant has training and test events
     stream = None
     if online:
+        from simulations.online import StreamSpec
+
         last_event = dataset.events[TIMESTAMP].max()
-        stream = stream_range(dataset.split, requested, last_event=last_event)
+        stream = StreamSpec(*stream_range(dataset.split, requested, last_event=last_event))
     out = out or Path("runs") / datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     layout = provision(config, out, dataset=dataset)
     print(f"split: {dataset.split.describe()}", flush=True)
@@ -162,10 +165,9 @@ def _run_offline(args: argparse.Namespace, layout: RunLayout, began: float) -> i
     return 0
 
 
-def _run_online(layout: RunLayout, slices: tuple[int, int], began: float, *, verbose: bool) -> int:
-    from simulations.online import StreamSpec, simulate_online
+def _run_online(layout: RunLayout, spec: StreamSpec, began: float, *, verbose: bool) -> int:
+    from simulations.online import simulate_online
 
-    spec = StreamSpec(*slices)
     summary = simulate_online(layout, spec, verbose=verbose)
     print(
         f"\nonline slices {spec.first_week}-{spec.last_week}: mean NDCG@10 "
