@@ -135,7 +135,6 @@ def _provision(
     from simulations.provision import provision
 
     dataset = load_dataset(config)
-    dataset.parts()  # every merchant has training and test events
     stream = None
     if online:
         from simulations.online import StreamSpec
