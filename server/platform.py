@@ -101,6 +101,6 @@ def run_platform(
     if history:
         write_metrics(settings.run_dir, history, summary)
         write_plots(settings.run_dir, history, settings.config.privacy.epsilon_cap)
-        log.info("per-round results:\n%s", round_table(history))
+        log.debug("per-round results:\n%s", round_table(history))  # the CLI prints it once
     atomic_write_json(settings.run_dir / "summary.json", summary)
     return PlatformResult(summary=summary, history=history, arrays=arrays)

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from common.errors import ExitCode, FedshopError, exit_code_table
 from common.flower_env import quiet_flower_environment
+from simulations.console import configure_output
 
 COMMAND_MODULES: tuple[str, ...] = (
     "simulations.commands.simulate",
@@ -24,8 +24,9 @@ COMMAND_MODULES: tuple[str, ...] = (
     "simulations.commands.model",
     "simulations.commands.keys",
     "simulations.commands.audit",
-    "simulations.commands.canary",
 )
+
+VERBOSE = "also show debug logging, Flower's and Ray's output and library warnings"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,24 +36,34 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=f"exit codes:\n{exit_code_table()}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
+    for _, command in commands(parser):
+        if command is not parser:
+            command.add_argument(
+                "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE
+            )
     return parser
+
+
+def commands(
+    parser: argparse.ArgumentParser, path: tuple[str, ...] = ("fedshop",)
+) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser]]:
+    """Every parser of the command tree with its path, the top level first."""
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from commands(sub, (*path, name))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     quiet_flower_environment()
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    for noisy in ("alembic", "filelock", "urllib3", "matplotlib"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    configure_output(verbose=args.verbose)
     try:
         code = args.handler(args)
     except FedshopError as exc:

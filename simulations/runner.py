@@ -14,7 +14,9 @@ from common.config import RunConfig
 from common.errors import CheckpointError, TrainingError
 from server.federation import ServerSettings
 from server.platform import PlatformResult
+from simulations.console import quiet_flower, ray_init_args
 from simulations.provision import RunLayout
+from simulations.watched_grid import watched
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +43,11 @@ def server_settings(layout: RunLayout, *, stop_after_round: int | None = None) -
     return replace(settings, run_id=run_id)
 
 
-def backend_config(num_cpus_per_client: float) -> dict[str, Any]:
+def backend_config(*, num_cpus_per_client: float, verbose: bool) -> dict[str, Any]:
+    """Flower's simulation back-end options: one CPU per merchant, quiet Ray unless verbose."""
     return {
         "client_resources": {"num_cpus": num_cpus_per_client, "num_gpus": 0.0},
-        "init_args": {"num_cpus": os.cpu_count() or 2, "include_dashboard": False},
+        "init_args": {"num_cpus": os.cpu_count() or 2, **ray_init_args(verbose=verbose)},
     }
 
 
@@ -54,6 +57,7 @@ def run_server_app(
     *,
     transport: Transport = Transport.FLOWER,
     num_cpus_per_client: float = 1.0,
+    verbose: bool = False,
 ) -> None:
     """Run ``main(grid)`` as the ServerApp of a simulation of ``layout``'s merchants."""
     from flwr.app import Context
@@ -75,11 +79,12 @@ def run_server_app(
     def _main(grid: Grid, context: Context) -> None:
         main(grid)
 
+    quiet_flower(verbose=verbose)
     run_simulation(
         server_app=server_app,
         client_app=client_app,
         num_supernodes=merchants,
-        backend_config=backend_config(num_cpus_per_client),
+        backend_config=backend_config(num_cpus_per_client=num_cpus_per_client, verbose=verbose),
     )
 
 
@@ -89,17 +94,28 @@ def simulate(
     stop_after_round: int | None = None,
     num_cpus_per_client: float = 1.0,
     transport: Transport = Transport.FLOWER,
+    verbose: bool = False,
 ) -> PlatformResult:
     """Run (or resume) the federation of ``layout``; returns the platform's result."""
+    from server.checkpoint import load_latest
     from server.platform import run_platform
 
     settings = server_settings(layout, stop_after_round=stop_after_round)
+    latest = load_latest(settings.checkpoints)
+    first_round = 1 if latest is None else latest.round + 1
     results: list[PlatformResult] = []
+
+    def main(grid: Any) -> None:
+        rounds = settings.config.federation.rounds
+        with watched(grid, rounds=rounds, first_round=first_round) as shown:
+            results.append(run_platform(shown, settings))
+
     run_server_app(
         layout,
-        lambda grid: results.append(run_platform(grid, settings)),
+        main,
         transport=transport,
         num_cpus_per_client=num_cpus_per_client,
+        verbose=verbose,
     )
     if not results:
         raise TrainingError(f"the simulation ended without a result in {layout.root}; see the log")

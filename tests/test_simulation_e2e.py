@@ -67,7 +67,7 @@ def test_simulation_trains_records_and_reports(tmp_path, small_overrides):
         assert log[-1].release.epsilon_after <= cap
     assert (run / "metrics.csv").read_text().count("\n") == 4
     assert (run / "plots" / "rounds.png").stat().st_size > 10_000
-    assert "eps max" in result.stdout and "test weeks" in result.stdout
+    assert "eps max" in result.stdout and "test period" in result.stdout
 
 
 def test_resume_equals_uninterrupted(tmp_path, small_overrides):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import dp_accounting
@@ -124,9 +124,18 @@ def recompute_chain(merchant_id: str, chain: Sequence[LedgerEntry]) -> list[Reco
     return out
 
 
-def recompute_all(chains: Mapping[str, Sequence[LedgerEntry]]) -> list[Recomputed]:
-    """Every entry of every merchant, sorted by merchant, composition group and seq."""
-    rows = [row for m in sorted(chains) for row in recompute_chain(m, list(chains[m]))]
+def recompute_all(
+    chains: Mapping[str, Sequence[LedgerEntry]],
+    *,
+    on_merchant: Callable[[], None] | None = None,
+) -> list[Recomputed]:
+    """Every entry of every merchant, sorted by merchant, composition group and seq.
+    ``on_merchant`` is called after each merchant (a progress display)."""
+    rows: list[Recomputed] = []
+    for merchant_id in sorted(chains):
+        rows.extend(recompute_chain(merchant_id, list(chains[merchant_id])))
+        if on_merchant is not None:
+            on_merchant()
     return sorted(rows, key=lambda r: (r.merchant_id, r.cohort, r.seq))
 
 

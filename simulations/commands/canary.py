@@ -1,4 +1,4 @@
-"""``fedshop audit canary`` (alias ``fedshop audit-canary``): the one-run canary audit.
+"""``fedshop audit canary``: the one-run canary audit.
 
 Trains one model with the DP trainer on real records plus randomly included canaries and prints
 the empirical lower bound on epsilon next to the accountant's claim (docs/canary.md). Torch and
@@ -23,11 +23,6 @@ SCORE_CHOICES = ("bias-shift", "margin")
 def register_canary(audit_subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``canary`` to the ``audit`` group."""
     _configure(audit_subparsers.add_parser("canary", help=_HELP, description=_DESCRIPTION))
-
-
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add the top-level ``audit-canary`` alias."""
-    _configure(subparsers.add_parser("audit-canary", help=_HELP, description=_DESCRIPTION))
 
 
 _HELP = "empirical lower bound on epsilon from one training run with canaries"

@@ -55,7 +55,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _register_server(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = subparsers.add_parser("server", help="run the platform's SuperLink and a training run")
+    p = subparsers.add_parser(
+        "server",
+        help="run the platform's SuperLink and a training run",
+        description="Start a TLS SuperLink with node authentication, allow-list the merchants' "
+        "node keys, submit the fedshop app, follow its log and exit with the run's status.",
+    )
     p.add_argument("--certs", type=Path, help="directory with server.crt, server.key, ca.crt")
     p.add_argument("--state", type=Path, required=True, help="SuperLink state and logs")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
@@ -101,7 +106,12 @@ ACTIVATION_RETRY_S = 5.0
 
 
 def _register_client(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = subparsers.add_parser("client", help="run one merchant's SuperNode")
+    p = subparsers.add_parser(
+        "client",
+        help="run one merchant's SuperNode",
+        description="Run one merchant's SuperNode: it connects to the platform over TLS with "
+        "its node key and trains on the merchant's own data under its own privacy budget.",
+    )
     p.add_argument("--config", type=Path, required=True, help="the merchant TOML")
     p.add_argument("--superlink", required=True, help="HOST:PORT of the platform's SuperLink")
     p.add_argument("--root-cert", type=Path, help="the platform's CA certificate (ca.crt)")
