@@ -90,3 +90,14 @@ def finetune(msg: Message, context: Context) -> Message:
     merchant = resolve_merchant(context, config)
     reply = run_finetune_round(parse_request(msg), merchant)
     return Message(content=reply_content(reply), reply_to=msg)
+
+
+@app.query("publish")
+def publish(msg: Message, context: Context) -> Message:
+    """A new serving version (or A/B candidate) from the platform (see client/publish.py)."""
+    from client.publish import publication_reply
+
+    config = msg.content[P.CONFIG]
+    assert isinstance(config, ConfigRecord)
+    reply = publication_reply(config, resolve_merchant(context, config))
+    return Message(content=reply, reply_to=msg)

@@ -7,10 +7,11 @@ epsilon than the cap here, never a larger one.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from client.inbox import ArrivalMode
+from client.serving.config import ServingConfig
 from common.accounting import PrivacyUnit
 from common.configparse import from_mapping, load_toml
 from common.errors import ConfigError
@@ -33,6 +34,8 @@ class MerchantConfig:
     inbox: Path | None = None  # online fine-tuning: the inbox root (see docs/online.md)
     inbox_arrival: ArrivalMode = ArrivalMode.STABLE  # how the inbox knows a file is complete
     stream_epsilon_cap: float = 1.0  # per stream cohort (event level); composes per customer
+    platform_key: Path | None = None  # pinned Ed25519 key that signs the models it may serve
+    serving: ServingConfig = field(default_factory=ServingConfig)  # [merchant.serving]
 
     def __post_init__(self) -> None:
         if not self.id or any(c in self.id for c in "/\\\0"):
@@ -58,6 +61,16 @@ class MerchantConfig:
     def outbox(self) -> Path:
         return self.state_dir / "outbox"
 
+    @property
+    def models_dir(self) -> Path:
+        """The merchant's mirror of the platform's registry (client/model_mirror.py)."""
+        return self.state_dir / "models"
+
+    @property
+    def serving_dir(self) -> Path:
+        """Impressions, purchases, attributions and the A/B key: never leave the merchant."""
+        return self.state_dir / "serving"
+
     @classmethod
     def from_toml(cls, path: Path) -> MerchantConfig:
         data = load_toml(path)
@@ -66,10 +79,9 @@ class MerchantConfig:
             raise ConfigError(
                 f"{path}: expected exactly one [merchant] table, found {sorted(data)}"
             )
-        table = dict(data["merchant"])
-        for key in ("data", "state_dir", "signing_key", "state-dir", "signing-key"):
-            if key in table and not Path(table[key]).is_absolute():
-                table[key] = str((path.parent / table[key]).resolve())
+        table = _resolve_paths(dict(data["merchant"]), path.parent, _PATH_KEYS)
+        if isinstance(table.get("serving"), dict):
+            table["serving"] = _resolve_paths(dict(table["serving"]), path.parent, _TLS_KEYS)
         try:
             return from_mapping(cls, table, prefix="merchant")
         except ConfigError as exc:
@@ -95,8 +107,35 @@ class MerchantConfig:
         }
         if self.inbox is not None:
             values["inbox"] = str(self.inbox)
+        if self.platform_key is not None:
+            values["platform_key"] = str(self.platform_key)
         lines = ["[merchant]"] + [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+        serving = {
+            name: value
+            for name, value in self.serving.__dict__.items()
+            if value != getattr(ServingConfig(), name)
+        }
+        if serving:
+            lines.append("\n[merchant.serving]")
+            lines += [f"{key} = {_toml_value(_plain(value))}" for key, value in serving.items()]
         return "\n".join(lines) + "\n"
+
+
+_PATH_KEYS = ("data", "state_dir", "signing_key", "inbox", "platform_key")
+_TLS_KEYS = ("tls_cert", "tls_key")
+
+
+def _resolve_paths(table: dict, base: Path, keys: tuple[str, ...]) -> dict:
+    """Relative paths in ``table`` are relative to the TOML file's directory."""
+    for key in keys:
+        for spelling in {key, key.replace("_", "-")}:
+            if isinstance(table.get(spelling), str) and not Path(table[spelling]).is_absolute():
+                table[spelling] = str((base / table[spelling]).resolve())
+    return table
+
+
+def _plain(value: object) -> object:
+    return str(value) if isinstance(value, Path) else value
 
 
 def _toml_value(value: object) -> str:
