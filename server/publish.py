@@ -156,12 +156,17 @@ def read_replies(serial: int, replies: list[Message]) -> PublishReport:
             continue
         status = reply.content[P.STATUS]
         assert isinstance(status, ConfigRecord)
-        merchant = str(status[P.MERCHANT_ID])
-        if str(status[P.OUTCOME]) == PublishOutcome.INSTALLED:
-            report.installed[merchant] = int(str(status[SERVING_KEY]))
-        else:
-            report.refused[merchant] = str(status[P.REASON])
+        record_answer(report, status)
     return report
+
+
+def record_answer(report: PublishReport, status: ConfigRecord) -> None:
+    """One merchant's status record: installed (and the version it serves) or refused."""
+    merchant = str(status[P.MERCHANT_ID])
+    if str(status[P.OUTCOME]) == PublishOutcome.INSTALLED:
+        report.installed[merchant] = int(str(status[SERVING_KEY]))
+    else:
+        report.refused[merchant] = str(status[P.REASON])
 
 
 def publish(

@@ -25,6 +25,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "simulations.commands.keys",
     "simulations.commands.audit",
     "simulations.commands.canary",
+    "simulations.commands.serve",
 )
 
 FLOWER_QUIET_ENV = {
