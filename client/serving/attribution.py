@@ -52,6 +52,8 @@ class AttributionCounts:
 
 
 def _incoming_rows(purchases: pd.DataFrame) -> list[tuple[bytes, str, str, int, float]]:
+    # nanoseconds, as in canonical frames: the event key must not depend on the time unit
+    purchases = purchases.assign(**{TIMESTAMP: purchases[TIMESTAMP].dt.as_unit("ns")})
     keys = event_keys(purchases)
     stamps = purchases[TIMESTAMP].astype("int64").to_numpy()
     revenue = (purchases[PRICE] * purchases[QUANTITY]).to_numpy(dtype=np.float64)
