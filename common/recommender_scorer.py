@@ -114,7 +114,8 @@ class RecommenderScorer:
         )
         self._w_log_repeats, self._w_repeated = hidden[:, 3 * d], hidden[:, 3 * d + 1]
         self._hidden_b, self._out_w = w["hidden.bias"], w["out.weight"][0]
-        self._rows_of_hash = pd.Series(np.arange(len(items))).groupby(items).agg(list).to_dict()
+        self._by_hash = np.argsort(items, kind="stable")  # catalogue rows sorted by hashed id
+        self._sorted_hashes = items[self._by_hash]
         self._customers, self._histories = _histories(events, spec)
         self._empty = np.zeros(spec.history_length, np.int64)
 
@@ -146,10 +147,11 @@ class RecommenderScorer:
         pre = self._item_vec @ mixing.T
         pre += self._w_u @ user + self._hidden_b
         hashes, counts = np.unique(present, return_counts=True)
-        for hashed, count in zip(hashes.tolist(), counts.tolist(), strict=True):
-            rows = self._rows_of_hash.get(hashed)
-            if rows is not None:
-                pre[rows] += self._w_log_repeats * np.float32(np.log1p(count)) + self._w_repeated
+        first = np.searchsorted(self._sorted_hashes, hashes, side="left")
+        last = np.searchsorted(self._sorted_hashes, hashes, side="right")
+        for start, stop, count in zip(first.tolist(), last.tolist(), counts.tolist(), strict=True):
+            rows = self._by_hash[start:stop]  # catalogue products with this hashed id, if any
+            pre[rows] += self._w_log_repeats * np.float32(np.log1p(count)) + self._w_repeated
         np.maximum(pre, 0.0, out=pre)
         return pre @ self._out_w + self._item_bias
 

@@ -149,7 +149,9 @@ class ServingRuntime:
         candidate = None
         if publication.candidate is not None and self.assigner.share > 0:
             candidate = self._scorer(publication.candidate, publication.model)
-        keep = {v for v in publication.versions()}
+        keep = set(publication.versions())  # and the versions serving now: a rollback is quick
+        if self._state is not None:
+            keep |= set(self._state.publication.versions())
         self._scorers = {v: s for v, s in self._scorers.items() if v in keep}
         return ServingState(publication, control, candidate, self._events.signature)
 

@@ -113,10 +113,19 @@ def _merchant(args: argparse.Namespace) -> MerchantConfig:
     return MerchantConfig.from_toml(args.config)
 
 
+def _one_blas_thread() -> None:
+    """Scoring is one small matrix product per customer: BLAS threads only contend (measured
+    1.4 ms per top-10 single-threaded against 9.7 ms with OpenBLAS's default on 2 cores)."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=1, user_api="blas")
+
+
 # -- recommend ----------------------------------------------------------------------------
 def run_recommend(args: argparse.Namespace) -> int:
     from client.serving.batch import load_scorer, read_customers, recommend_batch, write_rows
 
+    _one_blas_thread()
     merchant = _merchant(args)
     customers = [args.customer] if args.customer is not None else read_customers(args.customers)
     result = recommend_batch(load_scorer(merchant, args.version), customers, args.k)
@@ -163,6 +172,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from client.serving.runtime import ServingRuntime
     from client.serving.store import ServingStore
 
+    _one_blas_thread()
     merchant = _merchant(args)
     serving = merchant.serving
     host = args.host or serving.host
