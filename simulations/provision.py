@@ -51,6 +51,11 @@ class RunLayout:
     def server(self) -> Path:
         return self.root / "server"
 
+    @property
+    def platform_keys(self) -> Path:
+        """The platform's model-signing key pair (``platform.key``, ``platform.pub``)."""
+        return self.server / "platform-keys"
+
     def merchant_ids(self) -> list[str]:
         return list(json.loads((self.root / "merchants.json").read_text()))
 
@@ -125,12 +130,15 @@ def _write_layout(
     config: RunConfig, layout: RunLayout, parts: dict[str, dict[str, pd.DataFrame]]
 ) -> None:
     layout.keys.mkdir(parents=True)
+    # The key that signs model versions; each merchant pins a copy of its public half.
+    _, platform_public = generate_keypair(layout.platform_keys, name="platform")
     for merchant, split in parts.items():
         home = layout.merchants / merchant
         (home / "state").mkdir(parents=True)
         write_events(split["train"][CANONICAL], home / "events.parquet")
         private, public = generate_keypair(home, name=merchant)
         shutil.copy(public, layout.keys / f"{merchant}.pub")
+        shutil.copy(platform_public, home / "platform.pub")
         merchant_config = MerchantConfig(
             id=merchant,
             data=home / "events.parquet",
@@ -141,6 +149,7 @@ def _write_layout(
             privacy_unit=config.privacy.unit,
             cohort=f"train:w{config.data.train_weeks[0]:02d}-w{config.data.train_weeks[1]:02d}",
             allow_non_private=not config.privacy.enabled,
+            platform_key=home / "platform.pub",
         )
         atomic_write_bytes(home / "merchant.toml", merchant_config.to_toml().encode())
     for name, evaluation in evaluation_sets(config, parts).items():

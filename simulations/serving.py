@@ -17,9 +17,10 @@ from flwr.app import ConfigRecord
 from client.merchant import MerchantConfig
 from client.publish import publication_reply
 from common import protocol as P
-from common.keys import generate_keypair, load_signing_key
+from common.keys import load_signing_key
 from common.model_spec import ModelSpec
 from common.recommender_scorer import describe
+from server.online import platform_keys
 from server.publish import Publisher, PublishReport, SignedPublication, record_answer
 from server.registry import ModelRegistry
 
@@ -27,9 +28,7 @@ from server.registry import ModelRegistry
 def platform_registry(root: Path, *, keys: Path) -> tuple[ModelRegistry, Path]:
     """A registry under ``root`` signed by ``keys/platform.key`` (created if missing); returns
     it and the public key merchants pin."""
-    private, public = keys / "platform.key", keys / "platform.pub"
-    if not private.exists():
-        private, public = generate_keypair(keys, name="platform")
+    private, public = platform_keys(keys)
     key = load_signing_key(private)
     return ModelRegistry(root, signing_key=key, verify_key=key.public_key()), public
 
