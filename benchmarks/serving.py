@@ -113,6 +113,12 @@ def summary(samples: list[Sample], planned: int) -> dict[str, float]:
     }
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def train_locally(events, spec, seed: int):  # type: ignore[no-untyped-def]
     """The model trained on the store's own events (non-private), when no run is given."""
     import torch
@@ -251,7 +257,9 @@ def main() -> int:
     try:
         open_loop(port, paths, rate=args.rate, seconds=2.0)  # warm-up
         planned = int(args.rate * args.seconds)
+        cpu_before = cpu_seconds(process.pid)
         steady = open_loop(port, paths, rate=args.rate, seconds=args.seconds)
+        cpu_ms = (cpu_seconds(process.pid) - cpu_before) * 1000 / len(steady)
         swaps: list[float] = []
         schedule = [
             (0.25, ids[1], "promotion"),
@@ -312,6 +320,8 @@ def main() -> int:
         switches=switches,
         exit_code=exit_code,
         batch=(int(scored.group(1)), float(scored.group(2)), scored.group(3), batch_wall),
+        loadavg=os.getloadavg(),
+        cpu_ms=cpu_ms,
     )
     write_section(args.out, "serving-benchmark", body)
     print(body)
@@ -325,6 +335,8 @@ def render(**m) -> str:  # type: ignore[no-untyped-def]
         f"{os.cpu_count()} CPU cores, {platform.machine()}, Python {platform.python_version()}"
     )
 
+    load = ", ".join(f"{x:.1f}" for x in m["loadavg"])
+
     def row(name: str, r: dict) -> str:
         return (
             f"| {name} | {r['planned']:,} | {r['errors']} | {r['rate']:.1f} | {r['p50']:.1f} | "
@@ -337,7 +349,8 @@ def render(**m) -> str:  # type: ignore[no-untyped-def]
 
 Merchant: Complete Journey {m["store"]}, catalogue {m["catalogue"]:,} products (every product it
 sold in weeks 1-40), {m["households"]} households plus 10% unknown customer ids (cold start).
-Model: {m["model_note"]}. Machine: {machine}; the load generator and `fedshop serve` share it.
+Model: {m["model_note"]}. Machine: {machine}; the load generator and `fedshop serve` share it
+(load average over 1/5/15 minutes at the end: {load}; other work on the machine counts in it).
 Load: {args.rate:g} requests/s for {args.seconds:g} s per phase, open loop (latency from the
 scheduled send time), top-10 over the full catalogue on loopback.
 
@@ -345,6 +358,9 @@ scheduled send time), top-10 over the full catalogue on loopback.
 |---|---|---|---|---|---|---|---|---|
 {row("steady", s)}
 {row("3 hot swaps (promote, roll back, promote)", w)}
+
+CPU time of `fedshop serve` per request in the steady phase: {m["cpu_ms"]:.1f} ms (user + system,
+all threads; a figure that other work on the machine hardly changes).
 
 The responses of the hot-swap phase changed model version {m["switches"]} times (3 publications;
 concurrent requests around a swap may interleave). `fedshop serve` stopped with exit code

@@ -201,3 +201,22 @@ def test_histogram_buckets_are_cumulative() -> None:
         't_seconds_sum{op="a"} 3.65',
         't_seconds_count{op="a"} 4',
     ]
+
+
+def test_a_fault_of_the_service_is_a_counted_one_line_500(
+    world: World, runtime: ServingRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    world.publish(serving=world.register(1))
+    runtime.refresh()
+
+    def broken(customer_id: str, k: int) -> None:
+        raise RuntimeError("scorer exploded")
+
+    monkeypatch.setattr(runtime, "recommend", broken)
+    client = TestClient(create_app(runtime), raise_server_exceptions=False)
+    answer = client.get("/recommendations", params={"customer": "c1"})
+    assert answer.status_code == 500 and answer.json() == {
+        "error": "internal error (see the service log)"
+    }
+    text = client.get("/metrics").text
+    assert 'fedshop_serving_errors_total{endpoint="/recommendations",kind="server"} 1' in text
