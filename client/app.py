@@ -101,3 +101,14 @@ def publish(msg: Message, context: Context) -> Message:
     assert isinstance(config, ConfigRecord)
     reply = publication_reply(config, resolve_merchant(context, config))
     return Message(content=reply, reply_to=msg)
+
+
+@app.query("abevidence")
+def ab_evidence(msg: Message, context: Context) -> Message:
+    """Aggregate A/B counts for the platform's online gate (see client/serving/evidence.py)."""
+    from client.serving.evidence import evidence_reply
+
+    config = msg.content[P.CONFIG]
+    assert isinstance(config, ConfigRecord)
+    reply = evidence_reply(config, resolve_merchant(context, config))
+    return Message(content=reply, reply_to=msg)

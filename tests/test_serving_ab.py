@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import stat
 import sys
 from dataclasses import replace
@@ -179,3 +180,40 @@ def test_report_says_when_the_sample_is_too_small(tmp_path: Path) -> None:
     runtime.stop()
     assert "need >= 100" in report.too_small
     assert report.verdict.startswith("sample too small to conclude")
+
+
+def test_only_aggregate_evidence_leaves_and_it_feeds_the_online_gate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from client.serving.evidence import evidence_reply
+    from common import protocol as P
+    from common.ab_stats import pool
+    from server.ab_evidence import EvidenceReport, evidence_messages, online_gate, record_evidence
+
+    for name in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1)
+    world = make_world(tmp_path, customers=600)
+    runtime, v2 = serve_experiment(world, lift=0.3, customers=600)
+    runtime.stop()
+    (message,) = evidence_messages(v2, [3])
+    reply = evidence_reply(message.content[P.CONFIG], world.merchant)
+    status, metrics = reply[P.STATUS], reply[P.METRICS]
+    sent = dict(metrics)  # type: ignore[call-overload]
+    assert len(sent) == 2 * 3 * 6  # arms x metrics x (n, x, y, xx, yy, xy): numbers only
+    assert all(re.fullmatch(r"(control|candidate)/[a-z_@0-9]+/(n|x|y|xx|yy|xy)", k) for k in sent)
+    assert all(isinstance(v, float) for v in sent.values())
+
+    report = EvidenceReport(v2)
+    record_evidence(report, status, metrics)  # type: ignore[arg-type]
+    assert list(report.evidence) == [world.merchant.id]
+    local = ab_report(runtime.store, window=timedelta(days=7), min_customers=20)
+    assert report.evidence[world.merchant.id] == local.evidence
+    decision = online_gate(report.pooled(), min_customers=20)
+    assert decision.promote and "promoted" in decision.reason
+    worse = {"control": local.evidence["candidate"], "candidate": local.evidence["control"]}
+    assert not online_gate(pool([worse]), min_customers=20).promote
+    assert not online_gate(report.pooled(), min_customers=10_000).promote  # too small
+    record_evidence(report, status, {"control/hit_rate/n": 1.0, "bogus": 2.0})  # type: ignore[arg-type]
+    assert world.merchant.id in report.failed

@@ -11,12 +11,10 @@ the newest purchase the merchant reported, unless given) count. Per response:
 - *revenue-weighted hit rate*: revenue of joined purchases the response showed over revenue of
   all purchases joined to it (a ratio over all responses of the arm).
 
-Each metric is a ratio of per-customer sums ``sum(Y)/sum(X)``; its standard error is the delta
-method's, ``sqrt(n/(n-1) * sum((Y_c - R X_c)^2)) / sum(X)``, computed from the sufficient
-statistics ``n, sum X, sum Y, sum X^2, sum Y^2, sum XY`` alone. Those per-arm sums are the
+Each metric is a ratio of per-customer sums; the statistics (delta-method intervals, z test)
+come from the per-arm sufficient statistics alone (common/ab_stats.py). Those sums are the
 :attr:`AbReport.evidence`: aggregate counts that add up across merchants and may leave the
-merchant (for example as online evidence for the platform's promotion gate); nothing else here
-may. The test compares the arms with a two-sided z test on the difference of the ratios.
+merchant (as online evidence for the platform's promotion gate); nothing else here may.
 """
 
 from __future__ import annotations
@@ -31,78 +29,17 @@ import pandas as pd
 
 from client.serving.ab import Arm
 from client.serving.store import ServingStore
+from common.ab_stats import (
+    METRICS,
+    Comparison,
+    Estimate,
+    Evidence,
+    RatioSums,
+    compare,
+    sample_problems,
+)
 
-Z95 = 1.959963984540054
-Z80_POWER = 0.8416212335729143
 NDCG_AT = 10
-METRICS = ("hit_rate", "ndcg@10", "revenue_hit_rate")
-MIN_HITS = 10  # per arm, for the normal approximation to be trusted
-
-
-@dataclass(frozen=True)
-class RatioSums:
-    """Sufficient statistics of a ratio of per-customer sums (they add across merchants)."""
-
-    n: int = 0
-    x: float = 0.0
-    y: float = 0.0
-    xx: float = 0.0
-    yy: float = 0.0
-    xy: float = 0.0
-
-    @classmethod
-    def of(cls, x: np.ndarray, y: np.ndarray) -> RatioSums:
-        return cls(
-            len(x),
-            float(x.sum()),
-            float(y.sum()),
-            float((x * x).sum()),
-            float((y * y).sum()),
-            float((x * y).sum()),
-        )
-
-    def __add__(self, other: RatioSums) -> RatioSums:
-        return RatioSums(
-            self.n + other.n,
-            self.x + other.x,
-            self.y + other.y,
-            self.xx + other.xx,
-            self.yy + other.yy,
-            self.xy + other.xy,
-        )
-
-    def as_tuple(self) -> tuple[float, ...]:
-        return (self.n, self.x, self.y, self.xx, self.yy, self.xy)
-
-    def estimate(self) -> Estimate:
-        if self.x <= 0:
-            return Estimate(math.nan, math.nan, math.nan, math.nan)
-        ratio = self.y / self.x
-        if self.n < 2:
-            return Estimate(ratio, math.nan, math.nan, math.nan)
-        squares = max(0.0, self.yy - 2 * ratio * self.xy + ratio * ratio * self.xx)
-        se = math.sqrt(self.n / (self.n - 1) * squares) / self.x
-        return Estimate(ratio, se, ratio - Z95 * se, ratio + Z95 * se)
-
-
-@dataclass(frozen=True)
-class Estimate:
-    value: float
-    se: float
-    low: float
-    high: float
-
-
-@dataclass(frozen=True)
-class Comparison:
-    """Candidate minus control on one metric."""
-
-    metric: str
-    difference: float
-    low: float
-    high: float
-    p_value: float
-    minimum_detectable: float  # smallest true difference found with 80% power at this size
 
 
 @dataclass(frozen=True)
@@ -123,7 +60,7 @@ class AbReport:
     arms: dict[str, ArmResult] = field(default_factory=dict)
     comparisons: list[Comparison] = field(default_factory=list)
     too_small: str = ""
-    evidence: dict[str, dict[str, RatioSums]] = field(default_factory=dict)
+    evidence: Evidence = field(default_factory=dict)
 
     @property
     def verdict(self) -> str:
@@ -163,16 +100,6 @@ class AbReport:
                 for arm, sums in self.evidence.items()
             },
         }
-
-
-def compare(metric: str, control: RatioSums, candidate: RatioSums) -> Comparison:
-    a, b = control.estimate(), candidate.estimate()
-    se = math.sqrt(a.se**2 + b.se**2)
-    diff = b.value - a.value
-    if not (math.isfinite(se) and se > 0):
-        return Comparison(metric, diff, math.nan, math.nan, math.nan, math.nan)
-    p = math.erfc(abs(diff / se) / math.sqrt(2.0))
-    return Comparison(metric, diff, diff - Z95 * se, diff + Z95 * se, p, (Z95 + Z80_POWER) * se)
 
 
 def _responses(
@@ -261,7 +188,6 @@ def ab_report(
         return report
     responses, joined = _responses(store, experiment, int(window.total_seconds() * 1e9), as_of_ns)
     rows = per_response(responses, joined)
-    problems = []
     for arm in (Arm.CONTROL.value, Arm.CANDIDATE.value):
         part = rows[rows["arm"] == arm]
         sums = _arm_sums(part)
@@ -274,12 +200,7 @@ def ab_report(
             hits=int(part["hit"].sum()),
             metrics={metric: s.estimate() for metric, s in sums.items()},
         )
-        result = report.arms[arm]
-        if result.customers < min_customers:
-            problems.append(f"{arm} arm has {result.customers} customers (need >= {min_customers})")
-        if result.hits < MIN_HITS:
-            problems.append(f"{arm} arm has {result.hits} hits (need >= {MIN_HITS})")
-    report.too_small = "; ".join(problems)
+    report.too_small = sample_problems(report.evidence, min_customers)
     control, candidate_sums = (
         report.evidence[Arm.CONTROL.value],
         report.evidence[Arm.CANDIDATE.value],
