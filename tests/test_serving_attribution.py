@@ -160,3 +160,21 @@ def test_purchases_reach_the_inbox_once_whichever_way_they_come(tmp_path: Path) 
     other = purchases(("c1", "p1", later), merchant="someone-else")
     with pytest.raises(DataValidationError, match="someone-else"):
         record_purchases(other, merchant, store, source="api")
+
+
+def test_old_responses_are_forgotten_but_purchases_stay_known(store: ServingStore) -> None:
+    later = T0 + timedelta(hours=2)
+    attribute(store, purchases(("alice", "b", later)), window=WEEK, source="test")
+    assert store.prune(ns(T0 + timedelta(minutes=30))) == 2  # r1 and r3, not r2
+    counts = store.counts()
+    assert (counts["impressions"], counts["shown"], counts["purchases"]) == (1, 2, 1)
+    again = attribute(store, purchases(("alice", "b", later)), window=WEEK, source="test")
+    assert (again.purchases, again.already_known) == (0, 1)
+
+
+def test_retention_must_cover_the_attribution_window() -> None:
+    from client.serving.config import ServingConfig
+    from common.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="retention_days"):
+        ServingConfig(retention_days=3, attribution_window_hours=168)

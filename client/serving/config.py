@@ -21,6 +21,7 @@ class ServingConfig:
     max_k: int = 100
     ab_share: float = 0.0  # share of customers who get a published candidate (0 = no A/B test)
     attribution_window_hours: float = 168.0  # a purchase this long after a response joins it
+    retention_days: float = 60.0  # responses older than this are forgotten (>= the window)
     reload_interval_s: float = 1.0  # how often the service looks for a new publication
     min_customers_per_arm: int = 100  # below this an A/B report says the sample is too small
     max_purchase_rows: int = 10_000  # per POST /purchases request
@@ -37,6 +38,11 @@ class ServingConfig:
             )
         if not (math.isfinite(self.ab_share) and 0.0 <= self.ab_share <= 1.0):
             raise ConfigError(f"merchant.serving.ab_share must be in [0, 1], got {self.ab_share}")
+        if not self.retention_days * 24 >= self.attribution_window_hours:
+            raise ConfigError(
+                f"merchant.serving.retention_days ({self.retention_days}) must cover the "
+                f"attribution window ({self.attribution_window_hours} h)"
+            )
         for name in ("attribution_window_hours", "reload_interval_s"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):

@@ -29,7 +29,12 @@ class MerchantEvents:
 
 
 def signature(merchant: MerchantConfig) -> Signature:
-    info = merchant.data.stat()
+    try:
+        info = merchant.data.stat()
+    except FileNotFoundError:
+        raise DataValidationError(
+            "the merchant's data file does not exist", file=str(merchant.data)
+        ) from None
     cohorts = () if merchant.inbox is None else accepted_cohorts(merchant.inbox)
     return info.st_size, info.st_mtime_ns, tuple(c for c, _, _ in cohorts)
 

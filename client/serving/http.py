@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pandas as pd
-from fastapi import FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -90,15 +91,22 @@ def _validation_message(exc: RequestValidationError) -> str:
     return f"{where}: {first.get('msg', 'invalid')} (got {shown})"
 
 
-def _check_query(request: Request, allowed: tuple[str, ...]) -> str | None:
-    names = [name for name, _ in request.query_params.multi_items()]
-    unknown = sorted(set(names) - set(allowed))
-    if unknown:
-        return f"unknown query parameter(s) {unknown}; this endpoint takes {list(allowed)}"
-    repeated = sorted({n for n in names if names.count(n) > 1})
-    if repeated:
-        return f"query parameter(s) {repeated} given more than once"
-    return None
+def strict_query(*allowed: str) -> Callable[[Request], None]:
+    """A dependency that refuses unknown or repeated query parameters before anything else is
+    checked, so that a typo is named as such (not as a missing parameter)."""
+
+    def check(request: Request) -> None:
+        names = [name for name, _ in request.query_params.multi_items()]
+        unknown = sorted(set(names) - set(allowed))
+        if unknown:
+            raise HTTPException(
+                400, f"unknown query parameter(s) {unknown}; this endpoint takes {list(allowed)}"
+            )
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise HTTPException(400, f"query parameter(s) {repeated} given more than once")
+
+    return check
 
 
 class _Measure:
@@ -163,13 +171,10 @@ def create_app(runtime: ServingRuntime) -> FastAPI:
 
     @app.get("/recommendations", response_model=RecommendationResponse)
     def recommendations(
-        request: Request,
+        _strict: None = Depends(strict_query("customer", "k")),
         customer: str = Query(pattern=CUSTOMER_PATTERN, description="customer id"),
         k: int = Query(default=serving.default_k, ge=1, le=serving.max_k, description="items"),
     ) -> Any:
-        problem = _check_query(request, ("customer", "k"))
-        if problem:
-            return _error(400, problem)
         try:
             rec = runtime.recommend(customer, k)
         except NotServingError as exc:
@@ -188,10 +193,7 @@ def create_app(runtime: ServingRuntime) -> FastAPI:
         )
 
     @app.post("/purchases", response_model=PurchasesResponse)
-    def purchases(request: Request, body: PurchasesRequest) -> Any:
-        problem = _check_query(request, ())
-        if problem:
-            return _error(400, problem)
+    def purchases(body: PurchasesRequest, _strict: None = Depends(strict_query())) -> Any:
         if not body.events or len(body.events) > serving.max_purchase_rows:
             return _error(400, f"send 1 to {serving.max_purchase_rows} events per request")
         frame = pd.DataFrame([event.model_dump() for event in body.events])

@@ -33,6 +33,8 @@ from common.scoring import MerchantView, Scorer, build_scorer
 
 log = logging.getLogger(__name__)
 
+PRUNE_EVERY_S = 3600.0
+
 
 @dataclass(frozen=True)
 class ServingState:
@@ -94,11 +96,11 @@ class ServingRuntime:
     def refresh(self) -> bool:
         """Load a new publication or new events if there are any; True if the state changed."""
         with self._refresh_lock:
-            seen = (self.mirror.token(), signature(self.merchant))
-            if seen == self._seen:
-                return False
-            self._seen = seen
             try:
+                seen = (self.mirror.token(), signature(self.merchant))
+                if seen == self._seen:
+                    return False
+                self._seen = seen
                 state = self._build()
             except FedshopError as exc:
                 self.last_error = exc.one_line()
@@ -165,10 +167,22 @@ class ServingRuntime:
             self._scorers[version_id] = scorer
         return scorer
 
+    def prune(self) -> int:
+        """Forget responses older than the retention period."""
+        days = self.merchant.serving.retention_days
+        removed = self.store.prune(self._clock_ns() - int(days * 86400 * 1e9))
+        if removed:
+            log.info("serving: forgot %d responses older than %g days", removed, days)
+        return removed
+
     def _watch(self, interval: float) -> None:
+        next_prune = 0.0
         while not self._stop.wait(interval):
             try:
                 self.refresh()
+                if time.monotonic() >= next_prune:
+                    self.prune()
+                    next_prune = time.monotonic() + PRUNE_EVERY_S
             except Exception:  # a watcher that dies would freeze the served version for good
                 log.exception("serving: refresh failed; retrying")
 

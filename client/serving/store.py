@@ -39,6 +39,7 @@ CREATE TABLE IF NOT EXISTS impressions (
     known INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS impressions_by_customer ON impressions (customer, at_ns);
+CREATE INDEX IF NOT EXISTS impressions_by_candidate ON impressions (candidate, at_ns);
 CREATE TABLE IF NOT EXISTS shown (
     impression TEXT NOT NULL,
     rank INTEGER NOT NULL,
@@ -138,6 +139,17 @@ class ServingStore:
                     )
                 ],
             )
+
+    def prune(self, before_ns: int) -> int:
+        """Forget responses older than ``before_ns`` (and what they showed); purchases stay, so
+        a purchase reported again is still recognised. Returns the responses removed."""
+        with self.transaction() as conn:
+            conn.execute(
+                "DELETE FROM shown WHERE impression IN "
+                "(SELECT id FROM impressions WHERE at_ns < ?)",
+                (before_ns,),
+            )
+            return conn.execute("DELETE FROM impressions WHERE at_ns < ?", (before_ns,)).rowcount
 
     def counts(self) -> dict[str, int]:
         with self.connect() as conn:

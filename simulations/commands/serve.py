@@ -189,7 +189,9 @@ def run_serve(args: argparse.Namespace) -> int:
     )
     scheme = "https" if serving.tls else "http"
     state = runtime.state
-    version = "no model yet" if state is None else f"version {state.control.version_id}"
+    version = f"version {state.control.version_id}" if state is not None else "no model yet"
+    if state is None and runtime.last_error:
+        version += f": {runtime.last_error}"
     print(
         f"serving merchant {merchant.id} on {scheme}://{host}:{sock.getsockname()[1]} "
         f"({version}); docs at /docs",
