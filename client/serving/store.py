@@ -42,12 +42,11 @@ CREATE INDEX IF NOT EXISTS impressions_by_customer ON impressions (customer, at_
 CREATE INDEX IF NOT EXISTS impressions_by_candidate ON impressions (candidate, at_ns);
 CREATE TABLE IF NOT EXISTS shown (
     impression TEXT NOT NULL,
-    rank INTEGER NOT NULL,
     product TEXT NOT NULL,
+    rank INTEGER NOT NULL,
     score REAL NOT NULL,
-    PRIMARY KEY (impression, rank)
+    PRIMARY KEY (impression, product)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS shown_by_product ON shown (impression, product);
 CREATE TABLE IF NOT EXISTS purchases (
     key BLOB PRIMARY KEY,
     customer TEXT NOT NULL,
@@ -130,9 +129,9 @@ class ServingStore:
                 ],
             )
             conn.executemany(
-                "INSERT OR IGNORE INTO shown (impression, rank, product, score) VALUES (?,?,?,?)",
+                "INSERT OR IGNORE INTO shown (impression, product, rank, score) VALUES (?,?,?,?)",
                 [
-                    (i.id, rank, product, float(score))
+                    (i.id, product, rank, float(score))
                     for i in impressions
                     for rank, (product, score) in enumerate(
                         zip(i.products, i.scores, strict=True), start=1
