@@ -44,6 +44,11 @@ def ensure_assignment_key(directory: Path) -> bytes:
         handle.write(key)
         handle.flush()
         os.fsync(handle.fileno())
+    directory_fd = os.open(directory, os.O_RDONLY)  # the new name survives a power loss too
+    try:
+        os.fsync(directory_fd)
+    finally:
+        os.close(directory_fd)
     return key
 
 
