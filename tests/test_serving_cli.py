@@ -132,3 +132,54 @@ def test_ab_report_without_an_experiment_says_so(
     assert "verdict: no A/B test" in capsys.readouterr().out
     assert main(["ab", "report", "--config", config(world), "--as-of", "2030-01-01"]) == 3
     assert "needs a UTC offset" in capsys.readouterr().err
+
+
+def test_serve_speaks_tls_with_the_merchants_certificate(world: World) -> None:
+    import http.client
+    import json
+    import re
+    import signal
+    import ssl
+    import subprocess
+
+    from common.certs import init_ca, issue_server_cert
+
+    ca = init_ca(world.root / "ca")
+    tls = issue_server_cert(ca_dir=world.root / "ca", hosts=["127.0.0.1"], out=world.root / "tls")
+    world.with_serving(tls_cert=tls.cert, tls_key=tls.key)
+    world.publish(serving=world.register(1))
+    serve = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "simulations.cli",
+            "serve",
+            "--config",
+            config(world),
+            "--port",
+            "0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = serve.stdout.readline()  # type: ignore[union-attr]
+        assert line.startswith("serving merchant") and "https://127.0.0.1:" in line, line
+        port = int(re.search(r":(\d+) ", line).group(1))  # type: ignore[union-attr]
+        context = ssl.create_default_context(cafile=str(ca.cert))
+        secure = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=30)
+        secure.request("GET", "/recommendations?customer=anyone&k=2")
+        answer = secure.getresponse()
+        assert answer.status == 200 and len(json.loads(answer.read())["items"]) == 2
+        plain = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        with pytest.raises((http.client.HTTPException, ConnectionError)):
+            plain.request("GET", "/healthz")
+            plain.getresponse()
+        untrusting = ssl.create_default_context()  # the system's CAs do not know this one
+        stranger = http.client.HTTPSConnection("127.0.0.1", port, context=untrusting, timeout=30)
+        with pytest.raises(ssl.SSLCertVerificationError):
+            stranger.request("GET", "/healthz")
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        assert serve.wait(timeout=60) == 0
