@@ -235,3 +235,24 @@ def test_publish_over_a_grid_reports_each_merchant(platform, tmp_path: Path) -> 
     assert report.installed == {"m1": platform.ids[0]}
     assert set(report.refused) == {"m2"} and "does not verify" in report.refused["m2"]
     assert read_replies(1, []).installed == {}
+
+
+def test_the_clientapp_routes_query_publish_to_the_handler(platform, tmp_path: Path) -> None:
+    from flwr.app import Context, RecordDict
+
+    from client.app import app
+
+    shop = merchant(tmp_path, "m1", platform.public)
+    toml = tmp_path / "m1.toml"
+    toml.write_text(shop.to_toml())
+    (message,) = publish_messages(platform.publisher.sign(reason="v1"), [1])
+    context = Context(
+        run_id=1,
+        node_id=1,
+        node_config={"merchant-config": str(toml)},
+        state=RecordDict(),
+        run_config={},
+    )
+    reply = app(message, context)
+    report = read_replies(1, [reply])
+    assert report.installed == {"m1": platform.ids[0]}
