@@ -183,3 +183,18 @@ def test_serve_speaks_tls_with_the_merchants_certificate(world: World) -> None:
     finally:
         serve.send_signal(signal.SIGTERM)
         assert serve.wait(timeout=60) == 0
+
+
+def test_serve_names_a_certificate_that_does_not_load(
+    world: World, capsys: pytest.CaptureFixture
+) -> None:
+    from common.certs import init_ca
+
+    ca = init_ca(world.root / "ca")
+    world.with_serving(tls_cert=ca.cert, tls_key=world.root / "missing.key")
+    assert main(["serve", "--config", config(world), "--port", "0"]) == ExitCode.CONFIG
+    assert "missing.key does not exist" in capsys.readouterr().err
+    other = init_ca(world.root / "other-ca")
+    world.with_serving(tls_cert=ca.cert, tls_key=other.key)
+    assert main(["serve", "--config", config(world), "--port", "0"]) == ExitCode.CONFIG
+    assert "do not load as a certificate and its private key" in capsys.readouterr().err

@@ -12,6 +12,7 @@ import json
 import logging
 import signal
 import socket
+import ssl
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -165,6 +166,22 @@ def _listening_socket(host: str, port: int, *, tls: bool, allow_plaintext: bool)
     return sock
 
 
+def _check_tls(cert: Path | None, key: Path | None) -> None:
+    """Load the certificate and key the way the server will, to fail with one clear line."""
+    if cert is None or key is None:
+        return
+    for path in (cert, key):
+        if not path.is_file():
+            raise ConfigError(f"merchant.serving TLS file {path} does not exist")
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(
+            f"merchant.serving.tls_cert {cert} and tls_key {key} do not load as a certificate "
+            f"and its private key: {exc}"
+        ) from None
+
+
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -177,6 +194,7 @@ def run_serve(args: argparse.Namespace) -> int:
     serving = merchant.serving
     host = args.host or serving.host
     port = serving.port if args.port is None else args.port
+    _check_tls(serving.tls_cert, serving.tls_key)
     sock = _listening_socket(host, port, tls=serving.tls, allow_plaintext=args.allow_plaintext)
     runtime = ServingRuntime(merchant, store=ServingStore(merchant.serving_dir)).start()
     config = uvicorn.Config(
