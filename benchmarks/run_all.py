@@ -16,6 +16,8 @@ STEPS: list[list[str]] = [
     [PY, "-m", "simulations.cli", "simulate", "--online", "--out", "runs/online"],
     [PY, "benchmarks/online.py", "--offline-run", "runs/online", "--out", "runs/bench-online"],
     [PY, "benchmarks/freshness.py"],
+    # Serving latency with the online simulation's federated DP model.
+    [PY, "benchmarks/serving.py", "--model-run", "runs/online"],
     [PY, "benchmarks/ledger_scale.py"],
 ]
 

@@ -15,7 +15,7 @@ import json
 import logging
 from pathlib import Path
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.merchant import MerchantConfig
@@ -97,3 +97,29 @@ def finetune(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Federated evaluation on the merchant's own held-out events (see client/evaluation.py)."""
     return P.reply_to(msg, handle_evaluate(msg, context))
+
+
+def _query_merchant(msg: Message, context: Context) -> tuple[ConfigRecord, MerchantConfig]:
+    config = msg.content[P.CONFIG]
+    if not isinstance(config, ConfigRecord):
+        raise ConfigError("the query carries no configuration record")
+    simulation_dir = config.get(P.SIMULATION_DIR)
+    return config, resolve_merchant(context, str(simulation_dir) if simulation_dir else None)
+
+
+@app.query("publish")
+def publish(msg: Message, context: Context) -> Message:
+    """A new serving version (or A/B candidate) from the platform (see client/publish.py)."""
+    from client.publish import publication_reply
+
+    config, merchant = _query_merchant(msg, context)
+    return P.reply_to(msg, publication_reply(config, merchant))
+
+
+@app.query("abevidence")
+def ab_evidence(msg: Message, context: Context) -> Message:
+    """Aggregate A/B counts for the platform's online gate (see client/serving/evidence.py)."""
+    from client.serving.evidence import evidence_reply
+
+    config, merchant = _query_merchant(msg, context)
+    return P.reply_to(msg, evidence_reply(config, merchant))

@@ -152,6 +152,30 @@ def _no_fault(step: str) -> None:
     """Default fault hook; tests replace it to simulate a crash at ``step``."""
 
 
+def read_cohort_file(path: Path, sha256: str) -> pd.DataFrame:
+    """An accepted cohort's events, if the file still has the SHA-256 recorded at acceptance."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise IntegrityError(f"cohort file {path} is missing") from None
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise IntegrityError(f"cohort file {path} changed since it was accepted")
+    return pd.read_parquet(io.BytesIO(data))
+
+
+def accepted_cohorts(root: Path) -> list[tuple[str, Path, str]]:
+    """(cohort id, file, SHA-256) of each accepted cohort, oldest first, for readers in other
+    processes: opens the index read-only and changes nothing (unlike :class:`Inbox`, which
+    tidies up after crashes and must only run where the inbox is scanned)."""
+    index = Path(root) / INDEX_NAME
+    if not index.exists():
+        return []
+    with contextlib.closing(sqlite3.connect(f"file:{index}?mode=ro", uri=True)) as conn:
+        rows = conn.execute("SELECT cohort_id, parquet_sha256 FROM cohorts ORDER BY seq").fetchall()
+    accepted = Path(root) / "accepted"
+    return [(str(c), accepted / f"{c}.parquet", str(h)) for c, h in rows]
+
+
 class Inbox:
     """Turns dropped files into cohorts; one instance per merchant inbox directory.
 
@@ -469,14 +493,7 @@ class Inbox:
             ).fetchone()
         if row is None:
             raise NotFoundError(f"cohort {cohort_id!r} does not exist in {self.root}")
-        path = self.accepted_dir / f"{cohort_id}.parquet"
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise IntegrityError(f"cohort file {path} is missing") from None
-        if hashlib.sha256(data).hexdigest() != row[0]:
-            raise IntegrityError(f"cohort file {path} changed since it was accepted")
-        return pd.read_parquet(io.BytesIO(data))
+        return read_cohort_file(self.accepted_dir / f"{cohort_id}.parquet", str(row[0]))
 
     def load(self, cohort_ids: Sequence[str]) -> pd.DataFrame:
         """The events of ``cohort_ids`` (each file checked against its recorded hash)."""

@@ -7,12 +7,13 @@ epsilon than the cap here, never a larger one.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import tomli_w
 
 from client.inbox import ArrivalMode
+from client.serving.config import ServingConfig
 from common.accounting import PrivacyUnit
 from common.configparse import from_mapping, load_toml
 from common.errors import ConfigError
@@ -41,6 +42,8 @@ class MerchantConfig:
     test_data: Path | None = None  # weeks after `validation_data` (final test)
     holdout_share: float = 0.0  # online: share of customers kept out of fine-tuning for the gate
     evaluation_noise: float = 0.0  # std of Gaussian noise on every evaluation sum sent (0: none)
+    platform_key: Path | None = None  # pinned Ed25519 key that signs the models it may serve
+    serving: ServingConfig = field(default_factory=ServingConfig)  # [merchant.serving]
 
     def __post_init__(self) -> None:
         if not NAME_PATTERN.fullmatch(self.id):  # the ledger's rule, checked at load time
@@ -73,6 +76,16 @@ class MerchantConfig:
     def outbox(self) -> Path:
         return self.state_dir / "outbox"
 
+    @property
+    def models_dir(self) -> Path:
+        """The merchant's mirror of the platform's registry (client/model_mirror.py)."""
+        return self.state_dir / "models"
+
+    @property
+    def serving_dir(self) -> Path:
+        """Impressions, purchases, attributions and the A/B key: never leave the merchant."""
+        return self.state_dir / "serving"
+
     @classmethod
     def from_toml(cls, path: Path) -> MerchantConfig:
         data = load_toml(path)
@@ -81,10 +94,9 @@ class MerchantConfig:
             raise ConfigError(
                 f"{path}: expected exactly one [merchant] table, found {sorted(data)}"
             )
-        table = dict(data["merchant"])
-        for key in ("data", "state_dir", "signing_key", "inbox", "validation_data", "test_data"):
-            if key in table and not Path(table[key]).is_absolute():
-                table[key] = str((path.parent / table[key]).resolve())
+        table = _resolve_paths(dict(data["merchant"]), path.parent, _PATH_KEYS)
+        if isinstance(table.get("serving"), dict):
+            table["serving"] = _resolve_paths(dict(table["serving"]), path.parent, _TLS_KEYS)
         try:
             return from_mapping(cls, table, prefix="merchant")
         except ConfigError as exc:
@@ -110,7 +122,34 @@ class MerchantConfig:
             "holdout_share": self.holdout_share,
             "evaluation_noise": self.evaluation_noise,
         }
-        for name in ("inbox", "validation_data", "test_data"):
+        for name in ("inbox", "validation_data", "test_data", "platform_key"):
             if getattr(self, name) is not None:
                 values[name] = str(getattr(self, name))
+        serving = {
+            name: str(value) if isinstance(value, Path) else value
+            for name, value in self.serving.__dict__.items()
+            if value != getattr(ServingConfig(), name)
+        }
+        if serving:
+            values["serving"] = serving
         return tomli_w.dumps({"merchant": values})
+
+
+_PATH_KEYS = (
+    "data",
+    "state_dir",
+    "signing_key",
+    "inbox",
+    "validation_data",
+    "test_data",
+    "platform_key",
+)
+_TLS_KEYS = ("tls_cert", "tls_key")
+
+
+def _resolve_paths(table: dict, base: Path, keys: tuple[str, ...]) -> dict:
+    """Relative paths in ``table`` are relative to the TOML file's directory."""
+    for key in keys:
+        if isinstance(table.get(key), str) and not Path(table[key]).is_absolute():
+            table[key] = str((base / table[key]).resolve())
+    return table

@@ -24,6 +24,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "simulations.commands.model",
     "simulations.commands.keys",
     "simulations.commands.audit",
+    "simulations.commands.serve",
 )
 
 VERBOSE = "also show debug logging, Flower's and Ray's output and library warnings"

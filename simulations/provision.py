@@ -60,6 +60,11 @@ class RunLayout:
         """The train / valid / test periods and the slice calendar chosen at provisioning."""
         return TimeSplit.from_dict(json.loads(self.split.read_text()))
 
+    @property
+    def platform_keys(self) -> Path:
+        """The platform's model-signing key pair (``platform.key``, ``platform.pub``)."""
+        return self.server / "platform-keys"
+
     def merchant_ids(self) -> list[str]:
         return list(json.loads((self.root / "merchants.json").read_text()))
 
@@ -109,6 +114,8 @@ def _write_layout(
     time_split: TimeSplit,
 ) -> None:
     layout.keys.mkdir(parents=True)
+    # The key that signs model versions; each merchant pins a copy of its public half.
+    _, platform_public = generate_keypair(layout.platform_keys, name="platform")
     for merchant, split in parts.items():
         home = layout.merchants / merchant
         (home / "state").mkdir(parents=True)
@@ -122,6 +129,7 @@ def _write_layout(
                 write_events(split[part][CANONICAL], held[part])
         private, public = generate_keypair(home, name=merchant)
         shutil.copy(public, layout.keys / f"{merchant}.pub")
+        shutil.copy(platform_public, home / "platform.pub")
         merchant_config = MerchantConfig(
             id=merchant,
             data=home / "events.parquet",
@@ -134,6 +142,7 @@ def _write_layout(
             allow_non_private=not config.privacy.enabled,
             validation_data=held.get("valid"),
             test_data=held.get("test"),
+            platform_key=home / "platform.pub",
         )
         atomic_write_bytes(home / "merchant.toml", merchant_config.to_toml().encode())
     layout.server.mkdir(parents=True, exist_ok=True)

@@ -45,7 +45,9 @@ def test_sums_and_counts_for_validation_and_test(small_layout):
     decoded = EvaluationReply.from_content(content, tasks)
     assert decoded.sums[EvalPart.TEST]["global"] == reply.sums[EvalPart.TEST]["global"]
     keys = set(content["metrics"].keys())
-    assert all(k == "eval-seconds" or k.rsplit("|", 1)[1] in {"sum", "sumsq", "count"} for k in keys)
+    assert all(
+        k == "eval-seconds" or k.rsplit("|", 1)[1] in {"sum", "sumsq", "count"} for k in keys
+    )
 
 
 def test_a_merchant_with_nothing_held_out_refuses(small_layout):
