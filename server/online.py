@@ -39,11 +39,13 @@ from common.errors import ConfigError, StateError
 from common.keys import generate_keypair, load_signing_key, load_verify_key
 from common.ledger import ServerLedger
 from common.protocol import EvalPart
+from common.recommender_scorer import describe
 from server.drift import DriftConfig, decide
 from server.federated_evaluation import EvaluationOutcome
 from server.federation import Federation, RoundOutcome, ServerSettings
 from server.monitoring import EventLog, FedshopMetrics, MonitoringServer
 from server.platform import run_platform, settings_from_run_config
+from server.publish import Publisher, PublishReport, publish
 from server.registry import ModelRegistry, ModelVersion, PromotionAction
 from server.strategies import Strategy, build_strategy
 
@@ -120,6 +122,10 @@ class OnlineRuntime(Protocol):
 
     def epsilon_remaining(self) -> dict[str, float]: ...
 
+    def publish(self, publisher: Publisher, *, reason: str) -> PublishReport:
+        """Send the serving version to every merchant (their serving mirrors)."""
+        ...
+
 
 class FederationRuntime:
     """:class:`OnlineRuntime` over a Flower Grid (simulation, deployment, or in-process)."""
@@ -147,6 +153,16 @@ class FederationRuntime:
 
     def epsilon_remaining(self) -> dict[str, float]:
         return remaining_from_ledger(self.ledger)
+
+    def publish(self, publisher: Publisher, *, reason: str) -> PublishReport:
+        settings = self.federation.settings
+        return publish(
+            self.federation.grid,
+            publisher,
+            reason=reason,
+            timeout_s=self.federation.config.federation.round_timeout_s,
+            simulation_dir=settings.simulation_dir,
+        )
 
 
 @dataclass(frozen=True)
@@ -193,11 +209,14 @@ class OnlineLoop:
         self.config = config
         self.settings = settings
         self.runtime = runtime
+        signing_key = load_signing_key(settings.signing_key)
         self.registry = ModelRegistry(
             settings.registry_dir,
-            signing_key=load_signing_key(settings.signing_key),
+            signing_key=signing_key,
             verify_key=load_verify_key(settings.verify_key),
         )
+        # Every change of the serving version goes to the merchants, who serve it themselves.
+        self.publisher = Publisher(self.registry, signing_key, model=describe(config.model))
         self.strategy: Strategy = build_strategy(config.federation)
         self.metrics = metrics or FedshopMetrics()
         self.events = events or EventLog(
@@ -239,7 +258,18 @@ class OnlineLoop:
         self.registry.promote(version.id, reason="offline model: start of online fine-tuning")
         self.metrics.promoted(version.id)
         self.events.emit("online_bootstrap", version=version.id, round=round)
+        self._publish(f"version {version.id}: the offline model starts serving")
         return version
+
+    def _publish(self, reason: str) -> None:
+        report = self.runtime.publish(self.publisher, reason=reason)
+        self.events.emit(
+            "publication",
+            serial=report.serial,
+            installed=dict(report.installed),
+            refused=dict(report.refused),
+            failed=dict(report.failed),
+        )
 
     def serving(self) -> tuple[ModelVersion, Arrays]:
         version = self.registry.promoted()
@@ -272,6 +302,7 @@ class OnlineLoop:
         restored = self.registry.rollback(reason=reason)
         self.metrics.promoted(restored.id)
         self.events.emit("rollback", version=restored.id, replaced=serving.id, reason=reason)
+        self._publish(f"rollback to version {restored.id}: {reason}")
         return reason
 
     # -- one round ---------------------------------------------------------------
@@ -389,11 +420,12 @@ class OnlineLoop:
             metric=self.settings.gate_metric,
             tolerance=self.settings.gate_tolerance,
         )
-        if decision.promote:
-            self.metrics.promoted(version.id)
         self.events.emit(
             "gate", candidate=version.id, promoted=decision.promote, reason=decision.reason
         )
+        if decision.promote:
+            self.metrics.promoted(version.id)
+            self._publish(f"version {version.id} promoted: {decision.reason}")
         return StepResult(
             **base,
             candidate=version.id,

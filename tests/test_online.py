@@ -26,6 +26,7 @@ from common.protocol import Outcome, RefusalCode, TrainInstruction
 from server.federated_evaluation import EvaluationOutcome
 from server.federation import RoundOutcome, initial_model
 from server.online import OnlineLoop, OnlineSettings, platform_keys
+from server.publish import PublishReport
 from server.strategies import MerchantUpdate
 from simulations.online import (
     StreamSpec,
@@ -155,6 +156,7 @@ class ScriptedRuntime:
         self.rounds: list[int] = []
         self.target = target
         self.evaluations: list[tuple] = []
+        self.published: list[int] = []
 
     def train(self, arrays, rnd):
         self.rounds.append(rnd)
@@ -182,6 +184,11 @@ class ScriptedRuntime:
 
     def epsilon_remaining(self):
         return {"m0": 0.5, "m1": 0.5}
+
+    def publish(self, publisher, *, reason):
+        signed = publisher.sign(reason=reason)
+        self.published.append(signed.publication.serving)
+        return PublishReport(signed.publication.serial)
 
 
 def _loop(tmp_path: Path, runtime: ScriptedRuntime) -> OnlineLoop:
@@ -236,6 +243,8 @@ def test_loop_gates_promotes_keeps_and_rolls_back(tmp_path):
     assert rolled.serving_before == better.candidate and rolled.serving == start.id
     assert loop.serving()[0].id == start.id
     assert loop.metrics.store.value("fedshop_promoted_version") == start.id
+    # every change of the serving version went out to the merchants, and nothing else did
+    assert runtime.published == [start.id, better.candidate, start.id]
     assert loop.metrics.store.value("fedshop_rounds_total") == 4
     assert (
         loop.metrics.store.value("fedshop_refusals_total", merchant="late", reason="no-fresh-data")
@@ -285,6 +294,16 @@ def test_in_process_weeks_through_the_real_client_app(streaming):
     lines = (layout.root / "online.csv").read_text().splitlines()
     assert len(lines) == 3 and lines[0].startswith("week,auc,hr@10,ndcg@10,cases,")
     assert not any(p.name.startswith("eval-") for p in (layout.root / "server").iterdir())
+    # each merchant's serving mirror holds the version the platform serves
+    from client.model_mirror import ModelMirror
+    from common.keys import load_verify_key
+
+    serving = rows[-1]["serving"]
+    for merchant_id in layout.merchant_ids():
+        merchant = layout.merchant_config(merchant_id)
+        mirror = ModelMirror(merchant.models_dir, verify_key=load_verify_key(merchant.platform_key))
+        publication = mirror.publication()
+        assert publication is not None and publication.serving == serving
 
 
 def test_server_online_flag_passes_the_run_config_key(tmp_path):

@@ -88,6 +88,13 @@ def _schema_problem(conn: sqlite3.Connection) -> str | None:
     return None
 
 
+def _structure_problem(conn: sqlite3.Connection) -> str | None:
+    """SQLite's own check of pages and indexes: a damaged index can hide rows from one query
+    and show them to another, so a ledger is read only from a structurally sound file."""
+    rows = [str(r[0]) for r in conn.execute("PRAGMA quick_check(3)").fetchall()]
+    return None if rows == ["ok"] else f"the SQLite file is damaged ({'; '.join(rows)})"
+
+
 @dataclass(frozen=True)
 class LedgerFile:
     """Everything read from one ledger file in one pass, unverified."""
@@ -120,7 +127,7 @@ def _well_typed(row: tuple[Any, ...]) -> bool:
 
 
 def _read_all(conn: sqlite3.Connection, path: Path) -> LedgerFile:
-    problem = _schema_problem(conn)
+    problem = _schema_problem(conn) or _structure_problem(conn)
     if problem is not None:
         raise IntegrityError(f"ledger {path}: {problem}")
     meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
