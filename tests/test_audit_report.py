@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_ledger_support import build_ledger, make_release
+from test_ledger_support import build_ledger, make_release, true_epsilons
 
 from common.audit.chart import OVER_CAP, PALETTE, cohort_points, merchant_panel
 from common.keys import load_signing_key
@@ -56,9 +56,7 @@ def test_chart_points_follow_the_ledger_per_cohort(tmp_path: Path) -> None:
         chain = ledger.entries()
     points = cohort_points(chain)
     assert [(p.release, p.epsilon, p.cap) for p in points["train:w01-w40"]] == [
-        (1, 0.5, 8.0),
-        (2, 1.0, 8.0),
-        (3, 1.5, 8.0),
+        (r, true_epsilons(r)[0], 8.0) for r in (1, 2, 3)
     ]
     assert [(p.release, p.epsilon, p.cap) for p in points["stream:w45"]] == [(4, 0.9, 1.0)]
     panel = merchant_panel("m1", chain)

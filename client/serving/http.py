@@ -25,8 +25,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from client.serving.feedback import record_purchases
 from client.serving.metrics import ServingMetrics
-from client.serving.runtime import NotServingError, ServingRuntime
-from common.errors import DataValidationError
+from client.serving.runtime import ServingRuntime
+from common.errors import DataValidationError, StateError
 from common.events import MERCHANT_ID, validate_events
 from common.metrics_store import CONTENT_TYPE
 
@@ -177,7 +177,7 @@ def create_app(runtime: ServingRuntime) -> FastAPI:
     ) -> Any:
         try:
             rec = runtime.recommend(customer, k)
-        except NotServingError as exc:
+        except StateError as exc:
             return _error(503, str(exc))
         return RecommendationResponse(
             customer=customer,

@@ -27,7 +27,7 @@ from client.serving.feedback import attribute_new_cohorts
 from client.serving.history import MerchantEvents, Signature, load_events, signature
 from client.serving.metrics import ServingMetrics
 from client.serving.store import Impression, ImpressionWriter, ServingStore
-from common.errors import FedshopError
+from common.errors import FedshopError, StateError
 from common.publication import ModelDescriptor, Publication
 from common.scoring import MerchantView, Scorer, build_scorer
 
@@ -53,10 +53,6 @@ class Recommendation:
     products: tuple[str, ...]
     scores: tuple[float, ...]
     known: bool
-
-
-class NotServingError(FedshopError):
-    """No publication has reached this merchant yet (or none could be loaded)."""
 
 
 class ServingRuntime:
@@ -208,7 +204,7 @@ class ServingRuntime:
         """Top ``k`` for one customer from the arm it is assigned to; the response is logged."""
         state = self._state  # read once: the whole answer comes from one state
         if state is None:
-            raise NotServingError(
+            raise StateError(  # no publication has reached this merchant (or none loaded)
                 self.last_error or "no model version has been published to this merchant yet"
             )
         arm, scorer = Arm.CONTROL, state.control
