@@ -26,10 +26,9 @@ from client.dp_randomness import ensure_merchant_secret, load_merchant_secret
 from client.holdout import held_out
 from client.inbox import Cohort, Inbox
 from client.merchant import MerchantConfig
-from client.merchant_round import run_merchant_round
+from client.merchant_round import open_merchant_ledger, run_merchant_round
 from common.errors import ConfigError, FedshopError, IntegrityError
 from common.events import CUSTOMER_ID
-from common.keys import load_signing_key
 from common.ledger import MerchantLedger
 from common.protocol import FailureCode, MerchantReply, Outcome, RefusalCode, TrainInstruction
 
@@ -45,18 +44,11 @@ class CohortChoice:
     reason: str
 
 
-def releases_per_cohort(merchant: MerchantConfig) -> dict[str, int]:
-    """How many signed releases each cohort already took part in (from the merchant's ledger)."""
-    if not merchant.ledger_path.exists():
-        return {}
-    with MerchantLedger.open(
-        merchant.ledger_path,
-        merchant_id=merchant.id,
-        signing_key=load_signing_key(merchant.signing_key),
-    ) as ledger:
-        counts: dict[str, int] = {}
-        for entry in ledger.entries():
-            counts[entry.release.cohort] = counts.get(entry.release.cohort, 0) + 1
+def releases_per_cohort(ledger: MerchantLedger) -> dict[str, int]:
+    """How many signed releases each cohort already took part in."""
+    counts: dict[str, int] = {}
+    for entry in ledger.entries():
+        counts[entry.release.cohort] = counts.get(entry.release.cohort, 0) + 1
     return counts
 
 
@@ -105,14 +97,28 @@ def _training_frame(merchant: MerchantConfig, inbox: Inbox, cohort: Cohort) -> p
 def run_finetune_round(
     instruction: TrainInstruction, merchant: MerchantConfig, *, now: datetime | None = None
 ) -> MerchantReply:
-    """Scan the inbox, pick a cohort, train on it or refuse (never raises expected failures)."""
+    """Scan the inbox, pick a cohort, train on it or refuse (never raises expected failures).
+    The merchant's ledger is opened (and verified) once for the whole round."""
+    try:
+        ledger = open_merchant_ledger(merchant)
+    except FedshopError as exc:
+        log.error("merchant %s fine-tuning failed: %s", merchant.id, exc.one_line())
+        code = FailureCode.INTEGRITY if isinstance(exc, IntegrityError) else FailureCode.DATA
+        return MerchantReply(Outcome.FAILED, merchant.id, code.value, exc.one_line())
+    with ledger:
+        return _finetune(instruction, merchant, ledger, now or datetime.now(UTC))
+
+
+def _finetune(
+    instruction: TrainInstruction, merchant: MerchantConfig, ledger: MerchantLedger, now: datetime
+) -> MerchantReply:
     try:
         inbox = _inbox(merchant, instruction)
-        report = inbox.scan(now=now or datetime.now(UTC))
+        report = inbox.scan(now=now)
         for bad in report.quarantined:
             log.warning("merchant %s: quarantined %s: %s", merchant.id, bad.name, bad.reason)
         choice = choose_cohort(
-            inbox.cohorts(), releases_per_cohort(merchant), rounds=instruction.planned_rounds
+            inbox.cohorts(), releases_per_cohort(ledger), rounds=instruction.planned_rounds
         )
         if choice.cohort is None:
             assert choice.code is not None
@@ -138,7 +144,7 @@ def run_finetune_round(
         cohort=cohort.cohort_id,
         epsilon_cap=min(merchant.stream_epsilon_cap, merchant.epsilon_cap),
     )
-    reply = run_merchant_round(instruction, stream, data=data)
+    reply = run_merchant_round(instruction, stream, data=data, ledger=ledger)
     if reply.outcome is Outcome.REFUSED:
         return replace(reply, reason=f"cohort {cohort.cohort_id}: {reply.reason}")
     if reply.outcome is Outcome.TRAINED:

@@ -12,6 +12,7 @@ platform cannot replay the round, while the merchant replays it exactly.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass
@@ -88,6 +89,16 @@ def library_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             versions[name] = "unknown"
     return versions
+
+
+def open_merchant_ledger(merchant: MerchantConfig) -> MerchantLedger:
+    """The merchant's ledger, opened and verified (hash chain and signatures)."""
+    merchant.state_dir.mkdir(parents=True, exist_ok=True)
+    return MerchantLedger.open(
+        merchant.ledger_path,
+        merchant_id=merchant.id,
+        signing_key=load_signing_key(merchant.signing_key),
+    )
 
 
 def merchant_secret(merchant: MerchantConfig, ledger: MerchantLedger) -> MerchantSecret:
@@ -229,15 +240,17 @@ def run_merchant_round(
     merchant: MerchantConfig,
     *,
     data: PreparedData | None = None,
+    ledger: MerchantLedger | None = None,
 ) -> MerchantReply:
     """Train one round or refuse; never raises for expected failures.
 
     ``data`` is the merchant's prepared training data when the caller already holds it (an
     inbox cohort read once, from the bytes whose hash was checked); otherwise it is read from
-    ``merchant.data``.
+    ``merchant.data``. ``ledger`` is the merchant's ledger when the caller already opened (and
+    verified) it; otherwise it is opened here.
     """
     try:
-        return _run(instruction, merchant, data)
+        return _run(instruction, merchant, data, ledger)
     except PrivacyBudgetExceededError as exc:
         log.warning("%s", exc)
         return MerchantReply(Outcome.REFUSED, merchant.id, RefusalCode.BUDGET.value, str(exc))
@@ -248,7 +261,10 @@ def run_merchant_round(
 
 
 def _run(
-    instruction: TrainInstruction, merchant: MerchantConfig, data: PreparedData | None
+    instruction: TrainInstruction,
+    merchant: MerchantConfig,
+    data: PreparedData | None,
+    open_ledger: MerchantLedger | None,
 ) -> MerchantReply:
     if arrays_sha256(instruction.arrays) != instruction.model_in_sha256:
         raise IntegrityError("received model does not match its announced hash")
@@ -259,10 +275,8 @@ def _run(
     merchant.state_dir.mkdir(parents=True, exist_ok=True)
     if not config.privacy.enabled:
         return _run_non_private(instruction, merchant, data)
-    with MerchantLedger.open(
-        merchant.ledger_path,
-        merchant_id=merchant.id,
-        signing_key=load_signing_key(merchant.signing_key),
+    with (
+        contextlib.nullcontext(open_ledger) if open_ledger else open_merchant_ledger(merchant)
     ) as ledger:
         secret = merchant_secret(merchant, ledger)
         existing = ledger.find(instruction.run_id, instruction.round)

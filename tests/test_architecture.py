@@ -95,3 +95,99 @@ def test_merchant_only_detector_sees_reads(tmp_path):
         "read_parquet",
         "events.parquet",
     }
+
+
+PROJECT = ("common", "client", "server", "simulations")
+
+
+def module_name(path: Path, root: Path = ROOT) -> str:
+    parts = path.relative_to(root).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def project_imports(path: Path, modules: set[str], *, root: Path = ROOT) -> set[str]:
+    """Every project module ``path`` imports, at any depth in the file (an import inside a
+    function is still an import), relative imports resolved."""
+    name = module_name(path, root)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")
+                anchor = anchor[: len(anchor) - (node.level - 1)]
+                base = ".".join([*anchor, base] if base else anchor)
+            names = [base, *(f"{base}.{alias.name}" for alias in node.names)]
+        else:
+            continue
+        for name in names:
+            while name and name not in modules:
+                name = name.rpartition(".")[0]
+            if name:
+                found.add(name)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    files = [p for package in PROJECT for p in (ROOT / package).rglob("*.py")]
+    modules = {module_name(p) for p in files}
+    graph = {module_name(p): project_imports(p, modules) for p in files}
+    # importing a submodule runs its package's __init__ first, but that is not a dependency edge
+    return {m: {d for d in deps if d != m and not m.startswith(d + ".")} for m, deps in graph.items()}
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in sorted(graph.get(node, ())):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                top = stack.pop()
+                on_stack.discard(top)
+                component.append(top)
+                if top == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_no_import_circle_anywhere():
+    assert cycles(import_graph()) == []
+
+
+def test_cycle_detector_sees_function_level_and_relative_imports(tmp_path):
+    assert cycles({"a.x": {"a.y"}, "a.y": {"a.z"}, "a.z": {"a.x"}, "b": {"a.x"}}) == [
+        ["a.x", "a.y", "a.z"]
+    ]
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "one.py").write_text("def f():\n    from pkg.two import g\n")
+    (package / "two.py").write_text("from . import one\n")
+    modules = {"pkg", "pkg.one", "pkg.two"}
+    assert project_imports(package / "one.py", modules, root=tmp_path) == {"pkg.two"}
+    assert project_imports(package / "two.py", modules, root=tmp_path) == {"pkg", "pkg.one"}
