@@ -3,9 +3,12 @@ each own a part of ``docs/results.md`` without overwriting the others' figures."
 
 from __future__ import annotations
 
-import os
 import re
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common.atomic import atomic_write_text  # noqa: E402
 
 
 def _markers(name: str) -> tuple[str, str]:
@@ -31,6 +34,4 @@ def write_section(path: Path, name: str, body: str) -> None:
         text = text.replace(current, block)
     else:
         text = text.rstrip("\n") + "\n\n" + block
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text.rstrip("\n") + "\n")
-    os.replace(partial, path)
+    atomic_write_text(path, text.rstrip("\n") + "\n")

@@ -36,6 +36,7 @@ from common.split import WEEK, with_weeks
 from server.online import OnlineSettings, StepResult, platform_keys, run_online
 from simulations.provision import CANONICAL, RunLayout, load_events
 from simulations.runner import Transport, run_server_app, server_settings
+from simulations.watched_grid import watched
 
 log = logging.getLogger(__name__)
 
@@ -245,13 +246,15 @@ def simulate_online(
         return f"week {week}"
 
     def main(grid: Any) -> None:
-        offline, steps = run_online(
-            grid,
-            settings,
-            online_settings_for(layout, spec),
-            rounds=len(weeks),
-            before_step=before_step,
-        )
+        total = settings.config.federation.rounds + len(weeks)
+        with watched(grid, rounds=total) as shown:
+            offline, steps = run_online(
+                shown,
+                settings,
+                online_settings_for(layout, spec),
+                rounds=len(weeks),
+                before_step=before_step,
+            )
         rows = [week_row(week, step) for week, step in zip(weeks, steps, strict=True)]
         for row in rows:
             log.info(
