@@ -27,7 +27,7 @@ def test_simulate_online_streams_weeks_through_inboxes(tmp_path, small_overrides
     run = tmp_path / "run"
     overrides = [o for o in small_overrides if not o.startswith("federation.rounds")]
     result = simulate(run, [*overrides, "federation.rounds=2"], "--online", "41-43")
-    assert "online weeks 41-43" in result.stdout
+    assert "online slices 41-43 (prequential, federated)" in result.stdout
     payload = json.loads((run / "online.json").read_text())
     weeks = payload["weeks"]
     assert [w["week"] for w in weeks] == [41, 42, 43]

@@ -77,7 +77,7 @@ def test_own_csv_with_other_names_simulates_resumes_and_audits(tmp_path: Path) -
     output = first.stdout + first.stderr + second.stdout + second.stderr
     assert not NOISE.search(output), NOISE.search(output)
     assert second.stdout.count("trained/refused/failed") == 1  # the per-round table, once
-    assert "test period: AUC" in second.stdout and "complete" in second.stdout
+    assert "test period (federated evaluation" in second.stdout and "complete" in second.stdout
 
     assert json.loads((run / "merchants.json").read_text()) == sorted(STORES)
     split = json.loads((run / "split.json").read_text())
