@@ -33,6 +33,9 @@ class MerchantConfig:
     inbox: Path | None = None  # online fine-tuning: the inbox root (see docs/online.md)
     inbox_arrival: ArrivalMode = ArrivalMode.STABLE  # how the inbox knows a file is complete
     stream_epsilon_cap: float = 1.0  # per stream cohort (event level); composes per customer
+    # App bundles this merchant answers besides its installed release (docs/deployment.md);
+    # read by `fedshop client`'s runner, which always runs the installed code.
+    app_hashes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.id or any(c in self.id for c in "/\\\0"):
@@ -49,6 +52,12 @@ class MerchantConfig:
             )
         if self.threads < 1:
             raise ConfigError(f"merchant.threads must be >= 1, got {self.threads}")
+        for value in self.app_hashes:
+            if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+                raise ConfigError(
+                    f"merchant.app_hashes entry {value!r} is not an app hash (64 lowercase hex "
+                    "digits, as `fedshop client --print-app-hash` prints)"
+                )
 
     @property
     def ledger_path(self) -> Path:
@@ -95,11 +104,15 @@ class MerchantConfig:
         }
         if self.inbox is not None:
             values["inbox"] = str(self.inbox)
+        if self.app_hashes:
+            values["app_hashes"] = list(self.app_hashes)
         lines = ["[merchant]"] + [f"{key} = {_toml_value(value)}" for key, value in values.items()]
         return "\n".join(lines) + "\n"
 
 
 def _toml_value(value: object) -> str:
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):

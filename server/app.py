@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -98,8 +99,23 @@ def build_server_app(settings: ServerSettings) -> ServerApp:
 app = ServerApp()
 
 
+def log_to_run_log() -> None:
+    """Give fedshop's loggers a handler on stderr, which flwr-serverapp copies into the run's
+    log (`flwr log`, and the per-round lines `fedshop server` prints); without one, their
+    INFO lines are dropped in a deployment."""
+    for name in ("server", "common"):
+        logger = logging.getLogger(name)
+        if not logger.handlers:
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter("%(levelname)-8s: %(name)s: %(message)s"))
+            logger.addHandler(handler)
+            logger.setLevel(logging.INFO)
+            logger.propagate = False
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    log_to_run_log()
     run_config = dict(context.run_config)
     from server.online import online_enabled, run_online_from_run_config
 

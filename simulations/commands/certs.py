@@ -16,13 +16,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
     init = sub.add_parser("init", help="create a certificate authority (keep it offline)")
     init.add_argument("--out", type=Path, required=True, help="directory for ca.crt and ca.key")
-    init.add_argument("--common-name", default="fedshop CA")
+    init.add_argument(
+        "--common-name", default="fedshop CA", help="the CA's name in certificates it signs"
+    )
     init.add_argument("--days", type=int, default=3650, help="validity (default 3650)")
     init.add_argument("--force", action="store_true", help="replace existing files")
     init.set_defaults(handler=_init)
 
     server = sub.add_parser("issue-server", help="issue the SuperLink's TLS certificate")
-    server.add_argument("--ca", type=Path, required=True, help="CA directory from `certs init`")
+    server.add_argument("--ca-dir", type=Path, required=True, help="CA directory from `certs init`")
     server.add_argument(
         "--host",
         action="append",
@@ -41,9 +43,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     node.set_defaults(handler=_issue_node)
 
     verify = sub.add_parser("verify", help="check a server certificate against a CA and host")
-    verify.add_argument("--ca-cert", type=Path, required=True)
-    verify.add_argument("--cert", type=Path, required=True)
-    verify.add_argument("--host", required=True)
+    verify.add_argument("--ca-cert", type=Path, required=True, help="the CA certificate (ca.crt)")
+    verify.add_argument("--cert", type=Path, required=True, help="the certificate to check")
+    verify.add_argument("--host", required=True, help="the name or address merchants dial")
     verify.set_defaults(handler=_verify)
 
 
@@ -57,7 +59,7 @@ def _init(args: argparse.Namespace) -> int:
 
 def _issue_server(args: argparse.Namespace) -> int:
     files = certs.issue_server_cert(
-        ca_dir=args.ca, hosts=args.host, out=args.out, valid_days=args.days, force=args.force
+        ca_dir=args.ca_dir, hosts=args.host, out=args.out, valid_days=args.days, force=args.force
     )
     print(f"server certificate: {files.cert} (SANs: {', '.join(args.host)})")
     print(f"server key (mode 600): {files.key}\nCA certificate for clients: {files.ca_cert}")

@@ -152,8 +152,13 @@ class FedshopDeployment:
     root: Path
     layout: Any  # simulations.provision.RunLayout
     pki: Pki
-    port: int
+    port: int  # merchant-facing (nginx, Fleet API only)
+    control_port: int  # the SuperLink's own port on 127.0.0.1 (Control API)
     merchants: list[str]
+
+    @property
+    def state(self) -> Path:
+        return self.root / "state"
 
     def server_args(self, *extra: str) -> list[str]:
         layout = self.layout
@@ -162,25 +167,25 @@ class FedshopDeployment:
             "--certs",
             str(self.pki.server),
             "--state",
-            str(self.root / "state"),
+            str(self.state),
             "--port",
             str(self.port),
+            "--control-port",
+            str(self.control_port),
             "--app",
             str(REPO),
-            "--run-config",
+            "--config",
             str(layout.config),
+            "--run-dir",
+            str(layout.root),
+            "--keys-dir",
+            str(layout.keys),
             "--nodes-allowlist",
             str(self.pki.nodes),
             "--run-timeout",
             "900",
-            "--set",
-            f"run-dir={layout.root}",
-            "--set",
-            f"keys-dir={layout.keys}",
-            "--set",
+            "--flwr-config",
             f"server-ledger={layout.server / 'ledger.sqlite'}",
-            "--expect",
-            str(layout.root / "summary.json"),
             *extra,
         ]
 
@@ -188,9 +193,9 @@ class FedshopDeployment:
         """The platform running fine-tuning rounds after the offline ones (docs/online.md)."""
         return self.server_args(
             "--online",
-            "--set",
+            "--flwr-config",
             f"online-config={online_toml}",
-            "--set",
+            "--flwr-config",
             f"validation-set={self.layout.server / 'eval-valid.npz'}",
         )
 
@@ -201,7 +206,7 @@ class FedshopDeployment:
             str(self.layout.merchants / name / "merchant.toml"),
             "--superlink",
             f"127.0.0.1:{self.port}",
-            "--root-cert",
+            "--ca-cert",
             str(self.pki.server / "ca.crt"),
             "--node-key",
             str(self.pki.nodes / f"{name}.node.key"),
@@ -214,7 +219,7 @@ class FedshopDeployment:
 
     def wait_superlink(self, server: subprocess.Popen[bytes], timeout: float = 120) -> None:
         wait_for(
-            lambda: (self.root / "state" / "nodes.json").exists(),
+            lambda: (self.state / "nodes.json").exists(),
             timeout=timeout,
             what="SuperLink",
             proc=server,
@@ -230,7 +235,7 @@ def provision_deployment(root: Path, config: dict[str, Any]) -> FedshopDeploymen
     layout = provision(RunConfig.from_dict(config), root / "run")
     merchants = layout.merchant_ids()
     pki = make_pki(root / "pki", merchants)
-    return FedshopDeployment(root, layout, pki, free_port(), merchants)
+    return FedshopDeployment(root, layout, pki, free_port(), free_port(), merchants)
 
 
 # -- online fine-tuning on loopback: inboxes, drops and freshness ---------------------------
@@ -360,3 +365,87 @@ def wait_for_arrivals(
 
     wait_for(check, timeout=timeout, what="promoted versions with the new files", proc=proc)
     return [found[m] for m in sorted(dropped)]
+
+
+# -- the control surface, as a merchant and as the platform's operator -----------------------
+
+
+def _flwr_json(home: Path, *args: str) -> dict[str, Any]:
+    from simulations.deployment.process import flower_bin, flower_env
+
+    done = subprocess.run(
+        [flower_bin("flwr"), *args, "--format", "json"],
+        env=flower_env(home),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    try:
+        payload: dict[str, Any] = json.loads(done.stdout)
+    except json.JSONDecodeError:
+        return {"success": False, "error-message": (done.stderr or done.stdout)[-500:]}
+    return payload
+
+
+def _outcome(payload: dict[str, Any]) -> str:
+    if payload.get("success"):
+        return f"allowed: {payload}"
+    message = str(payload.get("error-message", ""))
+    return "refused" if "403" in message else f"failed otherwise: {message[-300:]}"
+
+
+def merchant_control_attempts(
+    home: Path, port: int, ca_cert: Path, node_key: Path, app: Path | None = None
+) -> dict[str, str]:
+    """What a merchant holding ``ca.crt`` and its node key gets from the platform's
+    merchant-facing port when it tries the Control and Runtime APIs: ``refused`` (HTTP 403)
+    for each attempt, or what happened instead."""
+    from base64 import b64encode
+
+    import httpx
+    from flwr.common.constant import TIMESTAMP_HEADER
+    from flwr.supercore.constant import FLEET_HTTP_PUBLIC_KEY_HEADER, FLEET_HTTP_SIGNATURE_HEADER
+    from flwr.supercore.date import now
+    from flwr.supercore.primitives.asymmetric import public_key_to_bytes, sign_message
+
+    from simulations.deployment.flower import write_connection_config
+
+    write_connection_config(home, address=f"127.0.0.1:{port}", root_cert=ca_cert, name="platform")
+    results = {
+        "flwr ls": _outcome(_flwr_json(home, "ls", "platform")),
+        "flwr supernode ls": _outcome(_flwr_json(home, "supernode", "ls", "platform")),
+        "flwr supernode register": _outcome(
+            _flwr_json(
+                home, "supernode", "register", str(node_key.with_suffix(".pub")), "platform"
+            )
+        ),
+    }
+    if app is not None:
+        results["flwr run"] = _outcome(_flwr_json(home, "run", str(app), "platform"))
+    key = certs.load_node_private_key(node_key)
+    stamp = now().isoformat()
+    headers = {
+        "content-type": "application/protobuf",
+        FLEET_HTTP_PUBLIC_KEY_HEADER: b64encode(public_key_to_bytes(key.public_key())).decode(),
+        TIMESTAMP_HEADER: stamp,
+        FLEET_HTTP_SIGNATURE_HEADER: b64encode(sign_message(key, stamp.encode())).decode(),
+    }
+    with httpx.Client(verify=str(ca_cert), timeout=30) as client:
+        for path in (
+            "/v1/control/start-run",
+            "/v1/control/list-nodes",
+            "/v1/runtime/acquire-task",
+            "/v1/runtime/pull-task-input",
+        ):
+            response = client.post(f"https://127.0.0.1:{port}{path}", content=b"", headers=headers)
+            results[f"signed POST {path}"] = (
+                "refused" if response.status_code == 403 else f"HTTP {response.status_code}"
+            )
+    return results
+
+
+def operator_flwr_ls(flwr_home: Path) -> list[dict[str, Any]]:
+    """``flwr ls`` on the platform host, through the connection ``fedshop server`` wrote."""
+    payload = _flwr_json(flwr_home, "ls", "fedshop")
+    assert payload.get("success"), payload
+    return list(payload.get("runs", []))
