@@ -441,9 +441,7 @@ def test_tls_federation_refuses_bad_nodes_and_completes_with_good_ones(
         for proc in bad.values():
             proc.wait(timeout=120)
         bad_seconds = time.monotonic() - started
-        h.wait_for(
-            (run_dir / "checkpoint.json").exists, timeout=200, what="round 1", proc=server
-        )
+        h.wait_for((run_dir / "checkpoint.json").exists, timeout=200, what="round 1", proc=server)
         attempts = h.merchant_control_attempts(
             tmp_path / "merchant-flwr",
             port,

@@ -272,8 +272,8 @@ def plan_server(args: argparse.Namespace) -> ServerPlan:
     probe_host = "127.0.0.1" if args.host in WILDCARD_HOSTS else args.host
     port = args.port or free_port(probe_host)
     control_port = args.control_port or free_port()
-    if port == control_port and probe_host in ("127.0.0.1", "localhost"):
-        raise DeploymentError(f"--port and --control-port are both {port}")
+    if port == control_port:
+        raise DeploymentError(f"--port and --control-port are both {port}; they must differ")
     state = args.state.resolve()
     link = SuperLinkSpec(host="127.0.0.1", port=control_port, state_dir=state, tls=None)
     allowlist = certs.load_allowlist(args.nodes_allowlist) if args.nodes_allowlist else {}

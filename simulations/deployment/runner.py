@@ -10,6 +10,12 @@ app bundle, computes its app hash (:mod:`simulations.deployment.pinning`) and
 * otherwise refuses: nothing from the bundle is installed, imported or run, the merchant's
   log gets one line saying so, and the platform gets an error reply naming the merchant.
 
+Each claimed task gets a thread of its own and ClientApp calls are serialised. Flower 1.41's
+SuperNode can leave a task behind for a message of a run that ended while it was being
+received; that task's message never arrives, and a runner serving tasks one at a time would
+wait on it instead of answering the next run (the SuperNode waits for that answer before it
+pulls anything else).
+
 The bundle's code never runs here, pinned or not: a pinned hash only says that the platform
 runs the same app the merchant installed.
 
@@ -73,6 +79,7 @@ log = logging.getLogger("fedshop.runner")
 COMPONENT = "flwr-clientapp"
 POLL_S = 0.1  # how often an idle runner asks the SuperNode for a task (loopback, cheap)
 UNAVAILABLE_WARN_S = 30.0
+MESSAGE_PULL_MAX_S = 1800.0  # a message whose parts never reach the SuperNode is given up
 REFUSAL_MARK = "refuses app bundle"
 READY_MARK = "ClientApp runner ready"
 _RETRY_TIME_S = 30.0
@@ -142,6 +149,7 @@ class ClientAppRunner:
         self.client_app = client_app
         self.merchant_id = merchant_id
         self._stop = threading.Event()
+        self._app_lock = threading.Lock()
 
     def stop(self) -> None:
         self._stop.set()
@@ -168,13 +176,25 @@ class ClientAppRunner:
                     self._stop.wait(1.0)
                     continue
                 if response.HasField("task") and response.token:
-                    outcome = self.run_task(response.token)
-                    if on_task is not None:
-                        on_task(outcome)
+                    threading.Thread(
+                        target=self._task_thread,
+                        args=(response.token, on_task),
+                        name=f"task-{response.task.task_id}",
+                        daemon=True,
+                    ).start()
                 else:
                     self._stop.wait(POLL_S)
         finally:
             acquirer.close()
+
+    def _task_thread(self, token: str, on_task: Callable[[TaskOutcome], None] | None) -> None:
+        try:
+            outcome = self.run_task(token)
+        except Exception:  # a broken task must not take the runner down
+            log.exception("a task could not be completed")
+            return
+        if on_task is not None:
+            on_task(outcome)
 
     def run_task(self, token: str) -> TaskOutcome:
         """Pull one task's input, check its app hash, answer it, report its end."""
@@ -200,7 +220,15 @@ class ClientAppRunner:
             unreadable = ""
         except UnreadableBundleError as exc:
             app_hash, unreadable = "", str(exc)
-        message = _pull_message(client, context)
+        try:
+            message = _pull_message(client, context)
+        except Exception as exc:
+            detail = f"its message could not be received: {type(exc).__name__}: {exc}"
+            log.warning("run %d: %s", run.run_id, detail)
+            push_task_output(
+                client=client, context=None, sub_status=SubStatus.FAILED, details=detail
+            )
+            return TaskOutcome(run.run_id, app_hash, answered=False, detail=detail)
         if unreadable or not self.pinned.allows(app_hash):
             return self._refuse(client, message, context, app_hash, unreadable)
         return self._answer(client, message, context, run.run_id, app_hash)
@@ -240,7 +268,8 @@ class ClientAppRunner:
     ) -> TaskOutcome:
         began = time.perf_counter()
         try:
-            reply = self.client_app(message=message, context=context)
+            with self._app_lock:
+                reply = self.client_app(message=message, context=context)
             status, details = SubStatus.COMPLETED, ""
         except Exception as exc:  # the ClientApp's failure goes back to the platform as such
             log.exception("ClientApp raised on run %d", run_id)
@@ -273,6 +302,7 @@ def _pull_message(client: RuntimeHttpClient, context: Context) -> Message:
             client.ConfirmMessageReceived, node, context.run_id
         ),
         return_type=Message,
+        max_time=MESSAGE_PULL_MAX_S,
     )
     message.metadata.__dict__["_message_id"] = tree.object_id
     return message

@@ -189,6 +189,32 @@ class FedshopDeployment:
             *extra,
         ]
 
+    def serve_args(self) -> list[str]:
+        """``fedshop server`` that only serves: runs are submitted with ``flwr run``."""
+        return [
+            "server",
+            "--certs",
+            str(self.pki.server),
+            "--state",
+            str(self.state),
+            "--port",
+            str(self.port),
+            "--control-port",
+            str(self.control_port),
+            "--nodes-allowlist",
+            str(self.pki.nodes),
+        ]
+
+    def run_config(self) -> dict[str, str]:
+        """What ``fedshop server --config ...`` submits, for a run submitted by hand."""
+        layout = self.layout
+        return {
+            "fedshop-config": str(layout.config),
+            "run-dir": str(layout.root),
+            "keys-dir": str(layout.keys),
+            "server-ledger": str(layout.server / "ledger.sqlite"),
+        }
+
     def online_server_args(self, online_toml: Path) -> list[str]:
         """The platform running fine-tuning rounds after the offline ones (docs/online.md)."""
         return self.server_args(
@@ -415,9 +441,7 @@ def merchant_control_attempts(
         "flwr ls": _outcome(_flwr_json(home, "ls", "platform")),
         "flwr supernode ls": _outcome(_flwr_json(home, "supernode", "ls", "platform")),
         "flwr supernode register": _outcome(
-            _flwr_json(
-                home, "supernode", "register", str(node_key.with_suffix(".pub")), "platform"
-            )
+            _flwr_json(home, "supernode", "register", str(node_key.with_suffix(".pub")), "platform")
         ),
     }
     if app is not None:
@@ -449,3 +473,141 @@ def operator_flwr_ls(flwr_home: Path) -> list[dict[str, Any]]:
     payload = _flwr_json(flwr_home, "ls", "fedshop")
     assert payload.get("success"), payload
     return list(payload.get("runs", []))
+
+
+# -- an app that is not the one merchants pinned ---------------------------------------------
+
+EVIL_SERVERAPP = '''\
+"""A ServerApp that asks every merchant for its raw events (what pinning must stop)."""
+
+import json
+import time
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    run_dir = Path(str(context.run_config["run-dir"]))
+    deadline = time.time() + 120
+    while len(list(grid.get_node_ids())) < 3 and time.time() < deadline:
+        time.sleep(0.5)
+    messages = [
+        Message(RecordDict({"config": ConfigRecord({"round": 1})}), dst_node_id=n,
+                message_type="train")
+        for n in sorted(grid.get_node_ids())
+    ]
+    outcome = []
+    for reply in grid.send_and_receive(messages, timeout=120):
+        entry = {"node": reply.metadata.src_node_id}
+        if reply.has_error():
+            entry["error"] = reply.error.reason
+        else:
+            leak = reply.content["leak"]
+            entry["merchant"] = str(leak["merchant"])
+            entry["leaked_bytes"] = len(leak["events"])
+        outcome.append(entry)
+    (run_dir / "leak.json").write_text(json.dumps(outcome))
+'''
+
+EVIL_CLIENTAPP = '''\
+"""A ClientApp that puts the merchant's whole event file in its reply."""
+
+import tomllib
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    merchant_toml = Path(str(context.node_config["merchant-config"]))
+    merchant = tomllib.loads(merchant_toml.read_text())["merchant"]
+    events = Path(merchant["data"]).read_bytes()
+    leak = ConfigRecord({"merchant": merchant["id"], "events": events})
+    return Message(RecordDict({"leak": leak}), reply_to=msg)
+'''
+
+
+def make_evil_app(root: Path) -> Path:
+    """An app bundle that claims to be fedshop (same name, version and components) but whose
+    ClientApp exfiltrates the merchant's events."""
+    app = root / "evil-app"
+    for package in ("server", "client"):
+        (app / package).mkdir(parents=True)
+        (app / package / "__init__.py").write_text("")
+    (app / "server" / "app.py").write_text(EVIL_SERVERAPP)
+    (app / "client" / "app.py").write_text(EVIL_CLIENTAPP)
+    pyproject = (REPO / "pyproject.toml").read_text(encoding="utf-8")
+    pyproject = pyproject.replace('"common/**/*.py", ', "")  # this app has no common/
+    (app / "pyproject.toml").write_text(pyproject, encoding="utf-8")
+    return app
+
+
+# -- what the SuperLink did, from its own database -------------------------------------------
+
+
+def _uint64(value: int) -> int:
+    """Node ids as SuperNodes print them (the database keeps them as signed 64-bit)."""
+    return int(value) % 2**64
+
+
+class SuperLinkWatch:
+    """Polls the SuperLink's SQLite state (Flower 1.41 schema) while a run goes on: every
+    message it was asked to deliver (destination, creation time) and every node activation.
+    Flower deletes delivered messages, so this is the record of who was asked when."""
+
+    def __init__(self, state_db: Path, interval: float = 0.2) -> None:
+        import threading
+
+        self.state_db = state_db
+        self.interval = interval
+        self.messages: dict[str, tuple[int, float]] = {}
+        self.activations: dict[int, set[str]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def __enter__(self) -> SuperLinkWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _poll(self) -> None:
+        import sqlite3
+
+        while not self._stop.is_set():
+            try:
+                with sqlite3.connect(f"file:{self.state_db}?mode=ro", uri=True, timeout=1) as db:
+                    for message_id, dst, created in db.execute(
+                        "SELECT message_id, dst_node_id, created_at FROM message_ins"
+                    ):
+                        self.messages.setdefault(message_id, (_uint64(dst), float(created)))
+                    for node, activated in db.execute(
+                        "SELECT node_id, last_activated_at FROM node"
+                    ):
+                        if activated:
+                            self.activations.setdefault(_uint64(node), set()).add(activated)
+            except sqlite3.Error:
+                pass  # not created yet, or locked for a moment
+            self._stop.wait(self.interval)
+
+    def rounds(self, gap: float = 1.0) -> list[tuple[float, set[int]]]:
+        """Messages grouped into rounds (a round's messages are created together): each
+        round's creation time and the nodes it asked."""
+        found: list[tuple[float, set[int]]] = []
+        for dst, created in sorted(self.messages.values(), key=lambda item: item[1]):
+            if found and created - found[-1][0] < gap:
+                found[-1][1].add(dst)
+            else:
+                found.append((created, {dst}))
+        return found
