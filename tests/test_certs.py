@@ -134,11 +134,12 @@ def test_allowlist_rejects_keys_that_are_not_p384(tmp_path: Path) -> None:
 
 def test_allowlist_may_share_a_directory_with_ledger_keys(tmp_path: Path) -> None:
     """The operator collects each merchant's NAME.node.pub and NAME.pub in one place."""
-    from common.keys import generate_keypair
+    from common.keys import generate_keypair, load_key_directory
 
     certs.generate_node_key(out=tmp_path, name="m1")
     generate_keypair(tmp_path, name="m1")
     assert list(certs.load_allowlist(tmp_path)) == ["m1"]
+    assert list(load_key_directory(tmp_path)) == ["m1"]
 
 
 def test_a_public_key_given_as_node_key_is_named_as_such(tmp_path: Path) -> None:

@@ -79,10 +79,6 @@ class SuperLinkSpec:
         host = "127.0.0.1" if self.host in WILDCARD_HOSTS else self.host
         return f"{_bracket(host)}:{self.port}"
 
-    @property
-    def local_host(self) -> str:
-        return "127.0.0.1" if self.host in WILDCARD_HOSTS else self.host
-
 
 def _bracket(host: str) -> str:
     try:
