@@ -83,25 +83,32 @@ def main(grid: Grid, context: Context) -> None:
         time.sleep(0.2)
     nodes = sorted(grid.get_node_ids())
     weights = np.zeros(int(spec["payload_mb"] * 2**20 / 4), dtype=np.float32)
-    seconds = []
+    seconds, to_client, back = [], [], []
     for rnd in range(spec["rounds"]):
-        t0 = time.perf_counter()
+        t0, sent_at = time.perf_counter(), time.time()
         messages = [Message(content=RecordDict({
             "arrays": ArrayRecord({"w": Array(weights)}),
             "config": ConfigRecord({"round": rnd})}), dst_node_id=n, message_type="train")
             for n in nodes]
         sent = exchange(grid, messages, timeout_s=600)
+        seen_at = time.time()
         replies = [r for r in sent.replies if not r.has_error()]
         assert len(replies) == len(nodes), f"a client failed: {sent}"
         weights = replies[0].content["arrays"]["w"].numpy() + 1.0
         seconds.append(time.perf_counter() - t0)
+        called = [float(r.content["trace"]["called_at"]) for r in replies]
+        to_client.append(max(called) - sent_at)
+        back.append(seen_at - max(called))
     out = Path(spec["result"])
-    out.write_text(json.dumps({"status": "completed", "round_seconds": seconds}))
+    out.write_text(json.dumps({"status": "completed", "round_seconds": seconds,
+                               "to_client_s": to_client, "back_s": back}))
 
 @client_app.train()
 def train(msg: Message, context: Context) -> Message:
     w = msg.content["arrays"]["w"].numpy()
-    return Message(content=RecordDict({"arrays": ArrayRecord({"w": Array(w)})}), reply_to=msg)
+    trace = ConfigRecord({"called_at": time.time()})
+    return Message(content=RecordDict({"arrays": ArrayRecord({"w": Array(w)}), "trace": trace}),
+                   reply_to=msg)
 """
 
 
@@ -165,9 +172,10 @@ def federation_round_times(
     payload_mb: float,
     merchants: str = "runner",
     fedshop_imports: bool = False,
-) -> list[float]:
+) -> dict[str, list[float]]:
     """Run the workload once through ``fedshop server``; merchants are ``fedshop client``
-    (``runner``) or Flower's default SuperNode (``per-message``). Per-round seconds."""
+    (``runner``) or Flower's default SuperNode (``per-message``). Per round: its seconds,
+    from the push to the ClientApp's call (``to_client_s``) and from there back (``back_s``)."""
     root.mkdir(parents=True)
     app = root / "app"
     app.mkdir()
@@ -237,7 +245,8 @@ def federation_round_times(
     finally:
         for proc in procs:
             _stop(proc)
-    return [float(s) for s in json.loads(result.read_text())["round_seconds"]]
+    found = json.loads(result.read_text())
+    return {key: [float(v) for v in value] for key, value in found.items() if key != "status"}
 
 
 def import_seconds(statement: str, *, repeats: int) -> float | str:
@@ -274,7 +283,7 @@ def message_cost(tmp: Path, *, rounds: int) -> dict[str, object]:
     fedshop's: the fixed cost per message, per-message process versus runner."""
     found: dict[str, object] = {}
     for mode in ("per-message", "runner"):
-        times = federation_round_times(
+        trace = federation_round_times(
             tmp / f"cost-{mode}",
             tls=True,
             rounds=rounds,
@@ -282,7 +291,10 @@ def message_cost(tmp: Path, *, rounds: int) -> dict[str, object]:
             merchants=mode,
             fedshop_imports=True,
         )
-        found[mode] = {"round_seconds": times, "median_s": statistics.median(times[1:])}
+        found[mode] = {
+            **trace,
+            **{f"median_{key}": statistics.median(values[1:]) for key, values in trace.items()},
+        }
     found["note"] = "median over rounds 2..N; round 1 includes the runner's own start"
     return found
 

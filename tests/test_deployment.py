@@ -84,6 +84,8 @@ def test_supernode_command_passes_root_cert_key_and_merchant_config(tmp_path: Pa
     assert argv[argv.index("--node-config") + 1] == f'merchant-config="{tmp_path / "m.toml"}"'
     # The SuperNode runs no ClientApp itself; its Runtime API stays on loopback.
     assert argv[argv.index("--isolation") + 1] == "process"
+    assert argv[1:3] == ["-m", "simulations.deployment.supernode"]
+    assert argv[argv.index("--idle-poll") + 1] == "1"
     assert argv[argv.index("--host") + 1] == "127.0.0.1"
     assert argv[argv.index("--root-certificates") + 1] == str(tmp_path / "ca.crt")
     assert argv[argv.index("--auth-supernode-private-key") + 1] == str(tmp_path / "m.node.key")

@@ -142,6 +142,29 @@ sys.stdout.write(bytes(reply.content["leak"]["events"]).decode())
     assert bundle_app_hash(build_bundle(evil)) != local_app_hash(REPO)
 
 
+def test_the_supernode_fixed_waits_are_shortened_and_nothing_else(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from flwr.supernode import start_client_internal
+
+    from simulations.deployment import supernode
+
+    monkeypatch.setattr(start_client_internal, "time", time)
+    assert supernode.shorten_idle_wait(start_client_internal, 0.2)  # Flower 1.41 as installed
+    patched = start_client_internal.time
+    slept: list[float] = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    patched.sleep(3)
+    patched.sleep(0.5)
+    patched.sleep(1.5)
+    assert slept == [0.2, 0.1, 1.5] and patched.monotonic is time.monotonic
+    assert not supernode.shorten_idle_wait(start_client_internal, 0.2)  # only once
+    assert supernode.split_args(["--idle-poll", "0.5", "--insecure"]) == (0.5, ["--insecure"])
+    assert supernode.split_args(["--insecure"]) == (1.0, ["--insecure"])
+    with pytest.raises(SystemExit, match=r"between 0\.1 and 3"):
+        supernode.split_args(["--idle-poll", "5"])
+
+
 # ------------------------------------------------------------------------- the proxy
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import subprocess
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -145,8 +146,11 @@ class SuperNodeSpec:
     ca_cert: Path | None
     node_key: Path | None
     runtime_port: int
+    idle_poll: float = 1.0  # seconds between asks for work when idle (Flower: 3)
 
     def __post_init__(self) -> None:
+        if not 0.1 <= self.idle_poll <= 3.0:
+            raise DeploymentError(f"--idle-poll {self.idle_poll} must be between 0.1 and 3 s")
         if not self.merchant_config.is_absolute():
             raise DeploymentError(
                 f"merchant config {self.merchant_config} must be an absolute path"
@@ -167,10 +171,17 @@ def toml_string(value: str, *, what: str) -> str:
 
 
 def supernode_argv(spec: SuperNodeSpec) -> list[str]:
-    """``flower-supernode`` for one merchant: TLS root, node key, merchant config, no ClientApp."""
+    """``flower-supernode`` for one merchant: TLS root, node key, merchant config, no ClientApp.
+
+    It runs through :mod:`simulations.deployment.supernode`, which only shortens Flower's idle
+    wait between asks for work to ``idle_poll`` seconds."""
     node_config = f"merchant-config={toml_string(str(spec.merchant_config), what='config path')}"
     argv = [
-        flower_bin("flower-supernode"),
+        sys.executable,
+        "-m",
+        "simulations.deployment.supernode",
+        "--idle-poll",
+        f"{spec.idle_poll:g}",
         "--superlink",
         spec.superlink,
         "--node-config",

@@ -281,6 +281,9 @@ def run_merchant(plan: ClientPlan) -> int:
                 time.sleep(REJOIN_RETRY_S)
         finally:
             runner.stop()
+            # Reached after the SuperNode ended (it signs off when stopped cleanly); only a
+            # process that dies without getting here leaves a session to sign off.
+            plan.session_file.unlink(missing_ok=True)
 
 
 class NodeRelay(OutputRelay):
