@@ -172,6 +172,7 @@ def federation_round_times(
     payload_mb: float,
     merchants: str = "runner",
     fedshop_imports: bool = False,
+    idle_poll: float | None = None,
 ) -> dict[str, list[float]]:
     """Run the workload once through ``fedshop server``; merchants are ``fedshop client``
     (``runner``) or Flower's default SuperNode (``per-message``). Per round: its seconds,
@@ -239,6 +240,8 @@ def federation_round_times(
                 continue
             args = ["client", "--config", str(config), "--superlink", f"127.0.0.1:{port}"]
             args += ["--app", str(app), *extra]
+            if idle_poll is not None:
+                args += ["--idle-poll", str(idle_poll)]
             procs.append(_fedshop(args, root / f"m{index}.log", **imports))
         if procs[0].wait(timeout=1800) != 0:
             raise RuntimeError(f"run failed; see {root / 'server.log'}")
@@ -278,7 +281,7 @@ def tls_overhead(tmp: Path, *, rounds: int, payload_mb: float) -> dict[str, obje
     }
 
 
-def message_cost(tmp: Path, *, rounds: int) -> dict[str, object]:
+def message_cost(tmp: Path, *, rounds: int, idle_poll: float | None) -> dict[str, object]:
     """Round time of one tiny message to each of 2 merchants whose ClientApp imports
     fedshop's: the fixed cost per message, per-message process versus runner."""
     found: dict[str, object] = {}
@@ -290,6 +293,7 @@ def message_cost(tmp: Path, *, rounds: int) -> dict[str, object]:
             payload_mb=0.01,
             merchants=mode,
             fedshop_imports=True,
+            idle_poll=idle_poll if mode == "runner" else None,
         )
         found[mode] = {
             **trace,
@@ -305,6 +309,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--payload-mb", type=float, default=4.0)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--idle-poll", type=float, help="fedshop client --idle-poll (default 1)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     parts = {part.strip() for part in args.parts.split(",") if part.strip()}
@@ -317,7 +322,9 @@ def main() -> int:
             report["tls"] = tls_overhead(Path(tmp), rounds=args.rounds, payload_mb=args.payload_mb)
             print(json.dumps(report, indent=2), flush=True)
         if "message-cost" in parts:
-            report["message_cost"] = message_cost(Path(tmp), rounds=max(args.rounds, 4))
+            report["message_cost"] = message_cost(
+                Path(tmp), rounds=max(args.rounds, 4), idle_poll=args.idle_poll
+            )
             print(json.dumps(report, indent=2), flush=True)
     if "imports" in parts:
         report["clientapp_start_s"] = {
