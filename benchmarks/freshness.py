@@ -36,7 +36,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from common.config import RunConfig
-    from simulations.online import StreamSpec, WeeklyStream, drop_file
+    from simulations.online import WeeklyStream, drop_file
     from simulations.provision import load_events
 
     root = Path(tempfile.mkdtemp(prefix="fedshop-freshness-"))
@@ -48,7 +48,7 @@ def main() -> int:
     fed = h.provision_deployment(root, config_dict)
     h.enable_inboxes(fed)
     config = RunConfig.from_dict(config_dict)
-    stream = WeeklyStream(load_events(config), config, StreamSpec(41, 53))
+    stream = WeeklyStream(load_events(config))
     online = h.write_online_toml(
         root / "online.toml",
         keys_dir=root / "platform",
@@ -68,7 +68,7 @@ def main() -> int:
             after = h.latest_round(registry)
             dropped = {}
             for name in fed.merchants:
-                events, _ = stream.split(name, week)
+                events = stream.week(name, week)
                 if len(events):
                     drop_file(fed.layout.merchants / name / "inbox", f"week-{week}.parquet", events)
                     dropped[name] = time.time()

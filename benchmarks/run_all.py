@@ -12,11 +12,12 @@ ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 STEPS: list[list[str]] = [
     [PY, "benchmarks/dp_throughput.py"],
-    [PY, "benchmarks/quality.py"],
     # The online comparison reuses the configuration and offline model of an online simulation.
     [PY, "-m", "simulations.cli", "simulate", "--online", "--out", "runs/online"],
     [PY, "benchmarks/online.py", "--offline-run", "runs/online", "--out", "runs/bench-online"],
     [PY, "benchmarks/freshness.py"],
+    # Serving latency with the online simulation's federated DP model.
+    [PY, "benchmarks/serving.py", "--model-run", "runs/online"],
     [PY, "benchmarks/ledger_scale.py"],
 ]
 

@@ -1,9 +1,12 @@
-"""The merchant's Flower ClientApp (Message API).
+"""The merchant's Flower ClientApp (Message API): train, fine-tune, evaluate.
 
 Where a merchant's configuration comes from:
 - deployment: the SuperNode's node config ``merchant-config`` = path to ``merchant.toml``;
 - simulation: ``partition-id`` picks ``merchants/<index>/merchant.toml`` under the
-  ``simulation-dir`` the ServerApp announces in the round's config.
+  ``simulation-dir`` the ServerApp announces in the instruction.
+
+Every handler decodes its instruction and encodes its reply with common/protocol.py (one
+encoder per message kind), so the offline, online and evaluation replies carry the same keys.
 """
 
 from __future__ import annotations
@@ -12,26 +15,32 @@ import json
 import logging
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.merchant import MerchantConfig
-from client.merchant_round import TrainRequest, run_merchant_round
 from common import protocol as P
-from common.config import RunConfig
-from common.errors import ConfigError
+from common.errors import ConfigError, FedshopError
+from common.protocol import (
+    EvaluateInstruction,
+    EvaluationReply,
+    FailureCode,
+    MerchantReply,
+    Outcome,
+    TrainInstruction,
+)
 
 log = logging.getLogger(__name__)
 
 app = ClientApp()
 
 
-def resolve_merchant(context: Context, config: ConfigRecord) -> MerchantConfig:
+def resolve_merchant(context: Context, simulation_dir: str | None) -> MerchantConfig:
     node = context.node_config
     if "merchant-config" in node:
         return MerchantConfig.from_toml(Path(str(node["merchant-config"])))
-    if P.SIMULATION_DIR in config and "partition-id" in node:
-        root = Path(str(config[P.SIMULATION_DIR]))
+    if simulation_dir is not None and "partition-id" in node:
+        root = Path(simulation_dir)
         index = json.loads((root / "merchants.json").read_text())[int(node["partition-id"])]
         return MerchantConfig.from_toml(root / "merchants" / index / "merchant.toml")
     raise ConfigError(
@@ -39,54 +48,78 @@ def resolve_merchant(context: Context, config: ConfigRecord) -> MerchantConfig:
     )
 
 
-def parse_request(msg: Message) -> TrainRequest:
-    config = msg.content[P.CONFIG]
-    arrays = msg.content[P.ARRAYS]
-    assert isinstance(config, ConfigRecord) and isinstance(arrays, ArrayRecord)
-    return TrainRequest(
-        run_id=str(config[P.RUN_ID]),
-        round=int(config[P.ROUND]),  # type: ignore[arg-type]
-        planned_rounds=int(config[P.PLANNED_ROUNDS]),  # type: ignore[arg-type]
-        seed=int(config[P.SEED]),  # type: ignore[arg-type]
-        model_in_sha256=str(config[P.MODEL_IN_SHA256]),
-        config=RunConfig.from_dict(json.loads(str(config[P.RUN_CONFIG_JSON]))),
-        arrays=P.from_array_record(arrays),
-        server_seqs={
-            str(k): int(v)
-            for k, v in json.loads(str(config.get(P.SERVER_LEDGER_SEQS, "{}"))).items()
-        },
-    )
+def _failure(context: Context, exc: FedshopError) -> MerchantReply:
+    """A reply for an instruction that could not even be read (no merchant id known yet)."""
+    who = str(context.node_config.get("merchant-id", f"node-{context.node_id}"))
+    return MerchantReply(Outcome.FAILED, who, FailureCode.BAD_REQUEST.value, exc.one_line())
+
+
+def handle_train(msg: Message, context: Context, *, finetune: bool) -> RecordDict:
+    """Decode, run the round (offline or fine-tuning), encode: the one path for both."""
+    from client.finetune import run_finetune_round  # torch: import when a message needs it
+    from client.merchant_round import run_merchant_round
+
+    try:
+        instruction = TrainInstruction.from_content(msg.content)
+        merchant = resolve_merchant(context, instruction.simulation_dir)
+    except FedshopError as exc:
+        return _failure(context, exc).to_content()
+    run = run_finetune_round if finetune else run_merchant_round
+    return run(instruction, merchant).to_content()
+
+
+def handle_evaluate(msg: Message, context: Context) -> RecordDict:
+    from client.evaluation import evaluate_at_merchant
+
+    try:
+        instruction = EvaluateInstruction.from_content(msg.content)
+        merchant = resolve_merchant(context, instruction.simulation_dir)
+    except FedshopError as exc:
+        failure = _failure(context, exc)
+        return EvaluationReply(
+            Outcome.FAILED, failure.merchant_id, code=failure.code, reason=failure.reason
+        ).to_content()
+    return evaluate_at_merchant(instruction, merchant).to_content()
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    config = msg.content[P.CONFIG]
-    assert isinstance(config, ConfigRecord)
-    merchant = resolve_merchant(context, config)
-    reply = run_merchant_round(parse_request(msg), merchant)
-    content = RecordDict()
-    status = {
-        P.OUTCOME: reply.outcome.value,
-        P.REASON: reply.reason,
-        P.MERCHANT_ID: reply.merchant_id,
-    }
-    if reply.ledger_entry is not None:
-        status[P.LEDGER_ENTRY] = reply.ledger_entry
-        status[P.LEDGER_BACKLOG] = json.dumps(list(reply.ledger_backlog))
-    content[P.STATUS] = ConfigRecord(status)  # type: ignore[arg-type]
-    content[P.METRICS] = MetricRecord(reply.metrics)  # type: ignore[arg-type]
-    if reply.arrays is not None:
-        content[P.ARRAYS] = P.to_array_record(reply.arrays)
-    return Message(content=content, reply_to=msg)
+    return P.reply_to(msg, handle_train(msg, context, finetune=False))
 
 
-@app.train("finetune")
+@app.train(P.FINETUNE_ACTION)
 def finetune(msg: Message, context: Context) -> Message:
     """Online fine-tuning on the merchant's newest inbox cohort (see client/finetune.py)."""
-    from client.finetune import reply_content, run_finetune_round
+    return P.reply_to(msg, handle_train(msg, context, finetune=True))
 
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Federated evaluation on the merchant's own held-out events (see client/evaluation.py)."""
+    return P.reply_to(msg, handle_evaluate(msg, context))
+
+
+def _query_merchant(msg: Message, context: Context) -> tuple[ConfigRecord, MerchantConfig]:
     config = msg.content[P.CONFIG]
-    assert isinstance(config, ConfigRecord)
-    merchant = resolve_merchant(context, config)
-    reply = run_finetune_round(parse_request(msg), merchant)
-    return Message(content=reply_content(reply), reply_to=msg)
+    if not isinstance(config, ConfigRecord):
+        raise ConfigError("the query carries no configuration record")
+    simulation_dir = config.get(P.SIMULATION_DIR)
+    return config, resolve_merchant(context, str(simulation_dir) if simulation_dir else None)
+
+
+@app.query("publish")
+def publish(msg: Message, context: Context) -> Message:
+    """A new serving version (or A/B candidate) from the platform (see client/publish.py)."""
+    from client.publish import publication_reply
+
+    config, merchant = _query_merchant(msg, context)
+    return P.reply_to(msg, publication_reply(config, merchant))
+
+
+@app.query("abevidence")
+def ab_evidence(msg: Message, context: Context) -> Message:
+    """Aggregate A/B counts for the platform's online gate (see client/serving/evidence.py)."""
+    from client.serving.evidence import evidence_reply
+
+    config, merchant = _query_merchant(msg, context)
+    return P.reply_to(msg, evidence_reply(config, merchant))

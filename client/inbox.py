@@ -39,7 +39,8 @@ import numpy as np
 import pandas as pd
 
 from common import sqlite_store
-from common.errors import ConfigError, DataValidationError, IntegrityError
+from common.atomic import atomic_write_text
+from common.errors import ConfigError, DataValidationError, IntegrityError, NotFoundError
 from common.events import (
     DEFAULT_MAX_BYTES,
     KEY_COLUMNS,
@@ -149,6 +150,30 @@ def _iso(now: datetime) -> str:
 
 def _no_fault(step: str) -> None:
     """Default fault hook; tests replace it to simulate a crash at ``step``."""
+
+
+def read_cohort_file(path: Path, sha256: str) -> pd.DataFrame:
+    """An accepted cohort's events, if the file still has the SHA-256 recorded at acceptance."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise IntegrityError(f"cohort file {path} is missing") from None
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise IntegrityError(f"cohort file {path} changed since it was accepted")
+    return pd.read_parquet(io.BytesIO(data))
+
+
+def accepted_cohorts(root: Path) -> list[tuple[str, Path, str]]:
+    """(cohort id, file, SHA-256) of each accepted cohort, oldest first, for readers in other
+    processes: opens the index read-only and changes nothing (unlike :class:`Inbox`, which
+    tidies up after crashes and must only run where the inbox is scanned)."""
+    index = Path(root) / INDEX_NAME
+    if not index.exists():
+        return []
+    with contextlib.closing(sqlite3.connect(f"file:{index}?mode=ro", uri=True)) as conn:
+        rows = conn.execute("SELECT cohort_id, parquet_sha256 FROM cohorts ORDER BY seq").fetchall()
+    accepted = Path(root) / "accepted"
+    return [(str(c), accepted / f"{c}.parquet", str(h)) for c, h in rows]
 
 
 class Inbox:
@@ -311,9 +336,7 @@ class Inbox:
         if target.exists():
             target = self.quarantine_dir / f"{path.stem}.{file_sha256(path)[:12]}{path.suffix}"
         reason_path = target.with_name(target.name + ".reason.txt")
-        tmp = reason_path.with_name("." + reason_path.name + ".tmp")
-        tmp.write_text(reason + "\n", encoding="utf-8")
-        os.replace(tmp, reason_path)
+        atomic_write_text(reason_path, reason + "\n")
         os.replace(path, target)
         return target
 
@@ -469,15 +492,8 @@ class Inbox:
                 "SELECT parquet_sha256 FROM cohorts WHERE cohort_id = ?", (cohort_id,)
             ).fetchone()
         if row is None:
-            raise ConfigError(f"cohort {cohort_id!r} does not exist in {self.root}")
-        path = self.accepted_dir / f"{cohort_id}.parquet"
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise IntegrityError(f"cohort file {path} is missing") from None
-        if hashlib.sha256(data).hexdigest() != row[0]:
-            raise IntegrityError(f"cohort file {path} changed since it was accepted")
-        return pd.read_parquet(io.BytesIO(data))
+            raise NotFoundError(f"cohort {cohort_id!r} does not exist in {self.root}")
+        return read_cohort_file(self.accepted_dir / f"{cohort_id}.parquet", str(row[0]))
 
     def load(self, cohort_ids: Sequence[str]) -> pd.DataFrame:
         """The events of ``cohort_ids`` (each file checked against its recorded hash)."""
@@ -500,7 +516,7 @@ class Inbox:
         if before is not None:
             limit = next((c.seq for c in pool if c.cohort_id == before), None)
             if limit is None:
-                raise ConfigError(f"cohort {before!r} does not exist in {self.root}")
+                raise NotFoundError(f"cohort {before!r} does not exist in {self.root}")
             pool = [c for c in pool if c.seq < limit]
         sizes = np.array([c.rows for c in pool], dtype=np.int64)
         total = int(sizes.sum())

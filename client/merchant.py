@@ -7,13 +7,17 @@ epsilon than the cap here, never a larger one.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import tomli_w
+
 from client.inbox import ArrivalMode
+from client.serving.config import ServingConfig
 from common.accounting import PrivacyUnit
 from common.configparse import from_mapping, load_toml
 from common.errors import ConfigError
+from common.keys import NAME_PATTERN
 
 
 @dataclass(frozen=True)
@@ -33,14 +37,22 @@ class MerchantConfig:
     inbox: Path | None = None  # online fine-tuning: the inbox root (see docs/online.md)
     inbox_arrival: ArrivalMode = ArrivalMode.STABLE  # how the inbox knows a file is complete
     stream_epsilon_cap: float = 1.0  # per stream cohort (event level); composes per customer
+    # Held-out events the merchant scores models on (federated evaluation, client/evaluation.py):
+    validation_data: Path | None = None  # weeks after `data` (per-round validation)
+    test_data: Path | None = None  # weeks after `validation_data` (final test)
+    holdout_share: float = 0.0  # online: share of customers kept out of fine-tuning for the gate
+    evaluation_noise: float = 0.0  # std of Gaussian noise on every evaluation sum sent (0: none)
+    platform_key: Path | None = None  # pinned Ed25519 key that signs the models it may serve
+    serving: ServingConfig = field(default_factory=ServingConfig)  # [merchant.serving]
     # App bundles this merchant answers besides its installed release (docs/deployment.md);
     # read by `fedshop client`'s runner, which always runs the installed code.
     app_hashes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if not self.id or any(c in self.id for c in "/\\\0"):
+        if not NAME_PATTERN.fullmatch(self.id):  # the ledger's rule, checked at load time
             raise ConfigError(
-                f"merchant.id must be a non-empty name without slashes, got {self.id!r}"
+                f"merchant.id {self.id!r} is not a valid merchant name: use 1-128 letters, "
+                "digits, '.', '_' or '-', starting with a letter or digit"
             )
         if not (self.epsilon_cap > 0 and math.isfinite(self.epsilon_cap)):
             raise ConfigError(f"merchant.epsilon_cap must be > 0, got {self.epsilon_cap}")
@@ -58,6 +70,12 @@ class MerchantConfig:
                     f"merchant.app_hashes entry {value!r} is not an app hash (64 lowercase hex "
                     "digits, as `fedshop client --print-app-hash` prints)"
                 )
+        if not 0 <= self.holdout_share < 1:
+            raise ConfigError(f"merchant.holdout_share must be in [0, 1), got {self.holdout_share}")
+        if not (math.isfinite(self.evaluation_noise) and self.evaluation_noise >= 0):
+            raise ConfigError(
+                f"merchant.evaluation_noise must be >= 0, got {self.evaluation_noise}"
+            )
 
     @property
     def ledger_path(self) -> Path:
@@ -67,6 +85,16 @@ class MerchantConfig:
     def outbox(self) -> Path:
         return self.state_dir / "outbox"
 
+    @property
+    def models_dir(self) -> Path:
+        """The merchant's mirror of the platform's registry (client/model_mirror.py)."""
+        return self.state_dir / "models"
+
+    @property
+    def serving_dir(self) -> Path:
+        """Impressions, purchases, attributions and the A/B key: never leave the merchant."""
+        return self.state_dir / "serving"
+
     @classmethod
     def from_toml(cls, path: Path) -> MerchantConfig:
         data = load_toml(path)
@@ -75,10 +103,9 @@ class MerchantConfig:
             raise ConfigError(
                 f"{path}: expected exactly one [merchant] table, found {sorted(data)}"
             )
-        table = dict(data["merchant"])
-        for key in ("data", "state_dir", "signing_key", "state-dir", "signing-key"):
-            if key in table and not Path(table[key]).is_absolute():
-                table[key] = str((path.parent / table[key]).resolve())
+        table = _resolve_paths(dict(data["merchant"]), path.parent, _PATH_KEYS)
+        if isinstance(table.get("serving"), dict):
+            table["serving"] = _resolve_paths(dict(table["serving"]), path.parent, _TLS_KEYS)
         try:
             return from_mapping(cls, table, prefix="merchant")
         except ConfigError as exc:
@@ -101,29 +128,39 @@ class MerchantConfig:
             "max_noise_multiplier": self.max_noise_multiplier,
             "inbox_arrival": self.inbox_arrival.value,
             "stream_epsilon_cap": self.stream_epsilon_cap,
+            "holdout_share": self.holdout_share,
+            "evaluation_noise": self.evaluation_noise,
         }
-        if self.inbox is not None:
-            values["inbox"] = str(self.inbox)
+        for name in ("inbox", "validation_data", "test_data", "platform_key"):
+            if getattr(self, name) is not None:
+                values[name] = str(getattr(self, name))
         if self.app_hashes:
             values["app_hashes"] = list(self.app_hashes)
-        lines = ["[merchant]"] + [f"{key} = {_toml_value(value)}" for key, value in values.items()]
-        return "\n".join(lines) + "\n"
+        serving = {
+            name: str(value) if isinstance(value, Path) else value
+            for name, value in self.serving.__dict__.items()
+            if value != getattr(ServingConfig(), name)
+        }
+        if serving:
+            values["serving"] = serving
+        return tomli_w.dumps({"merchant": values})
 
 
-def _toml_value(value: object) -> str:
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return '"' + "".join(_toml_char(c) for c in value) + '"'
-    return repr(value)
+_PATH_KEYS = (
+    "data",
+    "state_dir",
+    "signing_key",
+    "inbox",
+    "validation_data",
+    "test_data",
+    "platform_key",
+)
+_TLS_KEYS = ("tls_cert", "tls_key")
 
 
-def _toml_char(char: str) -> str:
-    # TOML basic strings forbid quote, backslash and control characters other than tab.
-    if char in '"\\':
-        return "\\" + char
-    if (ord(char) < 0x20 and char != "\t") or ord(char) == 0x7F:
-        return f"\\u{ord(char):04X}"
-    return char
+def _resolve_paths(table: dict, base: Path, keys: tuple[str, ...]) -> dict:
+    """Relative paths in ``table`` are relative to the TOML file's directory."""
+    for key in keys:
+        if isinstance(table.get(key), str) and not Path(table[key]).is_absolute():
+            table[key] = str((base / table[key]).resolve())
+    return table

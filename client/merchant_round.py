@@ -4,14 +4,17 @@ Order of operations is the privacy contract: check the budget, train, write the 
 weights to the outbox, append the signed release to the ledger, and only then hand the
 weights back for sending. A crash after the ledger append leaves the spend counted; a second
 request for the same run and round re-sends the stored weights instead of spending again.
+
+Every random draw of the round (records, Poisson batches, noise) comes from the merchant's
+own secret (client/dp_randomness.py): nothing in the instruction determines it, so the
+platform cannot replay the round, while the merchant replays it exactly.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -19,46 +22,49 @@ import numpy as np
 import torch
 
 from client.data import PreparedData, prepared_data
+from client.dp_randomness import (
+    MerchantSecret,
+    ensure_merchant_secret,
+    load_merchant_secret,
+    secret_path,
+)
 from client.merchant import MerchantConfig
 from client.training import DPSettings, LocalTraining, RoundResult, steps_per_round, train_round
-from common.accounting import MechanismStep, PrivacyUnit, epsilon_spent, noise_for_target
+from common import protocol as P
+from common.accounting import (
+    AccountantKind,
+    MechanismStep,
+    PrivacyUnit,
+    epsilon_spent,
+    noise_for_target,
+)
 from common.arrays_io import arrays_to_npz, npz_to_arrays
 from common.atomic import atomic_write_bytes
-from common.config import RunConfig
-from common.errors import ConfigError, FedshopError, PrivacyBudgetExceededError
+from common.errors import (
+    ConfigError,
+    FedshopError,
+    IntegrityError,
+    PrivacyBudgetExceededError,
+    StateError,
+    TrainingError,
+)
 from common.features import training_records
 from common.keys import load_signing_key
-from common.ledger import LedgerEntry, MerchantLedger, PrivacyRelease
+from common.ledger import (
+    MECHANISM,
+    NOISE_SOURCE,
+    LedgerEntry,
+    MerchantLedger,
+    PrivacyRelease,
+    composition_history,
+    utc_now_iso,
+)
 from common.model import Recommender, arrays_sha256, load_state_arrays
-from common.protocol import Outcome
-from common.rng import numpy_stream, torch_stream
+from common.protocol import FailureCode, MerchantReply, Outcome, RefusalCode, TrainInstruction
 
 log = logging.getLogger(__name__)
 
-LIBRARIES = ("torch", "opacus", "flwr", "numpy", "fedshop")
-
-
-@dataclass(frozen=True)
-class TrainRequest:
-    run_id: str
-    round: int
-    planned_rounds: int
-    seed: int
-    model_in_sha256: str
-    config: RunConfig
-    arrays: dict[str, np.ndarray]
-    server_seqs: dict[str, int] = field(default_factory=dict)  # what the platform's ledger holds
-
-
-@dataclass(frozen=True)
-class TrainReply:
-    outcome: Outcome
-    merchant_id: str
-    reason: str = ""
-    arrays: dict[str, np.ndarray] | None = None
-    metrics: dict[str, float] = field(default_factory=dict)
-    ledger_entry: str | None = None
-    ledger_backlog: tuple[str, ...] = ()  # entries released earlier that the platform lacks
+LIBRARIES = ("torch", "opacus", "flwr", "numpy", "dp-accounting", "fedshop")
 
 
 @dataclass(frozen=True)
@@ -68,7 +74,9 @@ class RoundPlan:
     mechanism: MechanismStep
     delta: float
     cap: float
-    epsilon_after: float
+    accountant: AccountantKind
+    epsilon_after: float  # by ``accountant``
+    epsilon_rdp: float
     records: int
 
 
@@ -82,72 +90,84 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def _budget_history(ledger: MerchantLedger, merchant: MerchantConfig) -> list[LedgerEntry]:
-    """Event-level spend composes per cohort; a customer's spend composes across all cohorts."""
-    entries = ledger.entries()
-    if merchant.privacy_unit is PrivacyUnit.CUSTOMER:
-        return entries
-    return [e for e in entries if e.release.cohort == merchant.cohort]
+def merchant_secret(merchant: MerchantConfig, ledger: MerchantLedger) -> MerchantSecret:
+    """The merchant's DP secret; created here only for a merchant that never released."""
+    if not secret_path(merchant.state_dir).exists():
+        if ledger.last_seq > 0:
+            raise StateError(
+                f"merchant {merchant.id}: the DP secret in {merchant.state_dir} is missing but "
+                f"the ledger holds {ledger.last_seq} releases; restore the secret from backup"
+            )
+        ensure_merchant_secret(merchant.state_dir)
+    return load_merchant_secret(merchant.state_dir)
 
 
 def plan_round(
-    request: TrainRequest, merchant: MerchantConfig, data: PreparedData, spent: list[LedgerEntry]
+    instruction: TrainInstruction,
+    merchant: MerchantConfig,
+    data: PreparedData,
+    spent: list[LedgerEntry],
 ) -> RoundPlan:
-    """Choose sigma and project epsilon; raise PrivacyBudgetExceededError past the cap."""
-    privacy = request.config.privacy
+    """Choose sigma and project epsilon; raise PrivacyBudgetExceededError past the cap.
+
+    ``spent`` is the merchant's whole chain; the releases this round composes with are picked
+    by the same rule the platform and the auditors use (common/ledger/claims.py).
+    """
+    privacy = instruction.config.privacy
     unit = merchant.privacy_unit
+    accountant = privacy.accountant
     records = data.customers if unit is PrivacyUnit.CUSTOMER else len(data.encoded)
     delta = min(merchant.delta, privacy.delta, 1.0 / (10 * records))
     cap = min(merchant.epsilon_cap, privacy.epsilon_cap)
     settings = LocalTraining(
-        batch_size=request.config.training.batch_size,
-        local_epochs=request.config.training.local_epochs,
+        batch_size=instruction.config.training.batch_size,
+        local_epochs=instruction.config.training.local_epochs,
     )
     q, steps = steps_per_round(records, settings)
-    history = [
-        MechanismStep(e.release.noise_multiplier, e.release.sample_rate, e.release.steps)
-        for e in spent
-    ]
+    composing = composition_history(spent, unit=unit, cohort=merchant.cohort)
+    history = [e.release.mechanism_step for e in composing]
     if privacy.noise_multiplier is not None:
         sigma = privacy.noise_multiplier
     else:
         before_run = [
-            h for h, e in zip(history, spent, strict=True) if e.release.run_id != request.run_id
+            h
+            for h, e in zip(history, composing, strict=True)
+            if e.release.run_id != instruction.run_id
         ]
         try:
             sigma = noise_for_target(
                 target_epsilon=cap,
                 delta=delta,
                 sample_rate=q,
-                steps=steps * request.planned_rounds,
+                steps=steps * instruction.planned_rounds,
                 prior=before_run,
                 max_noise_multiplier=merchant.max_noise_multiplier,
+                accountant=accountant,
             )
         except ConfigError as exc:
             raise PrivacyBudgetExceededError(f"merchant {merchant.id}: {exc}") from None
     mechanism = MechanismStep(sigma, q, steps)
-    epsilon_after = epsilon_spent([*history, mechanism], delta=delta)
+    after = [*history, mechanism]
+    epsilon_after = epsilon_spent(after, delta=delta, accountant=accountant)
     if epsilon_after > cap * (1 + 1e-9):
         raise PrivacyBudgetExceededError(
-            f"merchant {merchant.id}: round {request.round} would reach epsilon "
-            f"{epsilon_after:.3f} > cap {cap:g} (cohort {merchant.cohort!r}, "
-            f"spent {epsilon_spent(history, delta=delta):.3f})"
+            f"merchant {merchant.id}: round {instruction.round} would reach epsilon "
+            f"{epsilon_after:.3f} > cap {cap:g} (cohort {merchant.cohort!r}, spent "
+            f"{epsilon_spent(history, delta=delta, accountant=accountant):.3f})"
         )
     return RoundPlan(
-        mechanism=mechanism, delta=delta, cap=cap, epsilon_after=epsilon_after, records=records
+        mechanism=mechanism,
+        delta=delta,
+        cap=cap,
+        accountant=accountant,
+        epsilon_after=epsilon_after,
+        epsilon_rdp=epsilon_spent(after, delta=delta, accountant=AccountantKind.RDP),
+        records=records,
     )
 
 
-def _outbox_file(merchant: MerchantConfig, request: TrainRequest) -> Path:
-    return merchant.outbox / f"{request.run_id}-round{request.round:04d}.npz"
-
-
-def _write_outbox(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    atomic_write_bytes(path, arrays_to_npz(arrays))
-
-
-def _read_outbox(path: Path) -> dict[str, np.ndarray]:
-    return npz_to_arrays(path.read_bytes())
+def _outbox_file(merchant: MerchantConfig, instruction: TrainInstruction) -> Path:
+    return merchant.outbox / f"{instruction.run_id}-round{instruction.round:04d}.npz"
 
 
 def _device(merchant: MerchantConfig) -> torch.device:
@@ -156,149 +176,189 @@ def _device(merchant: MerchantConfig) -> torch.device:
     return torch.device(merchant.device)
 
 
-def _replay(
-    request: TrainRequest, merchant: MerchantConfig, entry: LedgerEntry, ledger: MerchantLedger
-) -> TrainReply | None:
-    """Re-send a release already in the ledger (same run, round and input model)."""
-    path = _outbox_file(merchant, request)
-    if entry.release.model_in_sha256 != request.model_in_sha256 or not path.exists():
-        return None
-    arrays = _read_outbox(path)
-    if arrays_sha256(arrays) != entry.release.model_out_sha256:
-        return None
-    log.info("merchant %s: round %d already released; re-sending it", merchant.id, request.round)
-    return TrainReply(
-        Outcome.TRAINED,
-        merchant.id,
-        "re-sent",
-        arrays,
-        {
-            "epsilon": entry.release.epsilon_after,
-            "epsilon-cap": entry.release.epsilon_cap,
-            "num-examples": float(entry.release.dataset_size),
-        },
-        entry.to_wire(),
-        _backlog(ledger, request, merchant, entry),
-    )
+def _privacy_metrics(release: PrivacyRelease) -> dict[str, float]:
+    return {
+        P.NUM_EXAMPLES: float(release.dataset_size),
+        P.EPSILON: release.epsilon_after,
+        P.EPSILON_CAP: release.epsilon_cap,
+        P.DELTA: release.delta,
+        P.NOISE_MULTIPLIER: release.noise_multiplier,
+    }
 
 
 def _backlog(
-    ledger: MerchantLedger, request: TrainRequest, merchant: MerchantConfig, entry: LedgerEntry
+    ledger: MerchantLedger, instruction: TrainInstruction, entry: LedgerEntry
 ) -> tuple[str, ...]:
     """Earlier releases the platform has not recorded (e.g. the merchant crashed after its
-    ledger append but before sending): they travel with this one so the chains stay whole."""
-    known = request.server_seqs.get(merchant.id, 0)
+    ledger append but before sending): they travel with this one so the chains stay whole.
+    A platform that does not know this node yet gets every earlier entry (it skips those it
+    holds)."""
+    known = max(instruction.server_ledger_seq, 0)
     return tuple(e.to_wire() for e in ledger.entries_after(known) if e.seq < entry.seq)
 
 
-def run_merchant_round(request: TrainRequest, merchant: MerchantConfig) -> TrainReply:
-    """Train one round or refuse; never raises for expected failures."""
+def _replay(
+    instruction: TrainInstruction,
+    merchant: MerchantConfig,
+    entry: LedgerEntry,
+    ledger: MerchantLedger,
+) -> MerchantReply | None:
+    """Re-send a release already in the ledger (same run, round and input model)."""
+    path = _outbox_file(merchant, instruction)
+    if entry.release.model_in_sha256 != instruction.model_in_sha256 or not path.exists():
+        return None
+    arrays = npz_to_arrays(path.read_bytes())
+    if arrays_sha256(arrays) != entry.release.model_out_sha256:
+        return None
+    log.info(
+        "merchant %s: round %d already released; re-sending it", merchant.id, entry.release.round
+    )
+    return MerchantReply(
+        Outcome.TRAINED,
+        merchant.id,
+        reason="re-sent",
+        arrays=arrays,
+        metrics=_privacy_metrics(entry.release),
+        ledger_entry=entry.to_wire(),
+        ledger_backlog=_backlog(ledger, instruction, entry),
+    )
+
+
+def run_merchant_round(
+    instruction: TrainInstruction,
+    merchant: MerchantConfig,
+    *,
+    data: PreparedData | None = None,
+) -> MerchantReply:
+    """Train one round or refuse; never raises for expected failures.
+
+    ``data`` is the merchant's prepared training data when the caller already holds it (an
+    inbox cohort read once, from the bytes whose hash was checked); otherwise it is read from
+    ``merchant.data``.
+    """
     try:
-        return _run(request, merchant)
+        return _run(instruction, merchant, data)
     except PrivacyBudgetExceededError as exc:
         log.warning("%s", exc)
-        return TrainReply(Outcome.REFUSED, merchant.id, str(exc))
+        return MerchantReply(Outcome.REFUSED, merchant.id, RefusalCode.BUDGET.value, str(exc))
     except FedshopError as exc:
         log.error("merchant %s failed: %s", merchant.id, exc.one_line())
-        return TrainReply(Outcome.FAILED, merchant.id, exc.one_line())
+        code = FailureCode.INTEGRITY if isinstance(exc, IntegrityError) else FailureCode.DATA
+        return MerchantReply(Outcome.FAILED, merchant.id, code.value, exc.one_line())
 
 
-def _run(request: TrainRequest, merchant: MerchantConfig) -> TrainReply:
-    if arrays_sha256(request.arrays) != request.model_in_sha256:
-        raise ConfigError("received model does not match its announced hash")
-    config = request.config
+def _run(
+    instruction: TrainInstruction, merchant: MerchantConfig, data: PreparedData | None
+) -> MerchantReply:
+    if arrays_sha256(instruction.arrays) != instruction.model_in_sha256:
+        raise IntegrityError("received model does not match its announced hash")
+    config = instruction.config
     torch.set_num_threads(merchant.threads)
-    data = prepared_data(merchant.data, config.model)
+    if data is None:
+        data = prepared_data(merchant.data, config.model)
     merchant.state_dir.mkdir(parents=True, exist_ok=True)
     if not config.privacy.enabled:
-        return _run_non_private(request, merchant, data)
+        return _run_non_private(instruction, merchant, data)
     with MerchantLedger.open(
         merchant.ledger_path,
         merchant_id=merchant.id,
         signing_key=load_signing_key(merchant.signing_key),
     ) as ledger:
-        existing = ledger.find(request.run_id, request.round)
+        secret = merchant_secret(merchant, ledger)
+        existing = ledger.find(instruction.run_id, instruction.round)
         if existing is not None:
-            replay = _replay(request, merchant, existing, ledger)
+            replay = _replay(instruction, merchant, existing, ledger)
             if replay is not None:
                 return replay
-        plan = plan_round(request, merchant, data, _budget_history(ledger, merchant))
-        result = _train(request, merchant, data, plan)
-        out_sha = arrays_sha256(result.arrays)
-        _write_outbox(_outbox_file(merchant, request), result.arrays)
-        release = PrivacyRelease(
-            merchant_id=merchant.id,
-            run_id=request.run_id,
-            round=request.round,
-            model_in_sha256=request.model_in_sha256,
-            model_out_sha256=out_sha,
-            cohort=merchant.cohort,
-            privacy_unit=merchant.privacy_unit,
-            mechanism="poisson_subsampled_gaussian",
-            noise_multiplier=plan.mechanism.noise_multiplier,
-            sample_rate=plan.mechanism.sample_rate,
-            steps=plan.mechanism.steps,
-            clipping_norm=config.privacy.clipping_norm,
-            delta=plan.delta,
-            dataset_size=plan.records,
-            accountant=config.privacy.accountant,
-            epsilon_after=plan.epsilon_after,
-            epsilon_cap=plan.cap,
-            config_sha256=config.sha256(),
-            library_versions=library_versions(),
-            created_utc=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
-        )
-        entry = ledger.append(release)
-        backlog = _backlog(ledger, request, merchant, entry)
-    metrics = {
-        "num-examples": float(plan.records),
-        "train-loss": result.mean_loss,
-        "epsilon": plan.epsilon_after,
-        "epsilon-cap": plan.cap,
-        "delta": plan.delta,
-        "noise-multiplier": plan.mechanism.noise_multiplier,
-        "train-seconds": result.seconds,
-    }
-    return TrainReply(
-        Outcome.TRAINED, merchant.id, "", result.arrays, metrics, entry.to_wire(), backlog
+        plan = plan_round(instruction, merchant, data, ledger.entries())
+        result = _train(instruction, merchant, data, plan, secret)
+        atomic_write_bytes(_outbox_file(merchant, instruction), arrays_to_npz(result.arrays))
+        entry = ledger.append(_release(instruction, merchant, plan, result))
+        backlog = _backlog(ledger, instruction, entry)
+    metrics = {**_privacy_metrics(entry.release), P.TRAIN_SECONDS: result.seconds}
+    return MerchantReply(
+        Outcome.TRAINED,
+        merchant.id,
+        arrays=result.arrays,
+        metrics=metrics,
+        ledger_entry=entry.to_wire(),
+        ledger_backlog=backlog,
+    )
+
+
+def _release(
+    instruction: TrainInstruction,
+    merchant: MerchantConfig,
+    plan: RoundPlan,
+    result: RoundResult,
+) -> PrivacyRelease:
+    return PrivacyRelease(
+        merchant_id=merchant.id,
+        run_id=instruction.run_id,
+        round=instruction.round,
+        model_in_sha256=instruction.model_in_sha256,
+        model_out_sha256=arrays_sha256(result.arrays),
+        cohort=merchant.cohort,
+        privacy_unit=merchant.privacy_unit,
+        mechanism=MECHANISM,
+        noise_source=NOISE_SOURCE,
+        noise_multiplier=plan.mechanism.noise_multiplier,
+        sample_rate=plan.mechanism.sample_rate,
+        steps=plan.mechanism.steps,
+        clipping_norm=instruction.config.privacy.clipping_norm,
+        delta=plan.delta,
+        dataset_size=plan.records,
+        accountant=plan.accountant,
+        epsilon_after=plan.epsilon_after,
+        epsilon_rdp=plan.epsilon_rdp,
+        epsilon_cap=plan.cap,
+        config_sha256=instruction.config.sha256(),
+        library_versions=library_versions(),
+        created_utc=utc_now_iso(),
     )
 
 
 def _run_non_private(
-    request: TrainRequest, merchant: MerchantConfig, data: PreparedData
-) -> TrainReply:
+    instruction: TrainInstruction, merchant: MerchantConfig, data: PreparedData
+) -> MerchantReply:
     """A baseline round without DP: only if the merchant's own configuration allows it, and
     never recorded as a DP release (there is no epsilon to record)."""
     if not merchant.allow_non_private:
-        raise ConfigError(
+        return MerchantReply(
+            Outcome.REFUSED,
+            merchant.id,
+            RefusalCode.PRIVATE_ONLY.value,
             f"merchant {merchant.id} trains only with differential privacy "
-            "(allow_non_private is false in its configuration)"
+            "(allow_non_private is false in its configuration)",
         )
-    result = _train(request, merchant, data, None)
-    metrics = {
-        "num-examples": float(result.num_records),
-        "train-loss": result.mean_loss,
-        "train-seconds": result.seconds,
-    }
-    return TrainReply(Outcome.TRAINED, merchant.id, "non-private", result.arrays, metrics)
+    secret = load_merchant_secret(ensure_merchant_secret(merchant.state_dir).parent)
+    result = _train(instruction, merchant, data, None, secret)
+    metrics = {P.NUM_EXAMPLES: float(result.num_records), P.TRAIN_SECONDS: result.seconds}
+    return MerchantReply(
+        Outcome.TRAINED, merchant.id, reason="non-private", arrays=result.arrays, metrics=metrics
+    )
 
 
 def _train(
-    request: TrainRequest, merchant: MerchantConfig, data: PreparedData, plan: RoundPlan | None
+    instruction: TrainInstruction,
+    merchant: MerchantConfig,
+    data: PreparedData,
+    plan: RoundPlan | None,
+    secret: MerchantSecret,
 ) -> RoundResult:
-    config = request.config
-    stream = ("merchant", merchant.id, "round", request.round)
+    config = instruction.config
+    stream = (instruction.run_id, "round", instruction.round)
     records = training_records(
         data.encoded,
         data.catalog,
         unit=merchant.privacy_unit,
         negatives=config.training.negatives,
         events_per_customer=config.training.events_per_customer,
-        rng=numpy_stream(request.seed, *stream, "records"),
+        rng=secret.numpy_stream(*stream, "records"),
     )
     device = _device(merchant)
     model = Recommender(config.model)
-    load_state_arrays(model, request.arrays)
+    load_state_arrays(model, instruction.arrays)
     model.to(device)
     mu = config.federation.proximal_mu if config.federation.strategy.value == "fedprox" else 0.0
     result = train_round(
@@ -318,15 +378,15 @@ def _train(
             noise_multiplier=plan.mechanism.noise_multiplier,
             clipping_norm=config.privacy.clipping_norm,
         ),
-        sampling_generator=torch_stream(request.seed, *stream, "sampling"),
-        noise_generator=torch_stream(request.seed, *stream, "noise", device=device),
+        sampling_generator=secret.torch_stream(*stream, "sampling"),
+        noise_generator=secret.torch_stream(*stream, "noise", device=device),
     )
     if plan is not None and result.mechanism != plan.mechanism:
-        raise ConfigError(
+        raise TrainingError(
             f"trained mechanism {result.mechanism} differs from plan {plan.mechanism}"
         )
     if not all(np.isfinite(a).all() for a in result.arrays.values()):
-        raise ConfigError("training produced non-finite weights; nothing released")
+        raise TrainingError("training produced non-finite weights; nothing released")
     if math.isnan(result.mean_loss):
         log.warning("merchant %s: no loss recorded this round", merchant.id)
     return result

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from common.accounting import MechanismStep
 from common.config import OptimizerKind
-from common.errors import ConfigError
+from common.errors import ConfigError, TrainingError
 from common.features import RecordTensors
 from common.model import Recommender, load_state_arrays, state_arrays
 
@@ -177,7 +177,7 @@ def train_round(
         sigma_used, q_used, _steps = used[0] if used else (dp.noise_multiplier, 0.0, 0)
         assert mechanism is not None
         if len(used) != 1 or not math.isclose(q_used, mechanism.sample_rate):
-            raise RuntimeError(f"accountant history {used} differs from the planned {mechanism}")
+            raise TrainingError(f"accountant history {used} differs from the planned {mechanism}")
         # Empty Poisson batches are noised by hand (below), so count the planned steps.
         mechanism = MechanismStep(sigma_used, q_used, mechanism.steps)
         train_module = train_module._module  # type: ignore[assignment]

@@ -2,8 +2,13 @@
 
 A merchant's spend is a list of :class:`MechanismStep` (sigma, q, steps) read back from its
 ledger; epsilon is recomputed from that list every time, so a restored history gives exactly
-the epsilon of an uninterrupted one. Opacus' accountants do the maths here; auditors recompute
-independently with Google's dp-accounting (``common.audit``).
+the epsilon of an uninterrupted one.
+
+Two accountants: PLD (privacy loss distributions, Google's dp-accounting; the default) is tight,
+about 10-15 % below RDP for the same noise, so a merchant reaches its cap with less noise. Its
+discretisation is pessimistic (rounding only raises epsilon), so a finer recomputation by an
+auditor never exceeds the recorded value. RDP (Opacus' analysis) is kept beside it in every
+release as a second, looser bound.
 """
 
 from __future__ import annotations
@@ -27,10 +32,13 @@ class PrivacyUnit(Enum):
 
 
 class AccountantKind(Enum):
-    """Which accountant turns a history into epsilon. RDP is the conservative default."""
+    """Which accountant turns a history into epsilon (calibration and caps use the chosen one)."""
 
+    PLD = "pld"
     RDP = "rdp"
-    PRV = "prv"
+
+
+PLD_DISCRETIZATION = 1e-3  # epsilon grid of the PLD; pessimistic: within ~1e-3 above exact
 
 
 @dataclass(frozen=True)
@@ -90,11 +98,50 @@ def validate_delta(delta: float) -> float:
     return float(delta)
 
 
+def merged(history: Sequence[MechanismStep]) -> tuple[MechanismStep, ...]:
+    """Adjacent steps with the same (sigma, q) as one: composition is the same, PLD is faster."""
+    out: list[MechanismStep] = []
+    for step in history:
+        last = out[-1] if out else None
+        if last and (last.noise_multiplier, last.sample_rate) == (
+            step.noise_multiplier,
+            step.sample_rate,
+        ):
+            out[-1] = MechanismStep(
+                last.noise_multiplier, last.sample_rate, last.steps + step.steps
+            )
+        else:
+            out.append(step)
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=1024)
+def _pld_epsilon(history: tuple[MechanismStep, ...], delta: float) -> float:
+    import dp_accounting  # heavy: import on use
+    from dp_accounting import pld
+
+    accountant = pld.PLDAccountant(value_discretization_interval=PLD_DISCRETIZATION)
+    accountant.compose(
+        dp_accounting.ComposedDpEvent(
+            [
+                dp_accounting.SelfComposedDpEvent(
+                    dp_accounting.PoissonSampledDpEvent(
+                        s.sample_rate, dp_accounting.GaussianDpEvent(s.noise_multiplier)
+                    ),
+                    s.steps,
+                )
+                for s in history
+            ]
+        )
+    )
+    return float(accountant.get_epsilon(delta))
+
+
 def epsilon_spent(
     history: Sequence[MechanismStep],
     *,
     delta: float,
-    accountant: AccountantKind = AccountantKind.RDP,
+    accountant: AccountantKind = AccountantKind.PLD,
 ) -> float:
     """Cumulative epsilon of ``history`` at ``delta``; 0 for an empty history, inf without noise."""
     validate_delta(delta)
@@ -104,11 +151,7 @@ def epsilon_spent(
         return math.inf
     if accountant is AccountantKind.RDP:
         return _rdp_epsilon(history, delta)
-    from opacus.accountants import PRVAccountant  # heavy: import on use
-
-    engine = PRVAccountant()
-    engine.history = [(s.noise_multiplier, s.sample_rate, s.steps) for s in history]
-    return float(engine.get_epsilon(delta=delta))
+    return _pld_epsilon(merged(history), float(delta))
 
 
 def noise_for_target(
@@ -119,8 +162,9 @@ def noise_for_target(
     steps: int,
     prior: Sequence[MechanismStep] = (),
     max_noise_multiplier: float = 50.0,
+    accountant: AccountantKind = AccountantKind.PLD,
 ) -> float:
-    """The smallest noise multiplier (RDP accounting, within 0.5 %) so that ``prior`` plus
+    """The smallest noise multiplier (within 0.5 %, by ``accountant``) so that ``prior`` plus
     ``steps`` new steps at ``sample_rate`` stay within ``target_epsilon``.
 
     Raises ConfigError when even ``max_noise_multiplier`` would pass the target: the remaining
@@ -137,6 +181,7 @@ def noise_for_target(
         int(steps),
         tuple(prior),
         float(max_noise_multiplier),
+        accountant,
     )
 
 
@@ -148,11 +193,14 @@ def _calibrate(
     steps: int,
     prior: tuple[MechanismStep, ...],
     max_sigma: float,
+    accountant: AccountantKind,
 ) -> float:
     def eps_at(sigma: float) -> float:
-        return epsilon_spent([*prior, MechanismStep(sigma, q, steps)], delta=delta)
+        return epsilon_spent(
+            [*prior, MechanismStep(sigma, q, steps)], delta=delta, accountant=accountant
+        )
 
-    spent = epsilon_spent(prior, delta=delta)
+    spent = epsilon_spent(prior, delta=delta, accountant=accountant)
     if eps_at(max_sigma) > target:
         raise ConfigError(
             f"the budget is used up: epsilon {spent:.3f} already spent of {target:g}, and even "

@@ -8,18 +8,33 @@ merchant's own configuration caps it (a merchant may spend less, never more).
 from __future__ import annotations
 
 import hashlib
-import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+import tomli_w
+
 from common.accounting import AccountantKind, PrivacyUnit
+from common.canonical import canonical_json
 from common.configparse import as_plain_dict, from_mapping, load_toml
 from common.errors import ConfigError
+from common.events import parse_mapping
 from common.model_spec import ModelSpec
-from common.split import WeekSplit, check_week_ranges
+from common.split import (
+    DEFAULT_SLICE_DAYS,
+    SplitRule,
+    TimeSplit,
+    WeekSplit,
+    check_week_ranges,
+    parse_moment,
+    split_by_dates,
+    split_by_span,
+    split_by_weeks,
+)
 
 
 class StrategyKind(Enum):
@@ -39,6 +54,7 @@ class OptimizerKind(Enum):
 class DataSource(Enum):
     COMPLETEJOURNEY = "completejourney"
     SYNTHETIC = "synthetic"
+    FILES = "files"  # the user's own event files (``fedshop simulate --data PATH``)
 
 
 @dataclass(frozen=True)
@@ -94,7 +110,7 @@ class PrivacyConfig:
     delta: float = 1e-5
     clipping_norm: float = 1.0
     noise_multiplier: float | None = None  # None: calibrate to epsilon_cap over the planned rounds
-    accountant: AccountantKind = AccountantKind.RDP
+    accountant: AccountantKind = AccountantKind.PLD  # calibration and caps; RDP is recorded too
 
     def __post_init__(self) -> None:
         if not (self.epsilon_cap > 0 and math.isfinite(self.epsilon_cap)):
@@ -119,17 +135,67 @@ class EvaluationConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
+    """Where a simulation's events come from, which merchants take part, and the time split.
+
+    The split (docs/data.md): explicit ``train_until``/``valid_until`` dates win; otherwise
+    Complete Journey and synthetic data use their week ranges, and own files the last
+    ``test_fraction`` of the whole data set's time span as test period and the
+    ``valid_fraction`` before it as validation.
+    """
+
     source: DataSource = DataSource.COMPLETEJOURNEY
+    path: str = ""  # files: one file with a merchant_id column, or a folder of one file per shop
+    mapping: tuple[str, ...] = ()  # files: column renames SRC=FIELD (FIELD '-' drops a column)
     top_n: int = 10
     min_rows: int = 10_000
     train_weeks: tuple[int, int] = (1, 40)
     valid_weeks: tuple[int, int] = (41, 44)
     test_weeks: tuple[int, int] = (45, 53)
+    train_until: str = ""  # ISO date/time (naive = UTC): training events are before it
+    valid_until: str = ""  # validation events are before it, test events from it on
+    valid_fraction: float = 0.1
+    test_fraction: float = 0.1
+    slice_days: int = DEFAULT_SLICE_DAYS  # online streaming: length of one held-out slice
     synthetic_events_per_merchant: int = 6000
 
     @property
     def week_split(self) -> WeekSplit:
         return WeekSplit(train=self.train_weeks, valid=self.valid_weeks, test=self.test_weeks)
+
+    @property
+    def split_rule(self) -> SplitRule:
+        if self.train_until:
+            return SplitRule.DATES
+        return SplitRule.SPAN if self.source is DataSource.FILES else SplitRule.WEEKS
+
+    def time_split(
+        self,
+        *,
+        first_event: pd.Timestamp,
+        last_event: pd.Timestamp,
+        week_origin: pd.Timestamp | None,
+    ) -> TimeSplit:
+        """The split of a data set whose events run from ``first_event`` to ``last_event``;
+        ``week_origin`` is the start of week 1 for sources that count weeks."""
+        rule = self.split_rule
+        if rule is SplitRule.DATES:
+            return split_by_dates(
+                train_until=parse_moment(self.train_until, field="data.train_until"),
+                valid_until=parse_moment(self.valid_until, field="data.valid_until"),
+                first_event=first_event,
+                slice_days=self.slice_days,
+            )
+        if rule is SplitRule.SPAN:
+            return split_by_span(
+                first_event=first_event,
+                last_event=last_event,
+                valid_fraction=self.valid_fraction,
+                test_fraction=self.test_fraction,
+                slice_days=self.slice_days,
+            )
+        if week_origin is None:
+            raise ConfigError(f"data.source = {self.source.value} has no week calendar")
+        return split_by_weeks(self.week_split, origin=week_origin, slice_days=self.slice_days)
 
     def __post_init__(self) -> None:
         check_week_ranges(
@@ -138,6 +204,46 @@ class DataConfig:
         )
         if self.top_n < 1:
             raise ConfigError(f"data.top_n must be >= 1, got {self.top_n}")
+        if self.min_rows < 1:
+            raise ConfigError(f"data.min_rows must be >= 1, got {self.min_rows}")
+        if self.slice_days < 1:
+            raise ConfigError(f"data.slice_days must be >= 1, got {self.slice_days}")
+        self._check_files()
+        self._check_split()
+
+    def _check_files(self) -> None:
+        if self.source is DataSource.FILES:
+            if not self.path.strip():
+                raise ConfigError("data.source = files needs data.path (fedshop simulate --data)")
+            try:
+                parse_mapping(self.mapping)
+            except ConfigError as exc:
+                raise ConfigError(f"data.mapping: {exc}") from None
+        elif self.path or self.mapping:
+            raise ConfigError(
+                f"data.path and data.mapping are for data.source = files, not {self.source.value}"
+            )
+
+    def _check_split(self) -> None:
+        if bool(self.train_until) != bool(self.valid_until):
+            raise ConfigError("data.train_until and data.valid_until go together: set both")
+        if self.train_until:
+            train = parse_moment(self.train_until, field="data.train_until")
+            valid = parse_moment(self.valid_until, field="data.valid_until")
+            if not train < valid:
+                raise ConfigError(
+                    f"data.train_until ({self.train_until}) must be before "
+                    f"data.valid_until ({self.valid_until})"
+                )
+        for name in ("valid_fraction", "test_fraction"):
+            value = getattr(self, name)
+            if not 0 < value < 1:
+                raise ConfigError(f"data.{name} must be in (0, 1), got {value}")
+        if not self.valid_fraction + self.test_fraction < 1:
+            raise ConfigError(
+                "data.valid_fraction + data.test_fraction must be < 1 (something must be "
+                f"left to train on), got {self.valid_fraction} + {self.test_fraction}"
+            )
 
 
 @dataclass(frozen=True)
@@ -168,25 +274,19 @@ class RunConfig:
         return plain
 
     def sha256(self) -> str:
-        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+        """What a signed release cites as ``config_sha256``."""
+        return hashlib.sha256(canonical_json(self.to_dict())).hexdigest()
 
 
-def dump_toml(data: dict[str, Any]) -> str:
-    """Minimal TOML writer for the two-level tables fedshop writes (no external dependency)."""
+def dump_toml(data: Mapping[str, Any]) -> str:
+    """TOML text that :func:`load_toml` reads back to ``data``. TOML has no null, so None
+    values are left out: every field that may be None defaults to None."""
+    return tomli_w.dumps(_without_none(data))
 
-    def value(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, int | float):
-            return repr(v)
-        if isinstance(v, list | tuple):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        return json.dumps(str(v))
 
-    lines = [f"{k} = {value(v)}" for k, v in data.items() if not isinstance(v, dict)]
-    for section, table in data.items():
-        if isinstance(table, dict):
-            lines.append(f"\n[{section}]")
-            lines.extend(f"{k} = {value(v)}" for k, v in table.items() if v is not None)
-    return "\n".join(lines) + "\n"
+def _without_none(data: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        key: _without_none(value) if isinstance(value, Mapping) else value
+        for key, value in data.items()
+        if value is not None
+    }

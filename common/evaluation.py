@@ -17,12 +17,10 @@ from common.features import RecordTensors
 METRICS = ("auc", "hr@10", "ndcg@10")
 
 
-def ranking_metrics(scores: np.ndarray, *, k: int = 10) -> dict[str, float]:
-    """``scores`` [cases, candidates], positive in column 0."""
+def per_case_metrics(scores: np.ndarray, *, k: int = 10) -> dict[str, np.ndarray]:
+    """Each case's AUC, HR@k and NDCG@k; ``scores`` [cases, candidates], positive in column 0."""
     if scores.ndim != 2 or scores.shape[1] < 2:
         raise ValueError(f"scores must be [cases, candidates>=2], got shape {scores.shape}")
-    if len(scores) == 0:
-        return {"auc": float("nan"), f"hr@{k}": float("nan"), f"ndcg@{k}": float("nan")}
     positive = scores[:, :1]
     negatives = scores[:, 1:]
     above = (negatives > positive).sum(1)
@@ -31,7 +29,15 @@ def ranking_metrics(scores: np.ndarray, *, k: int = 10) -> dict[str, float]:
     rank = above + ties  # 0-based, pessimistic
     hit = rank < k
     ndcg = np.where(hit, 1.0 / np.log2(rank + 2.0), 0.0)
-    return {"auc": float(auc.mean()), f"hr@{k}": float(hit.mean()), f"ndcg@{k}": float(ndcg.mean())}
+    return {"auc": auc, f"hr@{k}": hit.astype(np.float64), f"ndcg@{k}": ndcg}
+
+
+def ranking_metrics(scores: np.ndarray, *, k: int = 10) -> dict[str, float]:
+    """Mean of :func:`per_case_metrics` (NaN without cases)."""
+    per_case = per_case_metrics(scores, k=k)
+    if len(scores) == 0:
+        return {name: float("nan") for name in per_case}
+    return {name: float(values.mean()) for name, values in per_case.items()}
 
 
 @torch.no_grad()

@@ -8,15 +8,14 @@ auditor can check them with any tool (``openssl pkey -pubin -in NAME.pub -text``
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import tempfile
 from pathlib import Path
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from common.atomic import atomic_create
 from common.errors import ConfigError, IntegrityError
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -35,21 +34,10 @@ def validate_name(name: str) -> str:
 
 
 def _write_new(path: Path, data: bytes, *, mode: int) -> None:
-    """Write ``data`` to a new ``path`` atomically with ``mode``; refuse to overwrite."""
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    tmp = Path(tmp_name)
     try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        # os.link fails if the target exists: no window where an existing key is replaced.
-        os.link(tmp, path)
+        atomic_create(path, data, mode=mode)
     except FileExistsError:
         raise ConfigError(f"{path} already exists; refusing to overwrite a key") from None
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def generate_keypair(directory: Path, *, name: str) -> tuple[Path, Path]:

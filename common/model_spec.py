@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from common.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -19,7 +21,7 @@ class ModelSpec:
     def __post_init__(self) -> None:
         for name in ("product_buckets", "category_buckets", "department_buckets"):
             if getattr(self, name) < 2:
-                raise ValueError(f"{name} must be >= 2, got {getattr(self, name)}")
+                raise ConfigError(f"model.{name} must be >= 2, got {getattr(self, name)}")
         for name in ("embedding_dim", "hidden_dim", "history_length"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")

@@ -21,7 +21,7 @@ from common.errors import CheckpointError, IntegrityError
 
 Arrays = dict[str, np.ndarray]
 
-__all__ = ["Checkpoint", "atomic_write_bytes", "load_latest", "save_checkpoint"]
+__all__ = ["Checkpoint", "load_latest", "save_checkpoint"]
 
 
 @dataclass(frozen=True)

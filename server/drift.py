@@ -1,7 +1,9 @@
-"""Drift detection on each merchant's loss, to decide when to run an early round.
+"""Drift detection on each merchant's prequential error, to decide when to run an early round.
 
-Input: for every merchant, the loss of the serving model on that merchant's newest cohort, one
-value per observation, oldest first. Method: a one-sided Page-Hinkley test (in its CUSUM form)
+Input: for every merchant, the error of the serving model on that merchant's newest cohort
+before anything trained on it (1 - NDCG@10 from federated evaluation: each merchant scores the
+serving model on its own fresh events and reports sums and counts), one value per observation,
+oldest first. Method: a one-sided Page-Hinkley test (in its CUSUM form)
 on losses standardised against a trailing robust reference:
 
 1. The reference level (median) and scale (1.4826 x median absolute deviation, floored at

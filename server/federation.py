@@ -1,15 +1,18 @@
 """The platform's round loop on top of Flower's Grid (Message API).
 
-Per round: announce the global model, collect replies, keep only updates that pass the shape/
-value checks and whose signed ledger entry verifies, aggregate, evaluate, checkpoint. Refusals
-and failures are logged with their reasons and the round goes on while enough merchants remain.
+Per round: send the global model to every connected merchant, sort the replies through the
+acceptance policy (server/acceptance.py) into updates, refusals and failures, aggregate,
+have the merchants evaluate the new model on their own held-out events (federated
+evaluation), checkpoint. The round goes on while enough merchants remain.
+
+What a node receives: the model, the run's configuration, and the last ledger sequence number
+the platform holds for that node's own merchant (learnt from its earlier replies); never a
+seed for its DP randomness and never another merchant's state.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -18,24 +21,27 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Message
 from flwr.serverapp import Grid
 
 from common import protocol as P
 from common.arrays_io import arrays_to_npz
+from common.atomic import atomic_write_bytes, atomic_write_json
 from common.config import RunConfig
-from common.errors import FedshopError
-from common.keys import load_verify_key
-from common.ledger import ExpectedRelease, ServerLedger
-from common.model import Recommender, arrays_sha256, load_state_arrays, state_arrays
+from common.errors import CheckpointError
+from common.ledger import ServerLedger
+from common.model import Recommender, arrays_sha256, state_arrays
+from common.protocol import EvalPart, EvaluateInstruction, TrainInstruction
 from common.rng import derive_seed
-from server.checkpoint import Checkpoint, atomic_write_bytes, load_latest, save_checkpoint
-from server.evaluation_set import EvaluationSet
+from server.acceptance import AcceptedUpdate, Failure, Refusal, RoundContext, decide
+from server.checkpoint import Checkpoint, load_latest, save_checkpoint
 from server.exchange import exchange
+from server.federated_evaluation import EvaluationOutcome, federated_evaluate
 from server.strategies import MerchantUpdate, build_strategy
-from server.update_checks import check_update
 
 log = logging.getLogger(__name__)
+
+GLOBAL = "global"  # the label of the global model in evaluation instructions
 
 
 @dataclass(frozen=True)
@@ -45,8 +51,6 @@ class ServerSettings:
     keys_dir: Path  # merchants' Ed25519 public keys: <merchant-id>.pub
     ledger_path: Path
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
-    validation_set: Path | None = None
-    test_set: Path | None = None
     simulation_dir: Path | None = None
     stop_after_round: int | None = None  # stop early (to exercise --resume)
     node_wait_s: float = 120.0
@@ -56,17 +60,8 @@ class ServerSettings:
         return self.run_dir / "checkpoints"
 
 
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def short_reason(text: str, limit: int = 300) -> str:
-    """The last meaningful line of a remote traceback, without terminal colours."""
-    lines = [line.strip() for line in _ANSI.sub("", text).splitlines() if line.strip()]
-    useful = [line for line in lines if not line.startswith(("File ", "^", "~"))]
-    return (useful[-1] if useful else text)[:limit]
-
-
 def initial_model(config: RunConfig) -> dict[str, np.ndarray]:
+    """The public starting point: every party can rebuild it from the run seed."""
     torch.manual_seed(derive_seed(config.seed, "initial-model") % (2**31))
     return state_arrays(Recommender(config.model))
 
@@ -76,8 +71,23 @@ class RoundOutcome:
     updates: list[MerchantUpdate] = field(default_factory=list)
     epsilon: dict[str, float] = field(default_factory=dict)
     refused: dict[str, str] = field(default_factory=dict)
+    refusal_codes: dict[str, str] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
-    losses: dict[str, float] = field(default_factory=dict)
+    failure_codes: dict[str, str] = field(default_factory=dict)
+
+    def add(self, decision: AcceptedUpdate | Refusal | Failure) -> None:
+        if isinstance(decision, AcceptedUpdate):
+            self.updates.append(
+                MerchantUpdate(decision.merchant_id, decision.arrays, decision.weight)
+            )
+            if decision.epsilon is not None:
+                self.epsilon[decision.merchant_id] = decision.epsilon
+        elif isinstance(decision, Refusal):
+            self.refused[decision.merchant_id] = decision.reason
+            self.refusal_codes[decision.merchant_id] = decision.code
+        else:
+            self.failed[decision.merchant_id] = decision.reason
+            self.failure_codes[decision.merchant_id] = decision.code
 
 
 class Federation:
@@ -86,14 +96,11 @@ class Federation:
         self.settings = settings
         self.config = settings.config
         self.strategy = build_strategy(self.config.federation)
-        self.validation = (
-            EvaluationSet.load(settings.validation_set) if settings.validation_set else None
-        )
-        self.model = Recommender(self.config.model)
-        self._ledger_seqs: dict[str, int] | None = None
+        self.merchant_of: dict[int, str] = {}  # node id -> merchant id, learnt from replies
 
-    # -- one round ---------------------------------------------------------------
-    def _nodes(self) -> list[int]:
+    # -- nodes -------------------------------------------------------------------
+    def nodes(self) -> list[int]:
+        """The connected nodes, once at least ``min_merchants`` are there (or the wait ends)."""
         deadline = time.monotonic() + self.settings.node_wait_s
         while True:
             nodes = sorted(self.grid.get_node_ids())
@@ -101,83 +108,35 @@ class Federation:
                 return nodes
             time.sleep(1.0)
 
-    def _messages(
-        self, arrays: dict[str, np.ndarray], rnd: int, nodes: list[int], message_type: str
-    ) -> list[Message]:
-        config: dict[str, Any] = {
-            P.RUN_ID: self.settings.run_id,
-            P.ROUND: rnd,
-            P.PLANNED_ROUNDS: self.config.federation.rounds,
-            P.SEED: self.config.seed,
-            P.MODEL_IN_SHA256: arrays_sha256(arrays),
-            P.RUN_CONFIG_JSON: json.dumps(self.config.to_dict()),
-        }
-        if self.settings.simulation_dir is not None:
-            config[P.SIMULATION_DIR] = str(self.settings.simulation_dir)
-        if self._ledger_seqs is not None:
-            config[P.SERVER_LEDGER_SEQS] = json.dumps(self._ledger_seqs)
-        messages = []
-        for node in nodes:
-            content = RecordDict(
-                {P.ARRAYS: P.to_array_record(arrays), P.CONFIG: ConfigRecord(config)}
-            )
-            messages.append(Message(content=content, message_type=message_type, dst_node_id=node))
-        return messages
+    def name_of(self, node: int) -> str:
+        return self.merchant_of.get(node, f"node-{node}")
 
-    def _accept(
-        self,
-        reply: Message,
-        arrays: dict[str, np.ndarray],
-        rnd: int,
-        ledger: ServerLedger,
-        outcome: RoundOutcome,
-    ) -> None:
-        if reply.has_error():
-            outcome.failed[f"node-{reply.metadata.src_node_id}"] = short_reason(
-                str(reply.error.reason)
-            )
-            return
-        status = reply.content[P.STATUS]
-        metrics = reply.content[P.METRICS]
-        assert isinstance(status, ConfigRecord) and isinstance(metrics, MetricRecord)
-        merchant = str(status[P.MERCHANT_ID])
-        kind = P.Outcome(str(status[P.OUTCOME]))
-        if kind is not P.Outcome.TRAINED:
-            target = outcome.refused if kind is P.Outcome.REFUSED else outcome.failed
-            target[merchant] = str(status[P.REASON])
-            return
-        try:
-            update = P.from_array_record(reply.content[P.ARRAYS])  # type: ignore[arg-type]
-            check_update(update, arrays, max_update_norm=self.config.federation.max_update_norm)
-            if not self.config.privacy.enabled:  # a baseline run: nothing to verify or account
-                outcome.losses[merchant] = float(metrics.get(P.TRAIN_LOSS, float("nan")))  # type: ignore[arg-type]
-                examples = int(float(str(metrics[P.NUM_EXAMPLES])))
-                outcome.updates.append(MerchantUpdate(merchant, update, examples))
-                return
-            expected = ExpectedRelease(
-                run_id=self.settings.run_id,
-                round=rnd,
-                model_in_sha256=arrays_sha256(arrays),
-                clipping_norm=self.config.privacy.clipping_norm,
-                max_delta=self.config.privacy.delta,
-                max_epsilon=self.config.privacy.epsilon_cap,
-                min_noise_multiplier=self.config.privacy.noise_multiplier or 0.0,
-            )
-            entry = ledger.accept(
-                str(status[P.LEDGER_ENTRY]),
-                verify_key=load_verify_key(self.settings.keys_dir / f"{merchant}.pub"),
-                expected=expected,
-                model_out_sha256=arrays_sha256(update),
-                merchant_id=merchant,
-                backlog=json.loads(str(status.get(P.LEDGER_BACKLOG, "[]"))),
-            )
-        except (FedshopError, KeyError) as exc:
-            reason = exc.one_line() if isinstance(exc, FedshopError) else f"missing {exc}"
-            outcome.failed[merchant] = f"update rejected: {reason}"
-            return
-        outcome.epsilon[merchant] = entry.release.epsilon_after
-        outcome.losses[merchant] = float(metrics.get(P.TRAIN_LOSS, float("nan")))  # type: ignore[arg-type]
-        outcome.updates.append(MerchantUpdate(merchant, update, int(entry.release.dataset_size)))
+    def _learn(self, replies: list[Message]) -> None:
+        for reply in replies:
+            if reply.has_error() or P.STATUS not in reply.content:
+                continue
+            status = reply.content[P.STATUS]
+            merchant = status.get(P.MERCHANT_ID) if hasattr(status, "get") else None
+            if merchant:
+                self.merchant_of[reply.metadata.src_node_id] = str(merchant)
+
+    # -- one training round --------------------------------------------------------
+    def _instruction(
+        self, arrays: dict[str, np.ndarray], rnd: int, node: int, ledger: ServerLedger, planned: int
+    ) -> TrainInstruction:
+        merchant = self.merchant_of.get(node)
+        return TrainInstruction(
+            run_id=self.settings.run_id,
+            round=rnd,
+            planned_rounds=planned,
+            config=self.config,
+            arrays=arrays,
+            model_in_sha256=arrays_sha256(arrays),
+            server_ledger_seq=ledger.last_seq(merchant) if merchant else P.UNKNOWN_SEQ,
+            simulation_dir=None
+            if self.settings.simulation_dir is None
+            else str(self.settings.simulation_dir),
+        )
 
     def run_round(
         self,
@@ -185,27 +144,50 @@ class Federation:
         rnd: int,
         ledger: ServerLedger,
         *,
-        message_type: str = "train",
+        message_type: str = P.TRAIN,
+        planned_rounds: int | None = None,
     ) -> RoundOutcome:
         """Send ``arrays`` to every connected merchant (``message_type`` picks the ClientApp
         action, e.g. ``train.finetune``) and sort the replies into usable updates, refusals
         and failures."""
-        nodes = self._nodes()
-        self._ledger_seqs = {m: ledger.last_seq(m) for m in ledger.merchants()}
-        sent = exchange(
-            self.grid,
-            self._messages(arrays, rnd, nodes, message_type),
-            timeout_s=self.config.federation.round_timeout_s,
+        nodes = self.nodes()
+        planned = planned_rounds or self.config.federation.rounds
+        messages = [
+            Message(
+                content=self._instruction(arrays, rnd, node, ledger, planned).to_content(),
+                message_type=message_type,
+                dst_node_id=node,
+            )
+            for node in nodes
+        ]
+        sent = exchange(self.grid, messages, timeout_s=self.config.federation.round_timeout_s)
+        self._learn(sent.replies)
+        context = RoundContext(
+            config=self.config,
+            run_id=self.settings.run_id,
+            round=rnd,
+            arrays=arrays,
+            keys_dir=self.settings.keys_dir,
         )
         outcome = RoundOutcome()
-        for reply in sent.replies:
-            self._accept(reply, arrays, rnd, ledger, outcome)
+        for reply in sorted(sent.replies, key=lambda m: self.name_of(m.metadata.src_node_id)):
+            sender = self.name_of(reply.metadata.src_node_id)
+            outcome.add(decide(reply, context, ledger, sender=sender))
         for node in sent.restarted:
-            outcome.failed[f"node-{node}"] = "restarted mid-round; the model it held was lost"
-        if sent.unanswered:
-            outcome.failed["(no reply)"] = (
-                f"{len(sent.unanswered)} merchant(s) did not answer in "
-                f"{self.config.federation.round_timeout_s:g} s"
+            outcome.add(
+                Failure(
+                    self.name_of(node),
+                    P.FailureCode.RESTARTED.value,
+                    "restarted mid-round; the model it held was lost",
+                )
+            )
+        for node in sent.unanswered:
+            outcome.add(
+                Failure(
+                    self.name_of(node),
+                    P.FailureCode.NO_REPLY.value,
+                    f"no reply in {self.config.federation.round_timeout_s:g} s",
+                )
             )
         for merchant, reason in sorted(outcome.refused.items()):
             log.warning("round %d: merchant %s refused: %s", rnd, merchant, reason)
@@ -213,39 +195,55 @@ class Federation:
             log.warning("round %d: merchant %s dropped: %s", rnd, merchant, reason)
         return outcome
 
-    # -- the run -----------------------------------------------------------------
+    # -- federated evaluation -------------------------------------------------------
     def evaluate(
-        self, arrays: dict[str, np.ndarray], evaluation: EvaluationSet | None
-    ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
-        if evaluation is None:
-            return {}, {}
-        load_state_arrays(self.model, arrays)
-        return evaluation.evaluate(self.model)
+        self,
+        models: dict[str, dict[str, np.ndarray]],
+        tasks: tuple[tuple[EvalPart, str], ...],
+        *,
+        rnd: int,
+    ) -> EvaluationOutcome:
+        """Have every connected merchant score ``models`` on its own held-out events."""
+        instruction = EvaluateInstruction(
+            run_id=self.settings.run_id,
+            round=rnd,
+            config=self.config,
+            models=models,
+            tasks=tasks,
+            simulation_dir=None
+            if self.settings.simulation_dir is None
+            else str(self.settings.simulation_dir),
+        )
+        return federated_evaluate(
+            self.grid,
+            self.nodes(),
+            instruction,
+            timeout_s=self.config.federation.round_timeout_s,
+            name_of=self.name_of,
+        )
 
-    def run(self) -> dict[str, Any]:
+    # -- the run -----------------------------------------------------------------
+    def run(self, ledger: ServerLedger) -> dict[str, Any]:
+        """Offline rounds from the last checkpoint; returns the history and final arrays."""
         settings = self.settings
         arrays, history, start = self._restore()
-        ledger = ServerLedger.open(settings.ledger_path)
-        try:
-            for rnd in range(start, self.config.federation.rounds + 1):
-                arrays, row = self._one_round(arrays, rnd, ledger, history)
-                history.append(row)
-                save_checkpoint(
-                    settings.checkpoints,
-                    Checkpoint(
-                        round=rnd,
-                        run_id=settings.run_id,
-                        config_sha256=self.config.sha256(),
-                        model=arrays,
-                        strategy_state=self.strategy.state(),
-                        history=history,
-                    ),
-                )
-                if settings.stop_after_round is not None and rnd >= settings.stop_after_round:
-                    log.warning("stopping after round %d as asked", rnd)
-                    return {"completed": False, "history": history, "arrays": arrays}
-        finally:
-            ledger.close()
+        for rnd in range(start, self.config.federation.rounds + 1):
+            arrays, row = self._one_round(arrays, rnd, ledger, history)
+            history.append(row)
+            save_checkpoint(
+                settings.checkpoints,
+                Checkpoint(
+                    round=rnd,
+                    run_id=settings.run_id,
+                    config_sha256=self.config.sha256(),
+                    model=arrays,
+                    strategy_state=self.strategy.state(),
+                    history=history,
+                ),
+            )
+            if settings.stop_after_round is not None and rnd >= settings.stop_after_round:
+                log.warning("stopping after round %d as asked", rnd)
+                return {"completed": False, "history": history, "arrays": arrays}
         return {"completed": True, "history": history, "arrays": arrays}
 
     def _restore(self) -> tuple[dict[str, np.ndarray], list[dict[str, Any]], int]:
@@ -253,8 +251,6 @@ class Federation:
         if checkpoint is None:
             return initial_model(self.config), [], 1
         if checkpoint.config_sha256 != self.config.sha256():
-            from common.errors import CheckpointError
-
             raise CheckpointError(
                 f"checkpoint in {self.settings.checkpoints} was written with another configuration"
             )
@@ -281,7 +277,8 @@ class Federation:
                 len(outcome.updates),
                 self.config.federation.min_merchants,
             )
-        overall, per_merchant = self.evaluate(arrays, self.validation)
+        evaluation = self.evaluate({GLOBAL: arrays}, ((EvalPart.VALIDATION, GLOBAL),), rnd=rnd)
+        overall = evaluation.means(EvalPart.VALIDATION, GLOBAL)
         previous = history[-1]["epsilon"] if history else {}
         epsilon = {**previous, **outcome.epsilon}
         row = {
@@ -289,23 +286,24 @@ class Federation:
             "aggregated": aggregated,
             "trained": sorted(u.merchant_id for u in outcome.updates),
             "refused": outcome.refused,
+            "refusal_codes": outcome.refusal_codes,
             "failed": outcome.failed,
-            "train_loss": float(np.mean(list(outcome.losses.values()))) if outcome.losses else None,
+            "failure_codes": outcome.failure_codes,
             "metrics": overall,
-            "merchant_metrics": per_merchant,
+            "evaluation_cases": evaluation.cases(EvalPart.VALIDATION, GLOBAL),
+            "merchant_metrics": evaluation.per_merchant(EvalPart.VALIDATION, GLOBAL),
             "epsilon": epsilon,
             "epsilon_max": max(epsilon.values()) if epsilon else 0.0,
             "seconds": time.perf_counter() - began,
         }
         log.info(
-            "round %d/%d: %d trained, %d refused, %d failed | loss %s | %s | eps max %.3f | %.1fs",
+            "round %d/%d: %d trained, %d refused, %d failed | %s | eps max %.3f | %.1fs",
             rnd,
             self.config.federation.rounds,
             len(outcome.updates),
             len(outcome.refused),
             len(outcome.failed),
-            f"{row['train_loss']:.4f}" if row["train_loss"] is not None else "-",
-            " ".join(f"{k} {v:.4f}" for k, v in overall.items()),
+            " ".join(f"{k} {v:.4f}" for k, v in overall.items()) or "no evaluation",
             row["epsilon_max"],
             row["seconds"],
         )
@@ -315,7 +313,5 @@ class Federation:
 def write_final_model(run_dir: Path, arrays: dict[str, np.ndarray]) -> str:
     atomic_write_bytes(run_dir / "model" / "final.npz", arrays_to_npz(arrays))
     digest = arrays_sha256(arrays)
-    atomic_write_bytes(
-        run_dir / "model" / "final.json", json.dumps({"arrays_sha256": digest}, indent=1).encode()
-    )
+    atomic_write_json(run_dir / "model" / "final.json", {"arrays_sha256": digest})
     return digest

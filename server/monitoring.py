@@ -1,9 +1,10 @@
 """Health and metrics for operators: Prometheus text on ``/metrics``, JSON on ``/healthz``.
 
-A small thread-safe store of counters and gauges with labels, rendered in the Prometheus text
-exposition format 0.0.4, served by the standard library's HTTP server in a daemon thread. The
-server binds to a loopback address only: put a reverse proxy with TLS in front of it to expose
-it. :class:`EventLog` writes structured events as JSON lines (and to ``logging``).
+The platform's metrics (a :class:`~common.metrics_store.MetricsStore`, rendered in the
+Prometheus text exposition format 0.0.4) are served by the standard library's HTTP server in a
+daemon thread. The server binds to a loopback address only: put a reverse proxy with TLS in
+front of it to expose it. :class:`EventLog` writes structured events as JSON lines (and to
+``logging``).
 """
 
 from __future__ import annotations
@@ -11,129 +12,34 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
-import math
-import re
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from enum import Enum
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 from common.errors import ConfigError
+from common.metrics_store import (
+    CONTENT_TYPE,
+    MetricsStore,
+    MetricType,
+    escape_label_value,
+    format_value,
+)
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-_METRIC_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
-_LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+__all__ = [
+    "CONTENT_TYPE",
+    "EventLog",
+    "FedshopMetrics",
+    "MetricType",
+    "MetricsStore",
+    "MonitoringServer",
+    "escape_label_value",
+    "format_value",
+]
+
 logger = logging.getLogger("fedshop.monitoring")
-
-LabelKey = tuple[tuple[str, str], ...]
-
-
-class MetricType(Enum):
-    COUNTER = "counter"
-    GAUGE = "gauge"
-
-
-@dataclass
-class _Family:
-    kind: MetricType
-    help: str
-    labels: tuple[str, ...]
-    values: dict[LabelKey, float]
-
-
-def escape_label_value(value: str) -> str:
-    """Escape ``\\``, ``"`` and newlines as the text format requires."""
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def _escape_help(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\n", "\\n")
-
-
-def format_value(value: float) -> str:
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return repr(float(value)) if not float(value).is_integer() else str(int(value))
-
-
-class MetricsStore:
-    """Counters and gauges, keyed by label values; every method is safe to call from threads."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._families: dict[str, _Family] = {}
-
-    def declare(self, name: str, kind: MetricType, help: str, labels: tuple[str, ...] = ()) -> None:
-        """Declare a metric once; re-declaring with the same shape is allowed."""
-        if not _METRIC_NAME.match(name):
-            raise ConfigError(f"metric name {name!r} is not valid")
-        for label in labels:
-            if not _LABEL_NAME.match(label) or label.startswith("__"):
-                raise ConfigError(f"label name {label!r} of metric {name!r} is not valid")
-        with self._lock:
-            existing = self._families.get(name)
-            if existing is not None:
-                if (existing.kind, existing.labels) != (kind, labels):
-                    raise ConfigError(f"metric {name!r} already declared differently")
-                return
-            self._families[name] = _Family(kind, help, labels, {})
-
-    def _key(self, family: _Family, name: str, labels: Mapping[str, str]) -> LabelKey:
-        if set(labels) != set(family.labels):
-            raise ConfigError(
-                f"metric {name!r} takes labels {sorted(family.labels)}, got {sorted(labels)}"
-            )
-        return tuple((k, str(labels[k])) for k in family.labels)
-
-    def _family(self, name: str) -> _Family:
-        family = self._families.get(name)
-        if family is None:
-            raise ConfigError(f"metric {name!r} was not declared")
-        return family
-
-    def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:
-        """Add ``amount`` (>= 0) to a counter."""
-        if not (math.isfinite(amount) and amount >= 0):
-            raise ConfigError(f"counter {name!r} can only grow; got amount {amount!r}")
-        with self._lock:
-            family = self._family(name)
-            if family.kind is not MetricType.COUNTER:
-                raise ConfigError(f"metric {name!r} is a {family.kind.value}, not a counter")
-            key = self._key(family, name, labels)
-            family.values[key] = family.values.get(key, 0.0) + amount
-
-    def set(self, name: str, value: float, **labels: str) -> None:
-        """Set a gauge."""
-        with self._lock:
-            family = self._family(name)
-            if family.kind is not MetricType.GAUGE:
-                raise ConfigError(f"metric {name!r} is a {family.kind.value}, not a gauge")
-            family.values[self._key(family, name, labels)] = float(value)
-
-    def value(self, name: str, **labels: str) -> float | None:
-        with self._lock:
-            family = self._family(name)
-            return family.values.get(self._key(family, name, labels))
-
-    def render(self) -> str:
-        """The whole store in the Prometheus text format 0.0.4."""
-        lines: list[str] = []
-        with self._lock:
-            for name in sorted(self._families):
-                family = self._families[name]
-                lines.append(f"# HELP {name} {_escape_help(family.help)}")
-                lines.append(f"# TYPE {name} {family.kind.value}")
-                for key in sorted(family.values):
-                    labels = ",".join(f'{k}="{escape_label_value(v)}"' for k, v in key)
-                    suffix = f"{{{labels}}}" if labels else ""
-                    lines.append(f"{name}{suffix} {format_value(family.values[key])}")
-        return "\n".join(lines) + "\n"
 
 
 class FedshopMetrics:

@@ -1,19 +1,25 @@
-"""The online loop: fine-tuning rounds on fresh inbox cohorts, versioned and gated.
+"""The online loop: fine-tuning rounds on fresh inbox cohorts, versioned, gated, evaluated by
+the merchants.
 
-One step: send the serving model to every merchant as ``train.finetune``; merchants with a fresh
-cohort train on it (others refuse, saying why); if at least ``min_merchants`` updates arrive
-they are aggregated into a candidate, registered (parent, round, merchants, metrics, each
-merchant's epsilon) and compared with the serving model on the platform's held-out recent data.
-The candidate is promoted only if it is no worse than the serving model by more than
-``gate_tolerance`` on that same data. Before a step, :meth:`OnlineLoop.check_rollback` compares
-the serving model with the one it replaced on newer data and rolls back if it lost by more than
-``rollback_tolerance``. Round numbers continue after the offline rounds and are persisted before
-each round is sent, so a restart never reuses one (run id + round stays unique per release).
+One step:
+1. the merchants score the serving model on their newest inbox cohort before anything trains
+   on it (prequential, ``fresh``) and, if the serving version was promoted over a parent, the
+   serving and parent models on their held-out customers' newest events (``recent``); the
+   serving version is rolled back if it now loses to its parent by more than
+   ``rollback_tolerance``;
+2. the serving model goes to every merchant as ``train.finetune``; merchants with a fresh cohort
+   train on it (others refuse with a code);
+3. with at least ``min_merchants`` updates, the aggregate is registered as a candidate (parent,
+   round, merchants, each merchant's epsilon) and the merchants score candidate and serving model
+   on their held-out customers' newest events; it is promoted only if no worse than the serving
+   model by more than ``gate_tolerance``.
+Every figure comes from federated evaluation (sums and counts); the platform holds no
+evaluation data. Round numbers continue after the offline rounds and are persisted before each
+round is sent, so a restart never reuses one (run id + round stays unique per release).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -23,29 +29,30 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-from flwr.app import ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from common import protocol as P
-from common.arrays_io import npz_to_arrays
+from common.atomic import atomic_write_json
 from common.config import RunConfig
 from common.configparse import from_mapping, load_toml
-from common.errors import ConfigError
+from common.errors import ConfigError, StateError
 from common.keys import generate_keypair, load_signing_key, load_verify_key
 from common.ledger import ServerLedger
-from common.model import Recommender, load_state_arrays
-from server.checkpoint import atomic_write_bytes
+from common.protocol import EvalPart
+from common.recommender_scorer import describe
 from server.drift import DriftConfig, decide
-from server.evaluation_set import EvaluationSet
+from server.federated_evaluation import EvaluationOutcome
 from server.federation import Federation, RoundOutcome, ServerSettings
 from server.monitoring import EventLog, FedshopMetrics, MonitoringServer
+from server.platform import run_platform, settings_from_run_config
+from server.publish import Publisher, PublishReport, publish
 from server.registry import ModelRegistry, ModelVersion, PromotionAction
 from server.strategies import Strategy, build_strategy
 
 log = logging.getLogger(__name__)
 
-FINETUNE_MESSAGE_TYPE = "train.finetune"  # the ClientApp action in client/finetune.py
 STATE_NAME = "online-state.json"
+SERVING, PARENT, CANDIDATE = "serving", "parent", "candidate"
 Arrays = dict[str, np.ndarray]
 
 
@@ -92,14 +99,6 @@ def platform_keys(directory: Path) -> tuple[Path, Path]:
     return private, public
 
 
-class RoundRunner(Protocol):
-    """Runs one fine-tuning round and knows each merchant's remaining epsilon."""
-
-    def run(self, arrays: Arrays, rnd: int) -> RoundOutcome: ...
-
-    def epsilon_remaining(self) -> dict[str, float]: ...
-
-
 def remaining_from_ledger(ledger: ServerLedger) -> dict[str, float]:
     """Cap minus spend of each merchant's latest release (its newest cohort at event level)."""
     out = {}
@@ -111,40 +110,59 @@ def remaining_from_ledger(ledger: ServerLedger) -> dict[str, float]:
     return out
 
 
-class OnlineFederation(Federation):
-    """The offline federation's round, with planned rounds set to the rounds per cohort."""
+class OnlineRuntime(Protocol):
+    """What the loop needs from the federation: fine-tuning rounds, federated evaluation,
+    and each merchant's remaining epsilon."""
 
-    def __init__(self, grid: Grid, settings: ServerSettings, *, rounds_per_cohort: int) -> None:
-        super().__init__(grid, settings)
+    def train(self, arrays: Arrays, rnd: int) -> RoundOutcome: ...
+
+    def evaluate(
+        self, models: dict[str, Arrays], tasks: tuple[tuple[EvalPart, str], ...], rnd: int
+    ) -> EvaluationOutcome: ...
+
+    def epsilon_remaining(self) -> dict[str, float]: ...
+
+    def publish(self, publisher: Publisher, *, reason: str) -> PublishReport:
+        """Send the serving version to every merchant (their serving mirrors)."""
+        ...
+
+
+class FederationRuntime:
+    """:class:`OnlineRuntime` over a Flower Grid (simulation, deployment, or in-process)."""
+
+    def __init__(
+        self, federation: Federation, ledger: ServerLedger, *, rounds_per_cohort: int
+    ) -> None:
+        self.federation = federation
+        self.ledger = ledger  # verified once, held for the loop's lifetime
         self.rounds_per_cohort = rounds_per_cohort
 
-    def _messages(
-        self, arrays: Arrays, rnd: int, nodes: list[int], message_type: str
-    ) -> list[Message]:
-        messages = super()._messages(arrays, rnd, nodes, message_type)
-        for message in messages:
-            config = message.content[P.CONFIG]
-            assert isinstance(config, ConfigRecord)
-            config[P.PLANNED_ROUNDS] = self.rounds_per_cohort
-        return messages
+    def train(self, arrays: Arrays, rnd: int) -> RoundOutcome:
+        return self.federation.run_round(
+            arrays,
+            rnd,
+            self.ledger,
+            message_type=P.FINETUNE,
+            planned_rounds=self.rounds_per_cohort,
+        )
 
-
-class FederationRunner:
-    """:class:`RoundRunner` over Flower's Grid (simulation or deployment)."""
-
-    def __init__(self, grid: Grid, settings: ServerSettings, *, rounds_per_cohort: int) -> None:
-        self.federation = OnlineFederation(grid, settings, rounds_per_cohort=rounds_per_cohort)
-        self.ledger_path = settings.ledger_path
-
-    def run(self, arrays: Arrays, rnd: int) -> RoundOutcome:
-        with ServerLedger.open(self.ledger_path) as ledger:
-            return self.federation.run_round(
-                arrays, rnd, ledger, message_type=FINETUNE_MESSAGE_TYPE
-            )
+    def evaluate(
+        self, models: dict[str, Arrays], tasks: tuple[tuple[EvalPart, str], ...], rnd: int
+    ) -> EvaluationOutcome:
+        return self.federation.evaluate(models, tasks, rnd=rnd)
 
     def epsilon_remaining(self) -> dict[str, float]:
-        with ServerLedger.open(self.ledger_path) as ledger:
-            return remaining_from_ledger(ledger)
+        return remaining_from_ledger(self.ledger)
+
+    def publish(self, publisher: Publisher, *, reason: str) -> PublishReport:
+        settings = self.federation.settings
+        return publish(
+            self.federation.grid,
+            publisher,
+            reason=reason,
+            timeout_s=self.federation.config.federation.round_timeout_s,
+            simulation_dir=settings.simulation_dir,
+        )
 
 
 @dataclass(frozen=True)
@@ -158,8 +176,12 @@ class StepResult:
     failed: Mapping[str, str]
     candidate: int | None
     promoted: bool
+    serving_before: int
     serving: int
     reason: str
+    prequential: Mapping[str, float] = field(default_factory=dict)
+    prequential_cases: float = 0.0
+    rollback: str | None = None
     candidate_metrics: Mapping[str, float] = field(default_factory=dict)
     serving_metrics: Mapping[str, float] = field(default_factory=dict)
     epsilon_remaining: Mapping[str, float] = field(default_factory=dict)
@@ -172,28 +194,30 @@ class StepResult:
 
 
 class OnlineLoop:
-    """Registry, gate, rollback, drift and metrics around a :class:`RoundRunner`."""
+    """Registry, gate, rollback, drift and metrics around an :class:`OnlineRuntime`."""
 
     def __init__(
         self,
         *,
         config: RunConfig,
         settings: OnlineSettings,
-        runner: RoundRunner,
+        runtime: OnlineRuntime,
         metrics: FedshopMetrics | None = None,
         events: EventLog | None = None,
         drift: DriftConfig | None = None,
     ) -> None:
         self.config = config
         self.settings = settings
-        self.runner = runner
+        self.runtime = runtime
+        signing_key = load_signing_key(settings.signing_key)
         self.registry = ModelRegistry(
             settings.registry_dir,
-            signing_key=load_signing_key(settings.signing_key),
+            signing_key=signing_key,
             verify_key=load_verify_key(settings.verify_key),
         )
+        # Every change of the serving version goes to the merchants, who serve it themselves.
+        self.publisher = Publisher(self.registry, signing_key, model=describe(config.model))
         self.strategy: Strategy = build_strategy(config.federation)
-        self.model = Recommender(config.model)
         self.metrics = metrics or FedshopMetrics()
         self.events = events or EventLog(
             settings.event_log or settings.registry_dir / "events.jsonl"
@@ -204,13 +228,15 @@ class OnlineLoop:
 
     # -- persisted state ---------------------------------------------------------
     def _load_state(self) -> dict[str, Any]:
+        import json
+
         if self._state_path.exists():
             state: dict[str, Any] = json.loads(self._state_path.read_text())
             return state
-        return {"next_round": 0, "losses": {}, "seen": {}}
+        return {"next_round": 0, "errors": {}, "seen": {}}
 
     def _save_state(self) -> None:
-        atomic_write_bytes(self._state_path, json.dumps(self._state, indent=1).encode())
+        atomic_write_json(self._state_path, self._state)
 
     def next_round(self, first: int) -> int:
         """The next unused round number, never below ``first`` (the round after offline)."""
@@ -232,33 +258,39 @@ class OnlineLoop:
         self.registry.promote(version.id, reason="offline model: start of online fine-tuning")
         self.metrics.promoted(version.id)
         self.events.emit("online_bootstrap", version=version.id, round=round)
+        self._publish(f"version {version.id}: the offline model starts serving")
         return version
+
+    def _publish(self, reason: str) -> None:
+        report = self.runtime.publish(self.publisher, reason=reason)
+        self.events.emit(
+            "publication",
+            serial=report.serial,
+            installed=dict(report.installed),
+            refused=dict(report.refused),
+            failed=dict(report.failed),
+        )
 
     def serving(self) -> tuple[ModelVersion, Arrays]:
         version = self.registry.promoted()
         if version is None:
-            raise ConfigError("no model version serves yet: bootstrap the online loop first")
+            raise StateError("no model version serves yet: bootstrap the online loop first")
         return version, self.registry.load_arrays(version.id)
 
-    def evaluate(self, arrays: Mapping[str, np.ndarray], evaluation: EvaluationSet) -> dict:
-        load_state_arrays(self.model, dict(arrays))
-        overall, _ = evaluation.evaluate(self.model)
-        return overall
-
-    # -- rollback ----------------------------------------------------------------
-    def check_rollback(self, recent: EvaluationSet | None) -> str | None:
-        """Roll back if the serving model now loses to the one it replaced on ``recent``."""
+    def _rollback_parent(self) -> ModelVersion | None:
+        """The serving version's parent, if the serving version got there by a promotion."""
         history = self.registry.history()
-        if recent is None or not history or history[-1].action is not PromotionAction.PROMOTE:
+        if not history or history[-1].action is not PromotionAction.PROMOTE or len(history) < 2:
             return None
-        serving, arrays = self.serving()
-        if serving.parent is None or len(history) < 2:
+        serving = self.registry.promoted()
+        if serving is None or serving.parent is None:
             return None
+        return self.registry.get(serving.parent)
+
+    def _check_rollback(self, recent: EvaluationOutcome, serving: ModelVersion) -> str | None:
         metric = self.settings.gate_metric
-        now = self.evaluate(arrays, recent).get(metric, math.nan)
-        before = self.evaluate(self.registry.load_arrays(serving.parent), recent).get(
-            metric, math.nan
-        )
+        now = recent.means(EvalPart.RECENT, SERVING).get(metric, math.nan)
+        before = recent.means(EvalPart.RECENT, PARENT).get(metric, math.nan)
         if not (math.isfinite(now) and math.isfinite(before)):
             return None
         if before - now <= self.settings.rollback_tolerance:
@@ -270,47 +302,60 @@ class OnlineLoop:
         restored = self.registry.rollback(reason=reason)
         self.metrics.promoted(restored.id)
         self.events.emit("rollback", version=restored.id, replaced=serving.id, reason=reason)
+        self._publish(f"rollback to version {restored.id}: {reason}")
         return reason
 
     # -- one round ---------------------------------------------------------------
-    def step(self, gate_set: EvaluationSet | None, *, first_round: int, trigger: str) -> StepResult:
-        """Run one fine-tuning round; register, gate and maybe promote its candidate."""
+    def step(self, *, first_round: int, trigger: str) -> StepResult:
+        """One online round: prequential and rollback check, fine-tuning, gate."""
         began = time.perf_counter()
         rnd = self.next_round(first_round)
         self._state["next_round"] = rnd + 1
         self._save_state()  # before sending: a crash never reuses this round number
         serving, arrays = self.serving()
-        outcome = self.runner.run(arrays, rnd)
+        serving_before = serving.id
+        parent = self._rollback_parent()
+        models: dict[str, Arrays] = {SERVING: arrays}
+        tasks: list[tuple[EvalPart, str]] = [(EvalPart.FRESH, SERVING)]
+        if parent is not None:
+            models[PARENT] = self.registry.load_arrays(parent.id)
+            tasks += [(EvalPart.RECENT, SERVING), (EvalPart.RECENT, PARENT)]
+        before = self.runtime.evaluate(models, tuple(tasks), rnd)
+        rollback = self._check_rollback(before, serving) if parent is not None else None
+        if rollback is not None:
+            serving, arrays = self.serving()
+        outcome = self.runtime.train(arrays, rnd)
         self._record_outcome(outcome)
-        remaining = self.runner.epsilon_remaining()
+        remaining = self.runtime.epsilon_remaining()
         for merchant, value in remaining.items():
             self.metrics.epsilon_remaining(merchant, value)
-        drift_trigger, drift_reason = self._drift(outcome)
-        base = {
+        drift_trigger, drift_reason = self._drift(before)
+        base: dict[str, Any] = {
             "round": rnd,
             "trigger": trigger,
             "trained": tuple(sorted(u.merchant_id for u in outcome.updates)),
             "refused": dict(outcome.refused),
             "failed": dict(outcome.failed),
+            "serving_before": serving_before,
+            "prequential": before.means(EvalPart.FRESH, SERVING),
+            "prequential_cases": before.cases(EvalPart.FRESH, SERVING),
+            "rollback": rollback,
             "epsilon_remaining": remaining,
             "drift": drift_reason,
             "drift_trigger": drift_trigger,
         }
         if len(outcome.updates) < self.settings.min_merchants:
-            reason = (
-                f"only {len(outcome.updates)} merchant(s) had fresh data "
-                f"(< {self.settings.min_merchants}): no candidate"
-            )
             result = StepResult(
-                **base,  # type: ignore[arg-type]
+                **base,
                 candidate=None,
                 promoted=False,
                 serving=serving.id,
-                reason=reason,
+                reason=f"only {len(outcome.updates)} merchant(s) had fresh data "
+                f"(< {self.settings.min_merchants}): no candidate",
                 seconds=time.perf_counter() - began,
             )
         else:
-            result = self._candidate(base, serving, arrays, outcome, gate_set, began)
+            result = self._candidate(base, serving, arrays, outcome, rnd, began)
         self.metrics.round_finished(
             duration_seconds=result.seconds, merchants_active=len(result.trained)
         )
@@ -318,20 +363,22 @@ class OnlineLoop:
         return result
 
     def _record_outcome(self, outcome: RoundOutcome) -> None:
-        for merchant, reason in outcome.refused.items():
-            kind = "no-fresh-data" if reason.startswith("no fresh data") else "budget"
-            self.metrics.refusal(merchant, kind)
-        for _merchant, reason in outcome.failed.items():
-            self.metrics.rejected_update(reason.split(":")[0][:60] or "failed")
+        for merchant, code in outcome.refusal_codes.items():
+            self.metrics.refusal(merchant, code or "unknown")
+        for code in outcome.failure_codes.values():
+            self.metrics.rejected_update(code or "unknown")
 
-    def _drift(self, outcome: RoundOutcome) -> tuple[bool, str]:
-        losses: dict[str, list[float]] = self._state["losses"]
-        for merchant, loss in outcome.losses.items():
-            if math.isfinite(loss):
-                losses.setdefault(merchant, []).append(float(loss))
-        decision = decide(losses, seen=self._state["seen"], config=self.drift_config)
+    def _drift(self, before: EvaluationOutcome) -> tuple[bool, str]:
+        """Drift on each merchant's prequential error (1 - gate metric on its fresh cohort)."""
+        errors: dict[str, list[float]] = self._state["errors"]
+        metric = self.settings.gate_metric
+        for merchant, means in before.per_merchant(EvalPart.FRESH, SERVING).items():
+            value = means.get(metric, math.nan)
+            if math.isfinite(value):
+                errors.setdefault(merchant, []).append(1.0 - float(value))
+        decision = decide(errors, seen=self._state["seen"], config=self.drift_config)
         if decision.trigger:
-            self._state["seen"] = {m: len(v) for m, v in losses.items()}
+            self._state["seen"] = {m: len(v) for m, v in errors.items()}
         self._save_state()
         return decision.trigger, decision.reason
 
@@ -341,12 +388,17 @@ class OnlineLoop:
         serving: ModelVersion,
         arrays: Arrays,
         outcome: RoundOutcome,
-        gate_set: EvaluationSet | None,
+        rnd: int,
         began: float,
     ) -> StepResult:
         candidate = self.strategy.aggregate(arrays, outcome.updates)
-        cand_metrics = {} if gate_set is None else self.evaluate(candidate, gate_set)
-        serv_metrics = {} if gate_set is None else self.evaluate(arrays, gate_set)
+        gate = self.runtime.evaluate(
+            {CANDIDATE: candidate, SERVING: arrays},
+            ((EvalPart.RECENT, CANDIDATE), (EvalPart.RECENT, SERVING)),
+            rnd,
+        )
+        cand_metrics = gate.means(EvalPart.RECENT, CANDIDATE)
+        serv_metrics = gate.means(EvalPart.RECENT, SERVING)
         contributors = [u.merchant_id for u in outcome.updates]
         privacy = {m: outcome.epsilon[m] for m in contributors if m in outcome.epsilon}
         if not self.config.privacy.enabled:
@@ -368,11 +420,12 @@ class OnlineLoop:
             metric=self.settings.gate_metric,
             tolerance=self.settings.gate_tolerance,
         )
-        if decision.promote:
-            self.metrics.promoted(version.id)
         self.events.emit(
             "gate", candidate=version.id, promoted=decision.promote, reason=decision.reason
         )
+        if decision.promote:
+            self.metrics.promoted(version.id)
+            self._publish(f"version {version.id} promoted: {decision.reason}")
         return StepResult(
             **base,
             candidate=version.id,
@@ -404,8 +457,53 @@ def online_settings(run_dir: Path, path: Path | None = None) -> OnlineSettings:
     return from_mapping(OnlineSettings, table, prefix="online")
 
 
-def _final_arrays(run_dir: Path) -> Arrays:
-    return npz_to_arrays((run_dir / "model" / "final.npz").read_bytes())
+def run_online(
+    grid: Grid,
+    server: ServerSettings,
+    online: OnlineSettings,
+    *,
+    rounds: int,
+    before_step: Callable[[int], str] | None = None,
+    metrics: FedshopMetrics | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> tuple[dict[str, Any], list[StepResult]]:
+    """Offline rounds (resumable), then ``rounds`` online steps (0 = forever).
+
+    ``before_step(i)`` runs before step ``i`` and returns its trigger label (the simulation
+    drops that week's events into the merchants' inboxes there); otherwise steps follow the
+    schedule, and a drift alarm skips the wait."""
+    server.ledger_path.parent.mkdir(parents=True, exist_ok=True)
+    with ServerLedger.open(server.ledger_path) as ledger:
+        offline = run_platform(grid, server, ledger)
+        if not offline.completed or offline.arrays is None:
+            raise StateError("offline rounds did not complete; online fine-tuning not started")
+        federation = Federation(grid, server)
+        loop = OnlineLoop(
+            config=server.config,
+            settings=online,
+            runtime=FederationRuntime(
+                federation, ledger, rounds_per_cohort=online.rounds_per_cohort
+            ),
+            metrics=metrics,
+        )
+        loop.bootstrap(
+            offline.arrays,
+            round=server.config.federation.rounds,
+            metrics=offline.summary.get("test", {}),
+        )
+        results: list[StepResult] = []
+        trigger = "schedule"
+        while rounds == 0 or len(results) < rounds:
+            if before_step is not None:
+                trigger = before_step(len(results))
+            result = loop.step(first_round=server.config.federation.rounds + 1, trigger=trigger)
+            results.append(result)
+            log.info("online round %d: %s", result.round, result.reason)
+            if before_step is None:
+                trigger = "drift" if result.drift_trigger else "schedule"
+                if rounds == 0 or len(results) < rounds:
+                    sleep(0.0 if result.drift_trigger else online.interval_s)
+    return offline.summary, results
 
 
 def run_online_deployment(
@@ -415,58 +513,42 @@ def run_online_deployment(
     *,
     sleep: Callable[[float], None] = time.sleep,
 ) -> list[StepResult]:
-    """Offline rounds (resumable), then fine-tuning rounds on a schedule, forever or
-    ``max_rounds`` times. The gate uses the platform's validation archive, re-read every round
-    so an operator can refresh it with recent held-out data."""
-    from server.app import run_platform  # server.app may import this module
-
-    summary = run_platform(grid, server)
-    if not summary.get("completed"):
-        raise ConfigError("offline rounds did not complete; online fine-tuning not started")
+    """The deployed loop with its monitoring endpoint."""
     metrics = FedshopMetrics()
-    loop = OnlineLoop(
-        config=server.config,
-        settings=online,
-        runner=FederationRunner(grid, server, rounds_per_cohort=online.rounds_per_cohort),
-        metrics=metrics,
-    )
-    loop.bootstrap(
-        _final_arrays(server.run_dir),
-        round=server.config.federation.rounds,
-        metrics=summary.get("test", {}),
-    )
     monitor = None
     if online.monitoring_port >= 0:
+        registry_version = _serving_version_reader(online)
         monitor = MonitoringServer(
             metrics.store,
             port=online.monitoring_port,
-            health=lambda: {"serving_version": loop.serving()[0].id},
+            health=lambda: {"serving_version": registry_version()},
         ).start()
         log.info("monitoring on http://127.0.0.1:%d/metrics", monitor.port)
-    results: list[StepResult] = []
     try:
-        trigger = "schedule"
-        while online.max_rounds == 0 or len(results) < online.max_rounds:
-            recent = EvaluationSet.load(server.validation_set) if server.validation_set else None
-            loop.check_rollback(recent)
-            result = loop.step(
-                recent, first_round=server.config.federation.rounds + 1, trigger=trigger
-            )
-            results.append(result)
-            log.info("online round %d: %s", result.round, result.reason)
-            trigger = "drift" if result.drift_trigger else "schedule"
-            if online.max_rounds == 0 or len(results) < online.max_rounds:
-                sleep(0.0 if result.drift_trigger else online.interval_s)
+        _, results = run_online(
+            grid, server, online, rounds=online.max_rounds, metrics=metrics, sleep=sleep
+        )
     finally:
         if monitor is not None:
             monitor.stop()
     return results
 
 
+def _serving_version_reader(online: OnlineSettings) -> Callable[[], int | None]:
+    def read() -> int | None:
+        registry = ModelRegistry(
+            online.registry_dir,
+            signing_key=load_signing_key(online.signing_key),
+            verify_key=load_verify_key(online.verify_key),
+        )
+        version = registry.promoted()
+        return None if version is None else version.id
+
+    return read
+
+
 def run_online_from_run_config(grid: Grid, run_config: Mapping[str, Any]) -> list[StepResult]:
     """The deployed ServerApp's entry point when run config ``online`` is true."""
-    from server.app import settings_from_run_config
-
     server = settings_from_run_config(dict(run_config))
     server.run_dir.mkdir(parents=True, exist_ok=True)
     path = str(run_config.get("online-config", "") or "")

@@ -19,12 +19,9 @@ import builtins
 import contextlib
 import hashlib
 import io
-import json
 import math
-import os
 import re
 import sqlite3
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -33,14 +30,32 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from common import sqlite_store
-from common.errors import ConfigError, IntegrityError
+from common.atomic import atomic_write_bytes
+from common.canonical import canonical_json
+from common.errors import ConfigError, IntegrityError, NotFoundError, StateError
 from common.keys import key_fingerprint
+from common.model_manifest import (
+    MANIFEST_FORMAT,
+    array_specs,
+    sign_manifest,
+    verify_manifest,
+    verify_weights,
+)
 
-MANIFEST_FORMAT = "fedshop-model-manifest/1"
+__all__ = [
+    "MANIFEST_FORMAT",
+    "GateDecision",
+    "ModelRegistry",
+    "ModelVersion",
+    "Promotion",
+    "PromotionAction",
+    "canonical_json",
+    "gate",
+]
+
 INDEX_NAME = "registry.sqlite"
 _ARRAY_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 
@@ -156,43 +171,11 @@ def gate(
     )
 
 
-def canonical_json(payload: Mapping[str, Any]) -> bytes:
-    """The exact bytes that are signed: sorted keys, no spaces, ASCII, no NaN."""
-    return json.dumps(
-        payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
-    ).encode("ascii")
-
-
 def _now_iso(now: datetime | None) -> str:
     moment = now if now is not None else datetime.now(UTC)
     if moment.tzinfo is None:
         raise ConfigError(f"timestamps must be timezone-aware, got {moment!r}")
     return moment.astimezone(UTC).isoformat()
-
-
-def _fsync_dir(directory: Path) -> None:
-    with contextlib.suppress(OSError):  # not supported on every platform / filesystem
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a fsynced temporary file and ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
 
 
 def _check_arrays(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -268,6 +251,11 @@ class ModelRegistry:
 
     gate = staticmethod(gate)
 
+    @property
+    def verify_key(self) -> Ed25519PublicKey:
+        """The platform key every manifest of this registry verifies against."""
+        return self._verify_key
+
     def _connect(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
         return sqlite_store.connect(self.index_path, foreign_keys=True)
 
@@ -298,7 +286,7 @@ class ModelRegistry:
         created_at = _now_iso(now)
         with self._transaction() as conn:
             if parent is not None and not self._exists(conn, parent):
-                raise ConfigError(f"parent version {parent!r} does not exist")
+                raise NotFoundError(f"parent version {parent!r} does not exist")
             (last,) = conn.execute("SELECT COALESCE(MAX(id), 0) FROM versions").fetchone()
             version_id = int(last) + 1
             weights_name = f"v{version_id:06d}.npz"
@@ -320,13 +308,10 @@ class ModelRegistry:
                 },
                 "key_fingerprint": key_fingerprint(self._verify_key),
             }
-            signature = self._signing_key.sign(canonical_json(manifest))
-            envelope = {"manifest": manifest, "signature": signature.hex()}
+            envelope = sign_manifest(manifest, self._signing_key)
             atomic_write_bytes(self.versions_dir / weights_name, weights)
             self._fault_hook("after_weights")
-            atomic_write_bytes(
-                self.versions_dir / manifest_name, json.dumps(envelope, indent=2).encode("ascii")
-            )
+            atomic_write_bytes(self.versions_dir / manifest_name, envelope)
             self._fault_hook("after_manifest")
             conn.execute(
                 "INSERT INTO versions (id, weights_file, manifest_file, created_at) "
@@ -347,38 +332,25 @@ class ModelRegistry:
                 "SELECT weights_file, manifest_file FROM versions WHERE id = ?", (version_id,)
             ).fetchone()
         if row is None:
-            raise ConfigError(f"model version {version_id!r} does not exist in {self.root}")
+            raise NotFoundError(f"model version {version_id!r} does not exist in {self.root}")
         return str(row[0]), str(row[1])
 
-    def _read_manifest(self, version_id: int) -> dict[str, Any]:
+    def _read_manifest(self, version_id: int) -> tuple[dict[str, Any], bytes]:
+        """The verified manifest of ``version_id`` and the envelope bytes it was read from."""
         weights_name, manifest_name = self._row(version_id)
         path = self.versions_dir / manifest_name
         try:
-            envelope = json.loads(path.read_bytes())
-            manifest = envelope["manifest"]
-            signature = bytes.fromhex(envelope["signature"])
+            data = path.read_bytes()
         except FileNotFoundError:
             raise IntegrityError(f"manifest {path} of version {version_id} is missing") from None
-        except (ValueError, KeyError, TypeError) as exc:
-            raise IntegrityError(f"manifest {path} is unreadable: {exc}") from None
-        try:
-            self._verify_key.verify(signature, canonical_json(manifest))
-        except (InvalidSignature, ValueError, TypeError):
-            raise IntegrityError(
-                f"manifest {path} does not verify against the platform key "
-                f"{key_fingerprint(self._verify_key)[:16]}: it was altered or signed by another key"
-            ) from None
+        manifest = verify_manifest(data, self._verify_key, source=f"manifest {path}")
         if manifest.get("version_id") != version_id or manifest.get("weights_file") != weights_name:
             raise IntegrityError(f"manifest {path} belongs to another version; index tampered?")
-        return dict(manifest)
+        return manifest, data
 
     def get(self, version_id: int) -> ModelVersion:
         """The version ``version_id``; its manifest signature is checked (not yet its weights)."""
-        manifest = self._read_manifest(version_id)
-        arrays = {
-            name: (str(spec["dtype"]), tuple(int(d) for d in spec["shape"]))
-            for name, spec in manifest["arrays"].items()
-        }
+        manifest, _ = self._read_manifest(version_id)
         return ModelVersion(
             id=version_id,
             parent=manifest["parent_id"],
@@ -389,7 +361,7 @@ class ModelRegistry:
             weights_sha256=str(manifest["weights_sha256"]),
             weights_file=self.versions_dir / manifest["weights_file"],
             manifest_file=self.versions_dir / self._row(version_id)[1],
-            arrays=arrays,
+            arrays=array_specs(manifest),
             created_at=str(manifest["created_at"]),
         )
 
@@ -399,28 +371,27 @@ class ModelRegistry:
             ids = [int(r[0]) for r in conn.execute("SELECT id FROM versions ORDER BY id")]
         return [self.get(i) for i in ids]
 
-    def load_arrays(self, version_id: int) -> dict[str, np.ndarray]:
-        """The weights of ``version_id``, after checking the manifest signature and file hash."""
-        version = self.get(version_id)
-        path = version.weights_file
+    def _verified(self, version_id: int) -> tuple[bytes, bytes, dict[str, np.ndarray]]:
+        """Manifest envelope bytes, weights bytes and arrays of ``version_id``, all verified."""
+        manifest, envelope = self._read_manifest(version_id)
+        path = self.versions_dir / manifest["weights_file"]
         try:
             data = path.read_bytes()
         except FileNotFoundError:
             raise IntegrityError(
                 f"weights file {path} of version {version_id} is missing"
             ) from None
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != version.weights_sha256:
-            raise IntegrityError(
-                f"weights file {path} changed: SHA-256 {digest} but the signed manifest "
-                f"says {version.weights_sha256}"
-            )
-        with np.load(io.BytesIO(data), allow_pickle=False) as archive:
-            arrays = {name: archive[name] for name in archive.files}
-        shapes = {k: (str(v.dtype), tuple(v.shape)) for k, v in arrays.items()}
-        if shapes != dict(version.arrays):
-            raise IntegrityError(f"weights file {path} does not hold the arrays its manifest lists")
-        return arrays
+        return envelope, data, verify_weights(manifest, data, source=str(path))
+
+    def load_arrays(self, version_id: int) -> dict[str, np.ndarray]:
+        """The weights of ``version_id``, after checking the manifest signature and file hash."""
+        return self._verified(version_id)[2]
+
+    def signed_files(self, version_id: int) -> tuple[bytes, bytes]:
+        """The manifest envelope and weights bytes of ``version_id`` (verified here first): what
+        a merchant's mirror receives and checks again with the platform key it pinned."""
+        envelope, weights, _ = self._verified(version_id)
+        return envelope, weights
 
     def _current(self, conn: sqlite3.Connection) -> tuple[int, int, int | None] | None:
         row = conn.execute(
@@ -457,7 +428,7 @@ class ModelRegistry:
         with self._transaction() as conn:
             current = self._current(conn)
             if current is None or current[2] is None:
-                raise ConfigError("nothing to roll back to: no earlier promoted version")
+                raise StateError("nothing to roll back to: no earlier promoted version")
             target = conn.execute(
                 "SELECT version_id, previous_seq FROM promotions WHERE seq = ?", (current[2],)
             ).fetchone()

@@ -8,21 +8,21 @@ import json
 from pathlib import Path
 from typing import Any
 
-from server.checkpoint import atomic_write_bytes
+from common.atomic import atomic_write_bytes
 
 
 def round_table(history: list[dict[str, Any]]) -> str:
     merchants = sorted({m for row in history for m in row["epsilon"]})
     head = (
-        f"{'round':>5} {'loss':>8} {'AUC':>7} {'NDCG@10':>8} {'HR@10':>7} {'eps max':>8}"
+        f"{'round':>5} {'cases':>7} {'AUC':>7} {'NDCG@10':>8} {'HR@10':>7} {'eps max':>8}"
         "  trained/refused/failed"
     )
     lines = [head, "-" * len(head)]
     for row in history:
         m = row["metrics"]
-        loss = f"{row['train_loss']:.4f}" if row["train_loss"] is not None else "-"
+        cases = f"{row.get('evaluation_cases', 0):.0f}"
         lines.append(
-            f"{row['round']:>5} {loss:>8} {m.get('auc', float('nan')):>7.4f} "
+            f"{row['round']:>5} {cases:>7} {m.get('auc', float('nan')):>7.4f} "
             f"{m.get('ndcg@10', float('nan')):>8.4f} {m.get('hr@10', float('nan')):>7.4f} "
             f"{(format(row['epsilon_max'], '.3f') if row['epsilon'] else '-'):>8}  "
             f"{len(row['trained'])}/{len(row['refused'])}/{len(row['failed'])}"
@@ -42,7 +42,7 @@ def write_metrics(run_dir: Path, history: list[dict[str, Any]], summary: dict[st
     writer.writerow(
         [
             "round",
-            "train_loss",
+            "evaluation_cases",
             "auc",
             "hr@10",
             "ndcg@10",
@@ -59,7 +59,7 @@ def write_metrics(run_dir: Path, history: list[dict[str, Any]], summary: dict[st
         writer.writerow(
             [
                 row["round"],
-                row["train_loss"],
+                row.get("evaluation_cases"),
                 m.get("auc"),
                 m.get("hr@10"),
                 m.get("ndcg@10"),

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from common.config import FederationConfig, StrategyKind
+from common.errors import CheckpointError, TrainingError
 
 Arrays = dict[str, np.ndarray]
 
@@ -28,7 +29,7 @@ def weighted_average(updates: Sequence[MerchantUpdate]) -> Arrays:
     ordered = sorted(updates, key=lambda u: u.merchant_id)
     total = float(sum(u.num_examples for u in ordered))
     if total <= 0:
-        raise ValueError("cannot aggregate updates with no examples")
+        raise TrainingError("cannot aggregate updates with no examples")
     result: Arrays = {}
     for name in ordered[0].arrays:
         acc = np.zeros_like(ordered[0].arrays[name], dtype=np.float64)
@@ -49,7 +50,10 @@ class FedAvg:
 
     def load_state(self, state: Arrays) -> None:
         if state:
-            raise ValueError(f"FedAvg has no state, got {sorted(state)}")
+            raise CheckpointError(
+                f"the checkpoint holds server-optimiser state {sorted(state)[:3]}, but "
+                "FedAvg has none: it was written by a run with another strategy"
+            )
 
 
 class FedProx(FedAvg):

@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from common.errors import FedshopError
+from common.errors import RejectedUpdateError
 
 Arrays = dict[str, np.ndarray]
-
-
-class RejectedUpdateError(FedshopError):
-    """An update that must not enter the aggregate; the reason is logged and counted."""
 
 
 def check_update(update: Arrays, reference: Arrays, *, max_update_norm: float) -> None:

@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import math
-import os
-import tempfile
 import time
 import warnings
 from collections.abc import Iterator
@@ -30,6 +27,7 @@ import torch
 
 from client.training import DPSettings, LocalTraining, steps_per_round, train_round
 from common.accounting import MechanismStep, PrivacyUnit, epsilon_spent, noise_for_target
+from common.atomic import atomic_write_json
 from common.errors import ConfigError
 from common.features import Catalog, RecordTensors, build_catalog, encode_events, training_records
 from common.model import Recommender, load_state_arrays, state_arrays
@@ -483,13 +481,4 @@ def run_canary_audit(config: CanaryConfig, *, events: pd.DataFrame | None = None
 
 def write_report(report: CanaryReport, path: Path) -> None:
     """Write the report as JSON, atomically (temp file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(report.to_dict(), handle, indent=2, sort_keys=True)
-            handle.write("\n")
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    atomic_write_json(path, report.to_dict())

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
-import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
-from common.errors import ExitCode, FedshopError
+from common.errors import ExitCode, FedshopError, exit_code_table
+from common.flower_env import quiet_flower_environment
+from simulations.console import configure_output
 
 COMMAND_MODULES: tuple[str, ...] = (
     "simulations.commands.simulate",
@@ -25,46 +25,47 @@ COMMAND_MODULES: tuple[str, ...] = (
     "simulations.commands.model",
     "simulations.commands.keys",
     "simulations.commands.audit",
-    "simulations.commands.canary",
+    "simulations.commands.serve",
 )
 
-FLOWER_QUIET_ENV = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "RAY_USAGE_STATS_ENABLED": "0",
-}
-
-
-def quiet_flower_environment() -> None:
-    """Keep Flower and Ray offline: no telemetry, no update check, no per-run installs."""
-    for key, value in FLOWER_QUIET_ENV.items():
-        os.environ.setdefault(key, value)
+VERBOSE = "also show debug logging, Flower's and Ray's output and library warnings"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedshop",
         description="Privacy-preserving federated learning for e-commerce merchants.",
+        epilog=f"exit codes:\n{exit_code_table()}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
+    for _, command in commands(parser):
+        if command is not parser:
+            command.add_argument(
+                "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE
+            )
     return parser
+
+
+def commands(
+    parser: argparse.ArgumentParser, path: tuple[str, ...] = ("fedshop",)
+) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser]]:
+    """Every parser of the command tree with its path, the top level first."""
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from commands(sub, (*path, name))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     quiet_flower_environment()
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    for noisy in ("alembic", "filelock", "urllib3", "matplotlib"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    configure_output(verbose=args.verbose)
     try:
         code = args.handler(args)
     except FedshopError as exc:

@@ -1,21 +1,31 @@
-"""Run a provisioned federation in Flower's simulation engine (Ray): many merchants, one machine."""
+"""Run a provisioned federation: Flower's simulation engine (Ray) or the in-process grid."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import uuid
 from dataclasses import replace
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from common.config import RunConfig
-from common.errors import CheckpointError, FedshopError
+from common.errors import CheckpointError, TrainingError
 from server.federation import ServerSettings
+from server.platform import PlatformResult
+from simulations.console import quiet_flower, ray_init_args
 from simulations.provision import RunLayout
+from simulations.watched_grid import watched
 
 log = logging.getLogger(__name__)
+
+
+class Transport(Enum):
+    """How messages reach the merchants' ClientApps in a simulation."""
+
+    FLOWER = "flower"  # Flower's simulation engine: Ray actors, as `flwr run` does
+    IN_PROCESS = "in-process"  # the same ClientApp called in this process (benchmarks, tests)
 
 
 def server_settings(layout: RunLayout, *, stop_after_round: int | None = None) -> ServerSettings:
@@ -27,51 +37,95 @@ def server_settings(layout: RunLayout, *, stop_after_round: int | None = None) -
         run_dir=layout.root,
         keys_dir=layout.keys,
         ledger_path=layout.server / "ledger.sqlite",
-        validation_set=_existing(layout.server / "eval-valid.npz"),
-        test_set=_existing(layout.server / "eval-test.npz"),
         simulation_dir=layout.root,
         stop_after_round=stop_after_round,
     )
     return replace(settings, run_id=run_id)
 
 
-def _existing(path: Path) -> Path | None:
-    return path if path.exists() else None
+def backend_config(*, num_cpus_per_client: float, verbose: bool) -> dict[str, Any]:
+    """Flower's simulation back-end options: one CPU per merchant, quiet Ray unless verbose."""
+    return {
+        "client_resources": {"num_cpus": num_cpus_per_client, "num_gpus": 0.0},
+        "init_args": {"num_cpus": os.cpu_count() or 2, **ray_init_args(verbose=verbose)},
+    }
+
+
+def run_server_app(
+    layout: RunLayout,
+    main: Any,
+    *,
+    transport: Transport = Transport.FLOWER,
+    num_cpus_per_client: float = 1.0,
+    verbose: bool = False,
+) -> None:
+    """Run ``main(grid)`` as the ServerApp of a simulation of ``layout``'s merchants."""
+    from flwr.app import Context
+    from flwr.serverapp import Grid, ServerApp
+
+    from client.app import app as client_app
+
+    merchants = len(layout.merchant_ids())
+    if transport is Transport.IN_PROCESS:
+        from simulations.inprocess import simulation_grid
+
+        main(simulation_grid(client_app, merchants))
+        return
+    from flwr.simulation import run_simulation
+
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        main(grid)
+
+    quiet_flower(verbose=verbose)
+    run_simulation(
+        server_app=server_app,
+        client_app=client_app,
+        num_supernodes=merchants,
+        backend_config=backend_config(num_cpus_per_client=num_cpus_per_client, verbose=verbose),
+    )
 
 
 def simulate(
-    layout: RunLayout, *, stop_after_round: int | None = None, num_cpus_per_client: float = 1.0
-) -> dict[str, Any]:
-    """Run (or resume) the federation of ``layout``; returns the run summary."""
-    from flwr.simulation import run_simulation
-
-    from client.app import app as client_app
-    from server.app import build_server_app
+    layout: RunLayout,
+    *,
+    stop_after_round: int | None = None,
+    num_cpus_per_client: float = 1.0,
+    transport: Transport = Transport.FLOWER,
+    verbose: bool = False,
+) -> PlatformResult:
+    """Run (or resume) the federation of ``layout``; returns the platform's result."""
+    from server.checkpoint import load_latest
+    from server.platform import run_platform
 
     settings = server_settings(layout, stop_after_round=stop_after_round)
-    (layout.root / "summary.json").unlink(missing_ok=True)
-    cpus = os.cpu_count() or 2
-    run_simulation(
-        server_app=build_server_app(settings),
-        client_app=client_app,
-        num_supernodes=len(layout.merchant_ids()),
-        backend_config={
-            "client_resources": {"num_cpus": num_cpus_per_client, "num_gpus": 0.0},
-            "init_args": {"num_cpus": cpus, "include_dashboard": False},
-        },
+    latest = load_latest(settings.checkpoints)
+    first_round = 1 if latest is None else latest.round + 1
+    results: list[PlatformResult] = []
+
+    def main(grid: Any) -> None:
+        rounds = settings.config.federation.rounds
+        with watched(grid, rounds=rounds, first_round=first_round) as shown:
+            results.append(run_platform(shown, settings))
+
+    run_server_app(
+        layout,
+        main,
+        transport=transport,
+        num_cpus_per_client=num_cpus_per_client,
+        verbose=verbose,
     )
-    summary_path = layout.root / "summary.json"
-    if not summary_path.exists():
-        raise FedshopError(
-            f"the simulation ended without a summary in {layout.root}; see the log above"
-        )
-    summary: dict[str, Any] = json.loads(summary_path.read_text())
-    if summary["completed"] and summary.get("aggregated_rounds", 0) == 0:
-        raise FedshopError(
+    if not results:
+        raise TrainingError(f"the simulation ended without a result in {layout.root}; see the log")
+    result = results[0]
+    if result.completed and result.summary.get("aggregated_rounds", 0) == 0:
+        raise TrainingError(
             f"no round had enough usable merchant updates; the model was never trained "
             f"(reasons per round in {layout.root / 'metrics.json'})"
         )
-    return summary
+    return result
 
 
 def resume_layout(root: Path) -> RunLayout:

@@ -14,14 +14,15 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from test_ledger_support import build_ledger, make_release, run_cli
+from test_ledger_support import build_ledger, make_release, true_epsilons
 
 from common.audit.budgets import budget_rows
 from common.audit.export import ExportFormat, export_entries
 from common.audit.verify import AuditResult, audit_ledgers
-from common.errors import ConfigError, IntegrityError, LedgerError
+from common.errors import ConfigError, ExitCode, IntegrityError, LedgerError
 from common.keys import load_signing_key, load_verify_key
 from common.ledger import ExpectedRelease, LedgerEntry, MerchantLedger, ServerLedger
+from simulations.cli import main as run_cli
 
 MERCHANTS = ("m1", "m2")
 ROUNDS = 4
@@ -259,7 +260,8 @@ def test_disagreement_names_the_fields(federation: Path, tmp_path: Path) -> None
     key = load_signing_key(root / "keys" / "m1.key")
     with MerchantLedger.open(root / "m1.sqlite", merchant_id="m1", signing_key=key) as ledger:
         for r in range(1, ROUNDS + 1):
-            ledger.append(make_release("m1", r, epsilon_after=0.1 if r == 2 else 0.5 * r))
+            changes = {"epsilon_after": 0.1} if r == 2 else {}
+            ledger.append(make_release("m1", r, **changes))
     result = _audit(root)
     assert result.problem is not None and result.problem.seq == 2
     assert "release.epsilon_after" in result.problem.reason
@@ -285,7 +287,9 @@ def test_budgets_table(federation: Path) -> None:
         ("m1", "train:w01-w40", 4),
         ("m2", "train:w01-w40", 4),
     ]
-    assert rows[0].spent == 2.0 and rows[0].cap == 8.0 and rows[0].remaining == 6.0
+    pld, _ = true_epsilons(4)  # four rounds of (sigma 1, q 0.0256, 39 steps)
+    assert rows[0].spent == pytest.approx(2.152, abs=1e-3) and rows[0].spent == pld
+    assert rows[0].cap == 8.0 and rows[0].remaining == pytest.approx(8.0 - pld)
     assert rows[0].last_release_utc == "2026-11-23T12:04:00.000001Z"
 
 
@@ -296,7 +300,8 @@ def test_export_json_and_csv(federation: Path) -> None:
     assert LedgerEntry.from_wire(json.dumps(entries[0])) == chains["m1"][0]
     rows = list(csv.DictReader(io.StringIO(export_entries(chains, ExportFormat.CSV))))
     assert len(rows) == 8 and rows[5]["merchant_id"] == "m2" and rows[5]["seq"] == "2"
-    assert float(rows[3]["epsilon_after"]) == 2.0
+    assert float(rows[3]["epsilon_after"]) == true_epsilons(4)[0]
+    assert float(rows[3]["epsilon_rdp"]) == true_epsilons(4)[1]
 
 
 def test_cli_verify_budgets_export(
@@ -317,7 +322,7 @@ def test_cli_verify_budgets_export(
     assert "VERIFIED: 8 entries, 2 merchants" in out and "m2: 1 entries not on the server" in out
     assert run_cli(["audit", "budgets", *common]) == 0
     assert re.search(
-        r"m1\s+train:w01-w40\s+event\s+2\.0000\s+8\.0000\s+6\.0000\s+4", capsys.readouterr().out
+        r"m1\s+train:w01-w40\s+event\s+2\.1520\s+8\.0000\s+5\.8480\s+4", capsys.readouterr().out
     )
     assert (
         run_cli(["audit", "export", "--format", "csv", "--out", str(tmp_path / "e.csv"), *common])
@@ -325,6 +330,30 @@ def test_cli_verify_budgets_export(
     )
     assert (tmp_path / "e.csv").read_text().count("\n") == 9
     _tamper(root / "m2.sqlite", "UPDATE entries SET signature = ? WHERE seq = 3", ("0" * 128,))
-    assert run_cli(["audit", "verify", *common]) == 7
-    out = capsys.readouterr().out
-    assert "m2.sqlite: merchant m2 seq 3: signature does not verify" in out
+    assert run_cli(["audit", "verify", *common]) == ExitCode.INTEGRITY
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("fedshop: error: ledger verification failed")
+    assert "m2.sqlite: merchant m2 seq 3: signature does not verify" in err[0]
+
+
+def test_a_release_without_its_noise_source_fails_verification(tmp_path: Path) -> None:
+    """A release that does not say its noise came from the merchant's secret (as releases
+    written before merchant secrets existed) does not verify, even correctly hashed and signed
+    by the merchant."""
+    from common.ledger.entry import entry_hash_of, hashed_fields
+
+    path, entries = build_ledger(tmp_path, "m1", 2)
+    release = json.loads(entries[1].release.canonical_json)
+    del release["noise_source"]
+    body = json.dumps(release, sort_keys=True, separators=(",", ":"))
+    entry_hash = entry_hash_of(hashed_fields(body, seq=2, prev_hash=entries[1].prev_hash))
+    key = load_signing_key(tmp_path / "keys" / "m1.key")
+    signature = key.sign(bytes.fromhex(entry_hash)).hex()
+    _tamper(
+        path,
+        "UPDATE entries SET release_json = ?, entry_hash = ?, signature = ? WHERE seq = 2",
+        (body, entry_hash, signature),
+    )
+    result = audit_ledgers([path], keys_dir=tmp_path / "keys")
+    assert result.problem is not None and result.problem.seq == 2
+    assert "noise_source" in result.problem.reason

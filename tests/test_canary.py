@@ -296,13 +296,15 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
 
-def test_cli_registers_alias_and_audit_subcommand():
+def test_cli_registers_the_audit_subcommand_only():
     from simulations.commands.canary import register_canary
 
-    args = parse(["audit-canary", "--canaries", "200", "--no-noise", "--epsilon", "2"])
+    args = parse(["audit", "canary", "--canaries", "200", "--no-noise", "--epsilon", "2"])
     assert args.canaries == 200 and args.no_noise and args.epsilon == 2.0
     with pytest.raises(SystemExit):
-        parse(["audit-canary", "--epsilon", "1", "--noise-multiplier", "2"])
+        parse(["audit", "canary", "--epsilon", "1", "--noise-multiplier", "2"])
+    with pytest.raises(SystemExit):
+        parse(["audit-canary", "--canaries", "200"])  # one spelling: the alias is gone
     parser = argparse.ArgumentParser()
     group = parser.add_subparsers(dest="audit_command")
     register_canary(group)
@@ -319,12 +321,12 @@ def test_cli_config_file_and_flags(tmp_path):
         "[model]\nproduct_buckets = 4096\nembedding_dim = 8\n"
         '[training]\nbatch_size = 64\n[data]\nsource = "synthetic"\n'
     )
-    config = config_from_args(parse(["audit-canary", "--config", str(toml)]))
+    config = config_from_args(parse(["audit", "canary", "--config", str(toml)]))
     assert (config.target_epsilon, config.delta, config.clipping_norm) == (2.5, 1e-6, 0.5)
     assert config.seed == 11 and config.batch_size == 64 and config.spec.product_buckets == 4096
     assert config.data.value == "synthetic" and config.noise_multiplier is None
     flags = ["--noise-multiplier", "1.5", "--clipping-norm", "2", "--seed", "4"]
-    config = config_from_args(parse(["audit-canary", "--config", str(toml), *flags]))
+    config = config_from_args(parse(["audit", "canary", "--config", str(toml), *flags]))
     assert (config.target_epsilon, config.noise_multiplier) == (None, 1.5)
     assert config.clipping_norm == 2.0 and config.seed == 4
 
@@ -359,9 +361,9 @@ def fake_report(**changes: Any) -> CanaryReport:
     ("argv", "report", "code"),
     [
         ([], fake_report(), ExitCode.OK),
-        ([], fake_report(epsilon_lower=1.5), ExitCode.INTEGRITY),
+        ([], fake_report(epsilon_lower=1.5), ExitCode.PRIVACY_VIOLATION),
         (["--no-noise"], fake_report(epsilon_lower=1.5, noise_used=0.0), ExitCode.OK),
-        (["--no-noise"], fake_report(noise_used=0.0), ExitCode.CONFIG),
+        (["--no-noise"], fake_report(noise_used=0.0), ExitCode.AUDIT_INCONCLUSIVE),
     ],
 )
 def test_cli_exit_codes(monkeypatch, capsys, tmp_path, argv, report, code):
@@ -370,9 +372,9 @@ def test_cli_exit_codes(monkeypatch, capsys, tmp_path, argv, report, code):
 
     monkeypatch.setattr(canary, "run_canary_audit", lambda config: report)
     out = tmp_path / "report.json"
-    assert main(["audit-canary", "--data", "synthetic", "--json", str(out), *argv]) == code
+    assert main(["audit", "canary", "--data", "synthetic", "--json", str(out), *argv]) == code
     printed = capsys.readouterr()
     assert "lower bound (95%)" in printed.out
     assert json.loads(out.read_text())["epsilon_lower"] == report.epsilon_lower
-    if code == ExitCode.INTEGRITY:
+    if code == ExitCode.PRIVACY_VIOLATION:
         assert "VIOLATION" in printed.err

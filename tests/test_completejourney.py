@@ -149,3 +149,29 @@ def test_real_data_counts_and_calendar(tmp_path: Path) -> None:
     _, report = cj.build_events(transactions, products)
     assert (report.raw_rows, report.dropped_nonpositive_quantity) == (1_469_307, 8_869)
     assert (report.merged_duplicate_rows, report.rows_without_product_metadata) == (10, 32)
+
+
+@pytest.mark.slow
+def test_complete_journey_keeps_its_weeks() -> None:
+    """The time split of the default run is the provider's weeks: same parts as counting
+    the week column, with the counts of docs/data.md, and weekly slices 41-53 to stream."""
+    from common.config import RunConfig
+    from common.datasets import load_dataset
+    from common.split import SplitRule, split_events
+
+    config = RunConfig()
+    dataset = load_dataset(config)
+    assert dataset.split.rule is SplitRule.WEEKS
+    parts = dataset.parts()
+    for merchant, group in dataset.events.groupby("merchant_id"):
+        by_week = split_events(group.reset_index(drop=True), config.data.week_split)
+        for name, frame in by_week.items():
+            pd.testing.assert_frame_equal(frame, parts[str(merchant)][name])
+    sizes = {name: sum(len(p[name]) for p in parts.values()) for name in ("train", "valid", "test")}
+    assert sizes == {"train": 204_131, "valid": 19_746, "test": 41_368}
+    assert np.array_equal(
+        dataset.split.slice_numbers(dataset.events["timestamp"]), dataset.events["week"]
+    )
+    last = dataset.events["timestamp"].max()
+    assert [s.number for s in dataset.split.held_out_slices(last_event=last)] == list(range(41, 54))
+    assert dataset.split.cohort() == "train:w01-w40"

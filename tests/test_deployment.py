@@ -354,6 +354,10 @@ def test_stop_reaches_helpers_that_started_their_own_session(tmp_path: Path) -> 
     while not (pid_file.exists() and pid_file.read_text().strip()) and time.monotonic() < deadline:
         time.sleep(0.05)
     helper = int(pid_file.read_text())
+    # `setsid` may not have detached yet when its pid is written: wait until it has
+    deadline = time.monotonic() + 10
+    while os.getsid(helper) == os.getsid(leader.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert os.getsid(helper) != os.getsid(leader.pid)  # out of reach of the group signal
     leader.stop(grace=2.0)
     deadline = time.monotonic() + 10

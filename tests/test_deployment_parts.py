@@ -80,7 +80,7 @@ def test_the_fedshop_bundle_holds_only_the_apps_code() -> None:
     """Docs, tests and benchmarks are outside the bundle, so editing them does not change the
     app hash merchants pin; the code the ServerApp and ClientApp import is inside."""
     names = zipfile.ZipFile(io.BytesIO(build_bundle(REPO))).namelist()
-    assert "client/app.py" in names and "server/app.py" in names and "common/ledger.py" in names
+    assert "client/app.py" in names and "server/app.py" in names and "common/config.py" in names
     outside = [n for n in names if not n.startswith(("common/", "client/", "server/"))]
     assert sorted(outside) == [".info/CONTENT", "pyproject.toml"]
     assert all(n.endswith(".py") for n in names if n not in outside)
@@ -378,6 +378,17 @@ def test_merchant_init_creates_everything_a_merchant_needs(tmp_path: Path) -> No
     assert config.id == merchant and config.data == out / "events.parquet"
     assert config.signing_key == out / "keys" / f"{merchant}.key"
     assert config.state_dir == out / "state" and config.state_dir.is_dir()
+    assert (config.state_dir / "dp-secret").stat().st_size == 32
+    assert stat.S_IMODE((config.state_dir / "dp-secret").stat().st_mode) == 0o600
+    # Held out in time: training before validation before test, no event in two parts.
+    import pandas as pd
+
+    parts = [pd.read_parquet(p) for p in (config.data, config.validation_data, config.test_data)]
+    assert all(len(part) for part in parts)
+    assert parts[0]["timestamp"].max() < parts[1]["timestamp"].min()
+    assert parts[1]["timestamp"].max() < parts[2]["timestamp"].min()
+    assert sum(len(part) for part in parts) == len(pd.read_csv(export))
+    assert config.cohort.startswith("train:")
     certs.load_node_private_key(out / "keys" / f"{merchant}.node.key")
     keys.load_signing_key(config.signing_key)
     for private in (out / "keys" / f"{merchant}.node.key", config.signing_key):
@@ -408,10 +419,17 @@ def test_merchant_init_leaves_nothing_behind_on_bad_input(tmp_path: Path) -> Non
 
 
 def test_merchant_folder_is_all_or_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from common.split import split_by_span
     from simulations.commands import merchant as command
 
     export = _export(tmp_path)
     frame = command.read_own_events(export, "merchant-000", {})
+    split = split_by_span(
+        first_event=frame["timestamp"].min(),
+        last_event=frame["timestamp"].max(),
+        valid_fraction=0.1,
+        test_fraction=0.1,
+    )
 
     def broken(*args: object, **kwargs: object) -> None:
         raise OSError("disk full")
@@ -422,6 +440,7 @@ def test_merchant_folder_is_all_or_nothing(tmp_path: Path, monkeypatch: pytest.M
             out=tmp_path / "m",
             merchant_id="merchant-000",
             events=frame,
+            split=split,
             epsilon_cap=8.0,
             privacy_unit=MerchantConfig.privacy_unit,
         )

@@ -1,32 +1,128 @@
+import ast
+import sys
+import types
+from pathlib import Path
+
 import pytest
 
-from common.config import RunConfig
+from common.config import RunConfig, dump_toml
 from common.configparse import apply_overrides
-from common.errors import (
-    CheckpointError,
-    ConfigError,
-    DataValidationError,
-    ExitCode,
-    FedshopError,
-    IntegrityError,
-    LedgerError,
-    PrivacyBudgetExceededError,
-)
+from common.errors import ConfigError, DataValidationError, ExitCode, FedshopError, exit_code_table
+from simulations import cli
 from simulations.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _error_classes() -> list[type[FedshopError]]:
+    """Every subclass of FedshopError, at any depth."""
+    found: list[type[FedshopError]] = []
+    pending = [FedshopError]
+    while pending:
+        for sub in pending.pop().__subclasses__():
+            found.append(sub)
+            pending.append(sub)
+    return found
+
+
+def test_every_error_class_lives_in_common_errors():
+    """The recursive walk sees every class only if none is defined elsewhere: checked on the
+    source, so no module has to be imported for its classes to count."""
+    known = {cls.__name__ for cls in [FedshopError, *_error_classes()]}
+    elsewhere = []
+    for package in ("common", "client", "server", "simulations"):
+        for path in (ROOT / package).rglob("*.py"):
+            if path == ROOT / "common" / "errors.py":
+                continue
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.ClassDef) and any(
+                    isinstance(base, ast.Name) and base.id in known for base in node.bases
+                ):
+                    elsewhere.append(f"{path.relative_to(ROOT)}: {node.name}")
+    assert elsewhere == []
 
 
 def test_exit_codes_are_distinct_and_documented():
-    classes = [
-        ConfigError,
-        DataValidationError,
-        PrivacyBudgetExceededError,
-        LedgerError,
-        IntegrityError,
-        CheckpointError,
+    classes = _error_classes()
+    codes = [cls.exit_code for cls in classes]
+    assert len(set(codes)) == len(codes), "two error classes share an exit code"
+    general = {ExitCode.OK, ExitCode.INTERNAL, ExitCode.USAGE, ExitCode.INTERRUPTED}
+    assert set(codes) == set(ExitCode) - general, "an exit code without its error class"
+    for cls in classes:
+        assert "exit_code" in vars(cls) and "hint" in vars(cls) and cls.hint.strip(), cls
+        assert cls.__doc__ and cls.__doc__.strip(), cls
+    assert all(code.meaning for code in ExitCode)
+
+
+def _readme_exit_code_rows() -> list[list[str]]:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split("\n## Exit codes\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ")]
+    return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows[1:]]
+
+
+def test_readme_exit_code_table_matches_the_enum():
+    owner = {cls.exit_code: cls.__name__ for cls in _error_classes()}
+    expected = [
+        [
+            str(code.value),
+            f"`{code.name}`",
+            code.meaning,
+            f"`{owner[code]}`" if code in owner else "-",
+        ]
+        for code in ExitCode
     ]
-    codes = [c.exit_code for c in classes]
-    assert len(set(codes)) == len(codes) and ExitCode.INTERNAL not in codes
-    assert all(issubclass(c, FedshopError) for c in classes)
+    assert _readme_exit_code_rows() == expected
+
+
+def test_help_prints_the_exit_code_table(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert "exit codes:" in out and exit_code_table() in out
+
+
+@pytest.fixture
+def failing_command(monkeypatch):
+    """A ``fedshop explode`` command whose handler raises the error put in the returned list."""
+    raised: list[BaseException] = []
+
+    def register(subparsers):
+        def handler(args):
+            raise raised[0]
+
+        subparsers.add_parser("explode").set_defaults(handler=handler)
+
+    module = types.ModuleType("fedshop_test_explode")
+    module.register = register  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setattr(cli, "COMMAND_MODULES", (*cli.COMMAND_MODULES, module.__name__))
+    return raised
+
+
+@pytest.mark.parametrize("cls", _error_classes(), ids=lambda cls: cls.__name__)
+def test_every_error_reaches_its_exit_code_and_one_line(cls, failing_command, capsys):
+    failing_command.append(cls("something specific\nwent wrong"))
+    assert cli.main(["explode"]) == cls.exit_code
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0] == f"fedshop: error: something specific went wrong ({cls.hint})"
+
+
+def test_interrupt_exits_130(failing_command, capsys):
+    failing_command.append(KeyboardInterrupt())
+    assert cli.main(["explode"]) == ExitCode.INTERRUPTED == 130
+    assert capsys.readouterr().err == "fedshop: interrupted\n"
+
+
+def test_unexpected_exceptions_are_not_disguised(failing_command):
+    """A bug keeps its traceback (Python exits 1, ExitCode.INTERNAL)."""
+    failing_command.append(RuntimeError("a bug"))
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.main(["explode"])
 
 
 def test_data_error_names_file_row_column():
@@ -48,6 +144,8 @@ def test_unknown_key_is_an_error_and_names_it():
         ("privacy.unit=household", "household"),
         ("training.batch_size=1.5", "integer"),
         ("data.train_weeks=1,45", "weeks"),
+        ("model.embedding_dim=0", r"model\.embedding_dim must be >= 1"),
+        ("model.product_buckets=1", r"model\.product_buckets must be >= 2"),
     ],
 )
 def test_bad_values_rejected(override, fragment):
@@ -76,3 +174,18 @@ def test_cli_maps_errors_to_exit_codes(capsys):
         and "epsilon_cap" in err
         and len(err.strip().splitlines()) == 1
     )
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        ["training.learning_rate=0.5", "privacy.noise_multiplier=1.25", "privacy.unit=customer"],
+        ["data.train_weeks=2,30", "data.valid_weeks=31,35", "data.test_weeks=36,40", "seed=7"],
+    ],
+)
+def test_dump_toml_reads_back_equal(tmp_path, overrides):
+    config = RunConfig.from_dict(apply_overrides({}, overrides))
+    path = tmp_path / "config.toml"
+    path.write_text(dump_toml(config.to_dict()), encoding="utf-8")
+    assert RunConfig.from_toml(path) == config

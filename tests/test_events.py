@@ -14,6 +14,8 @@ from hypothesis import strategies as st
 
 from common.errors import ConfigError, DataValidationError, ExitCode
 from common.events import (
+    ATTRIBUTE_COLUMNS,
+    CORE_COLUMNS,
     DROP,
     KEY_COLUMNS,
     REQUIRED_COLUMNS,
@@ -141,8 +143,18 @@ def test_missing_and_misnamed_columns_suggest_the_field() -> None:
     error = error_of(raw_frame().rename(columns={"quantity": "quantitty"}))
     assert error.column == "quantity"
     assert "did you mean 'quantity'" in str(error)
-    error = error_of(raw_frame().drop(columns=["brand"]))
-    assert error.column == "brand" and "missing required column 'brand'" in str(error)
+    error = error_of(raw_frame().drop(columns=["price"]))
+    assert error.column == "price" and "missing required column 'price'" in str(error)
+
+
+@given(absent=st.sets(st.sampled_from(ATTRIBUTE_COLUMNS)))
+def test_absent_attribute_columns_read_as_empty(absent: set[str]) -> None:
+    """category, department and brand may be left out of a file: the table has them as ''."""
+    blank = raw_frame().assign(**{name: "" for name in absent})
+    expected = validate_events(blank, source="x")
+    out = validate_events(raw_frame().drop(columns=sorted(absent)), source="x")
+    assert list(out.columns) == list(REQUIRED_COLUMNS)
+    pd.testing.assert_frame_equal(out, expected)
 
 
 def test_unknown_columns_are_listed() -> None:
@@ -231,7 +243,7 @@ def test_any_corruption_raises_a_data_error_naming_the_place(
     row = data.draw(st.integers(0, len(raw) - 1))
     expected_row: int | None = row + 1
     if kind in ("drop", "rename"):
-        column = data.draw(st.sampled_from(REQUIRED_COLUMNS))
+        column = data.draw(st.sampled_from(CORE_COLUMNS))
         if kind == "drop":
             raw = raw.drop(columns=[column])
         else:

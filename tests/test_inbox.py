@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from client.inbox import ArrivalMode, FileStatus, Inbox
-from common.errors import ConfigError, IntegrityError
+from common.errors import ConfigError, IntegrityError, NotFoundError
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 HEADER = "merchant_id,customer_id,product_id,timestamp,quantity,price,category,department,brand\n"
@@ -164,7 +164,7 @@ def test_changed_cohort_file_is_detected(tmp_path: Path) -> None:
         handle.write(b"x")
     with pytest.raises(IntegrityError, match=r"stream-000001\.parquet changed"):
         inbox.load([cohort.cohort_id])
-    with pytest.raises(ConfigError, match="stream-000009"):
+    with pytest.raises(NotFoundError, match="stream-000009"):
         inbox.load(["stream-000009"])
 
 

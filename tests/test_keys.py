@@ -76,7 +76,7 @@ def test_errors_name_the_file(tmp_path: Path) -> None:
 
 
 def test_cli_generate_and_show(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from test_ledger_support import run_cli
+    from simulations.cli import main as run_cli
 
     assert run_cli(["keys", "generate", "--out", str(tmp_path), "--name", "m7"]) == 0
     fingerprint = key_fingerprint(load_verify_key(tmp_path / "m7.pub"))
@@ -84,3 +84,4 @@ def test_cli_generate_and_show(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert run_cli(["keys", "show", str(tmp_path / "m7.pub")]) == 0
     assert fingerprint in capsys.readouterr().out
     assert run_cli(["keys", "generate", "--out", str(tmp_path), "--name", "m7"]) == 3
+    assert "already exists; refusing to overwrite a key" in capsys.readouterr().err

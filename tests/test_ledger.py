@@ -9,14 +9,17 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_ledger_support import COHORT, build_ledger, make_release
+from test_ledger_support import COHORT, build_ledger, make_release, true_epsilons
 
 from common.accounting import MechanismStep, PrivacyUnit
+from common.canonical import canonical_json
 from common.errors import ConfigError, IntegrityError, LedgerError, PrivacyBudgetExceededError
 from common.keys import generate_keypair, load_signing_key, load_verify_key
 from common.ledger import (
@@ -27,7 +30,6 @@ from common.ledger import (
     MerchantLedger,
     PrivacyRelease,
     ServerLedger,
-    canonical_json,
     sha256_hex,
 )
 
@@ -80,7 +82,7 @@ def test_canonical_json_roundtrips_floats_exactly() -> None:
     assert data["noise_multiplier"] == 0.1 + 0.2 and data["sample_rate"] == 1 / 3
     assert data["clipping_norm"] == 1.0 and isinstance(release.clipping_norm, float)
     assert PrivacyRelease.from_dict(data) == release
-    assert release.canonical_json == canonical_json(data)
+    assert release.canonical_json.encode("ascii") == canonical_json(data)
     assert list(data) == sorted(data) and " " not in release.canonical_json
 
 
@@ -101,14 +103,12 @@ def test_append_chains_signs_and_hashes_as_documented(tmp_path: Path) -> None:
     verify_key = load_verify_key(tmp_path / "keys" / "m1.pub")
     prev = GENESIS_HASH
     for seq, entry in enumerate(entries, start=1):
-        body = canonical_json(
-            {"prev_hash": prev, "release": entry.release.to_dict(), "seq": seq}
-        ).encode()
+        body = canonical_json({"prev_hash": prev, "release": entry.release.to_dict(), "seq": seq})
         assert entry.seq == seq and entry.prev_hash == prev
         assert entry.entry_hash == sha256_hex(HASH_DOMAIN + body)
         verify_key.verify(bytes.fromhex(entry.signature), bytes.fromhex(entry.entry_hash))
         full = {k: v for k, v in json.loads(entry.to_wire()).items() if k != "format"}
-        prev = sha256_hex(canonical_json(full).encode())
+        prev = sha256_hex(canonical_json(full))
         assert prev == entry.chain_hash()
 
 
@@ -127,19 +127,41 @@ def test_reopen_history_find_and_wire_roundtrip(tmp_path: Path) -> None:
         assert LedgerEntry.from_wire(entry.to_wire()) == entry
 
 
-def test_two_openers_racing_to_create_one_ledger_both_succeed(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("openers", [2, 4])
+def test_openers_racing_to_create_one_ledger_all_succeed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, openers: int
 ) -> None:
-    """Both saw no file; the second to take the write lock must find the schema, not fail."""
-    import common.ledger as ledger_module
+    """Threads open the same new ledger at once, on real SQLite locks. A barrier after each
+    has found no ledger and connected makes every one of them go on to create the schema:
+    whoever takes the write lock second must find it, not fail."""
+    import common.ledger.store as ledger_store
 
-    path, entries = build_ledger(tmp_path, "m1", 2)
+    generate_keypair(tmp_path / "keys", name="m1")
     key = load_signing_key(tmp_path / "keys" / "m1.key")
-    real_exists = Path.exists
-    monkeypatch.setattr(Path, "exists", lambda self: False if self == path else real_exists(self))
-    assert not ledger_module.Path(path).exists()
+    path = tmp_path / "m1.sqlite"
+    barrier = threading.Barrier(openers, timeout=30)
+    real_connect = ledger_store._connect
+
+    def connect_then_wait(where: Path, *, read_only: bool) -> sqlite3.Connection:
+        conn = real_connect(where, read_only=read_only)
+        barrier.wait()
+        return conn
+
+    monkeypatch.setattr(ledger_store, "_connect", connect_then_wait)
+
+    def open_new() -> int:
+        with MerchantLedger.open(path, merchant_id="m1", signing_key=key) as ledger:
+            return ledger.last_seq
+
+    with ThreadPoolExecutor(openers) as pool:
+        assert list(pool.map(lambda _: open_new(), range(openers))) == [0] * openers
+    monkeypatch.undo()
     with MerchantLedger.open(path, merchant_id="m1", signing_key=key) as ledger:
-        assert ledger.entries() == entries
+        assert ledger.append(make_release(round=1)).seq == 1
+    build_ledger(tmp_path / "alone", "m1", 0)  # the same ledger, created by a lone opener
+    schema = "SELECT type, name, sql FROM sqlite_master ORDER BY name"
+    alone = sqlite3.connect(tmp_path / "alone" / "m1.sqlite").execute(schema).fetchall()
+    assert sqlite3.connect(path).execute(schema).fetchall() == alone
 
 
 def test_append_refusals_write_nothing(tmp_path: Path) -> None:
@@ -162,9 +184,9 @@ def test_append_refusals_write_nothing(tmp_path: Path) -> None:
 def test_io_failure_raises_ledger_error_and_writes_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import common.ledger as ledger_module
+    import common.ledger.store as ledger_store
 
-    monkeypatch.setattr(ledger_module, "BUSY_TIMEOUT_S", 0.05)
+    monkeypatch.setattr(ledger_store, "BUSY_TIMEOUT_S", 0.05)
     path, _ = build_ledger(tmp_path, "m1", 1)
     key = load_signing_key(tmp_path / "keys" / "m1.key")
     with MerchantLedger.open(path, merchant_id="m1", signing_key=key) as ledger:
@@ -210,7 +232,11 @@ def _forge(path: Path, sql: str) -> None:
 def test_open_detects_tampering(tmp_path: Path) -> None:
     path, entries = build_ledger(tmp_path, "m1", 3)
     key = load_signing_key(tmp_path / "keys" / "m1.key")
-    edited = entries[1].release.canonical_json.replace('"epsilon_after":1.0', '"epsilon_after":0.1')
+    stated = json.dumps(entries[1].release.epsilon_after)
+    edited = entries[1].release.canonical_json.replace(
+        f'"epsilon_after":{stated}', '"epsilon_after":0.1'
+    )
+    assert edited != entries[1].release.canonical_json
     _forge(path, f"UPDATE entries SET release_json = '{edited}' WHERE seq = 2")
     with pytest.raises(IntegrityError, match="seq 2: entry_hash does not match"):
         MerchantLedger.open(path, merchant_id="m1", signing_key=key)
@@ -346,6 +372,7 @@ def test_server_refuses_forgeries(tmp_path: Path) -> None:
             verify_key=load_verify_key(tmp_path / "keys" / "m1.pub"),
             expected=_expected(1),
             model_out_sha256=entries[0].release.model_out_sha256,
+            merchant_id="m1",
         )
     _, other_pub = generate_keypair(tmp_path / "other", name="m1")
     with pytest.raises(IntegrityError, match="signature does not verify"):
@@ -358,6 +385,7 @@ def test_server_refuses_forgeries(tmp_path: Path) -> None:
             verify_key=load_verify_key(tmp_path / "keys" / "m1.pub"),
             expected=_expected(1),
             model_out_sha256="0" * 64,
+            merchant_id="m1",
         )
     assert server.entries() == []
 
@@ -386,9 +414,53 @@ def test_server_open_detects_tampered_copy(tmp_path: Path) -> None:
 
 def test_wrong_kind_of_file_is_refused(tmp_path: Path) -> None:
     path, _ = build_ledger(tmp_path, "m1", 1)
-    with pytest.raises(ConfigError, match="merchant ledger"):
+    with pytest.raises(LedgerError, match="merchant ledger"):  # the wrong path, not tampering
         ServerLedger.open(path)
     junk = tmp_path / "junk.sqlite"
     junk.write_bytes(b"this is not a database" * 100)
     with pytest.raises(IntegrityError, match=r"junk\.sqlite"):
         ServerLedger.open(junk)
+
+
+def _signed(tmp_path: Path, releases: list[PrivacyRelease]) -> list[LedgerEntry]:
+    """Entries a merchant signed with its own (valid) key: only the platform's recomputation
+    can tell that their epsilon is wrong."""
+    private, _ = generate_keypair(tmp_path / "keys", name="m1")
+    with MerchantLedger.open(
+        tmp_path / "m1.sqlite", merchant_id="m1", signing_key=load_signing_key(private)
+    ) as ledger:
+        return [ledger.append(release) for release in releases]
+
+
+def test_server_recomputes_stated_epsilon_and_refuses_under_reporting(tmp_path: Path) -> None:
+    entries = _signed(
+        tmp_path,
+        [make_release(round=1), make_release(round=2, epsilon_after=0.3)],  # true: ~1.29
+    )
+    server = ServerLedger.open(tmp_path / "server.sqlite")
+    _accept(server, entries[0], tmp_path)
+    with pytest.raises(IntegrityError, match=r"seq 2: states epsilon 0\.300000 but its history"):
+        _accept(server, entries[1], tmp_path)
+    assert [e.seq for e in server.entries()] == [1]
+
+
+def test_server_refuses_a_low_rdp_figure_and_a_spend_that_goes_down(tmp_path: Path) -> None:
+    pld_2, _ = true_epsilons(2)
+    low_rdp = make_release(round=1, epsilon_rdp=0.01)
+    with pytest.raises(IntegrityError, match=r"states RDP epsilon 0\.010000"):
+        _accept(
+            ServerLedger.open(tmp_path / "a.sqlite"),
+            _signed(tmp_path / "a", [low_rdp])[0],
+            tmp_path / "a",
+        )
+    # round 2 overstates (allowed: conservative), round 3 then states less than round 2
+    entries = _signed(
+        tmp_path / "b",
+        [make_release(round=1), make_release(round=2, epsilon_after=5.0), make_release(round=3)],
+    )
+    server = ServerLedger.open(tmp_path / "b.sqlite")
+    _accept(server, entries[0], tmp_path / "b")
+    _accept(server, entries[1], tmp_path / "b")
+    with pytest.raises(IntegrityError, match="spend never goes down"):
+        _accept(server, entries[2], tmp_path / "b")
+    assert pld_2 < 5.0

@@ -223,9 +223,10 @@ def test_verified_chain_is_lazy_and_behaves_like_the_entry_list() -> None:
     assert chain == ENTRIES and chain[1] == ENTRIES[1] and list(chain[1:3]) == ENTRIES[1:3]
     assert [e.seq for e in chain] == [1, 2, 3, 4, 5]
     rows = budget_rows({"m1": chain})
+    # the budget is the last stated epsilon of each cohort: rounds 5 (train:a) and 4 (train:b)
     assert [(r.cohort, r.releases, r.spent) for r in rows] == [
-        ("train:a", 3, 2.5),
-        ("train:b", 2, 2.0),
+        ("train:a", 3, ENTRIES[4].release.epsilon_after),
+        ("train:b", 2, ENTRIES[3].release.epsilon_after),
     ]
 
 

@@ -5,14 +5,27 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from common.accounting import AccountantKind, PrivacyUnit
+from common.accounting import AccountantKind, MechanismStep, PrivacyUnit, epsilon_spent
 from common.keys import generate_keypair, load_signing_key
-from common.ledger import MECHANISM, LedgerEntry, MerchantLedger, PrivacyRelease
+from common.ledger import MECHANISM, NOISE_SOURCE, LedgerEntry, MerchantLedger, PrivacyRelease
 
 COHORT = "train:w01-w40"
 
 
+def true_epsilons(round: int, *, sigma: float = 1.0, q: float = 0.0256, steps: int = 39):
+    """(PLD, RDP) epsilon after ``round`` rounds of ``steps`` steps each at delta 1e-5."""
+    history = [MechanismStep(sigma, q, steps * round)]
+    return (
+        epsilon_spent(history, delta=1e-5),
+        epsilon_spent(history, delta=1e-5, accountant=AccountantKind.RDP),
+    )
+
+
 def make_release(merchant_id: str = "m1", round: int = 1, **changes: Any) -> PrivacyRelease:
+    """Round ``round`` of a run whose rounds 1..round all trained on one cohort; the epsilons
+    are the true ones for that history unless ``changes`` says otherwise."""
+    # true epsilons for plausible round numbers; property tests may ask for absurd ones
+    pld, rdp = true_epsilons(round) if isinstance(round, int) and 1 <= round <= 1000 else (0.5, 0.6)
     fields: dict[str, Any] = dict(
         merchant_id=merchant_id,
         run_id="run-1",
@@ -22,14 +35,16 @@ def make_release(merchant_id: str = "m1", round: int = 1, **changes: Any) -> Pri
         cohort=COHORT,
         privacy_unit=PrivacyUnit.EVENT,
         mechanism=MECHANISM,
+        noise_source=NOISE_SOURCE,
         noise_multiplier=1.0,
         sample_rate=0.0256,
         steps=39,
         clipping_norm=1.0,
         delta=1e-5,
         dataset_size=10_000,
-        accountant=AccountantKind.RDP,
-        epsilon_after=0.5 * round,
+        accountant=AccountantKind.PLD,
+        epsilon_after=pld,
+        epsilon_rdp=rdp,
         epsilon_cap=8.0,
         config_sha256="c" * 64,
         library_versions={"opacus": "1.6.0", "torch": "2.13.0"},
@@ -49,23 +64,3 @@ def build_ledger(directory: Path, merchant_id: str, rounds: int) -> tuple[Path, 
     ) as ledger:
         entries = [ledger.append(make_release(merchant_id, r)) for r in range(1, rounds + 1)]
     return path, entries
-
-
-def run_cli(argv: list[str]) -> int:
-    """``fedshop keys|audit ...`` through the real registration and error mapping, without
-    importing the training stack."""
-    import argparse
-
-    from common.errors import FedshopError
-    from simulations.commands import audit, keys
-
-    parser = argparse.ArgumentParser(prog="fedshop")
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    keys.register(subparsers)
-    audit.register(subparsers)
-    args = parser.parse_args(argv)
-    try:
-        return int(args.handler(args))
-    except FedshopError as exc:
-        print(f"fedshop: error: {exc.one_line()}")
-        return int(exc.exit_code)

@@ -5,18 +5,20 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import pytest
+import tomli_w
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_ledger_support import make_release
 
 from client.inbox import ArrivalMode
 from client.merchant import MerchantConfig
 from common.accounting import PrivacyUnit
+from common.errors import ConfigError
+from common.keys import generate_keypair, load_signing_key
+from common.ledger import MerchantLedger
 
-_names = st.text(
-    alphabet=st.characters(blacklist_categories=("Cs", "Cc"), blacklist_characters="/\\\0"),
-    min_size=1,
-    max_size=20,
-)
+_names = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", fullmatch=True)
 _paths = st.text(
     alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"),
     min_size=1,
@@ -70,3 +72,43 @@ def test_to_toml_reads_back_equal(
     again = MerchantConfig.from_toml(path)
     assert again == config
     assert math.isfinite(again.epsilon_cap)
+
+
+def _ledger_accepts(merchant_id: str) -> bool:
+    try:
+        make_release(merchant_id)
+    except ConfigError:
+        return False
+    return True
+
+
+def _config_accepts(merchant_id: str) -> bool:
+    try:
+        MerchantConfig(merchant_id, data=Path("/d"), state_dir=Path("/s"), signing_key=Path("/k"))
+    except ConfigError:
+        return False
+    return True
+
+
+@settings(max_examples=300, deadline=None)
+@given(merchant_id=st.text(max_size=12) | _names)
+def test_config_accepts_exactly_the_ids_the_ledger_accepts(merchant_id: str) -> None:
+    assert _config_accepts(merchant_id) == _ledger_accepts(merchant_id)
+
+
+@pytest.mark.parametrize(
+    "merchant_id", ["store 367", "", "-store", ".hidden", "a/b", "magasin-é", "x" * 129, "m\n"]
+)
+def test_ids_the_ledger_refuses_are_refused_when_the_config_is_loaded(
+    tmp_path: Path, merchant_id: str
+) -> None:
+    private, _ = generate_keypair(tmp_path / "keys", name="key")
+    with pytest.raises(ConfigError, match="not a valid merchant name"):
+        MerchantLedger.open(
+            tmp_path / "l.sqlite", merchant_id=merchant_id, signing_key=load_signing_key(private)
+        )
+    toml = tmp_path / "merchant.toml"
+    table = {"id": merchant_id, "data": "d", "state_dir": "s", "signing_key": "k"}
+    toml.write_text(tomli_w.dumps({"merchant": table}), encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"merchant\.toml: merchant\.id .* not a valid"):
+        MerchantConfig.from_toml(toml)

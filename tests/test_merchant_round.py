@@ -4,32 +4,34 @@ idempotent re-send, and epsilon that survives restarts."""
 from __future__ import annotations
 
 import dataclasses
+import shutil
 
 import numpy as np
 import pytest
 
 import client.data
-from client.merchant_round import TrainRequest, run_merchant_round
+from client.dp_randomness import secret_path
+from client.merchant_round import run_merchant_round
 from common.accounting import MechanismStep, epsilon_spent
 from common.config import RunConfig
 from common.keys import load_signing_key
 from common.ledger import MerchantLedger
 from common.model import arrays_sha256
-from common.protocol import Outcome
+from common.protocol import Outcome, RefusalCode, TrainInstruction
 from server.federation import initial_model
 
 
-def request(layout, rnd, arrays=None, run_id="run-a", config=None):
+def request(layout, rnd, arrays=None, run_id="run-a", config=None, server_seq=-1):
     config = config or RunConfig.from_toml(layout.config)
     arrays = arrays if arrays is not None else initial_model(config)
-    return TrainRequest(
+    return TrainInstruction(
         run_id=run_id,
         round=rnd,
         planned_rounds=config.federation.rounds,
-        seed=config.seed,
-        model_in_sha256=arrays_sha256(arrays),
         config=config,
         arrays=arrays,
+        model_in_sha256=arrays_sha256(arrays),
+        server_ledger_seq=server_seq,
     )
 
 
@@ -57,11 +59,14 @@ def test_rounds_record_then_release_and_compose(small_layout):
     assert second.metrics["epsilon"] == pytest.approx(
         epsilon_spent(history, delta=log[1].release.delta)
     )
+    assert log[1].release.epsilon_rdp > log[1].release.epsilon_after  # PLD is the tighter one
+    assert log[1].release.noise_source == "merchant-secret"
     assert second.metrics["epsilon"] <= RunConfig.from_toml(small_layout.config).privacy.epsilon_cap
 
 
 def test_restored_state_gives_identical_epsilon_and_weights(small_layout, tmp_path):
-    """Rounds 1-3 in one go == rounds 1-2, a restart (caches dropped, ledger reopened), round 3."""
+    """Rounds 1-3 in one go == rounds 1-2, a restart (caches dropped, ledger reopened), round 3,
+    by a merchant whose state directory (with its DP secret) was restored from backup."""
     ids = small_layout.merchant_ids()
     merchant = small_layout.merchant_config(ids[0])
     other = dataclasses.replace(
@@ -71,6 +76,8 @@ def test_restored_state_gives_identical_epsilon_and_weights(small_layout, tmp_pa
         id=merchant.id,
         state_dir=tmp_path / "other-state",
     )
+    other.state_dir.mkdir()
+    shutil.copy2(secret_path(merchant.state_dir), secret_path(other.state_dir))
     replies = {}
     for who in (merchant, other):
         arrays = None
@@ -95,12 +102,15 @@ def test_refusal_releases_nothing_and_writes_nothing(small_layout):
     reply = run_merchant_round(request(small_layout, 1, config=config), merchant)
     assert reply.outcome is Outcome.REFUSED and reply.arrays is None and reply.ledger_entry is None
     assert "cap" in reply.reason and entries(merchant) == []
+    assert reply.code == RefusalCode.BUDGET.value
     assert not merchant.outbox.exists() or not any(merchant.outbox.iterdir())
 
 
 def test_budget_exhausted_across_runs_is_refused(small_layout):
-    """A second run cannot spend what the first one already spent (the ledger persists)."""
+    """A second run cannot spend what the first one already spent (the ledger persists): with
+    the budget nearly used up, a round needs more noise than the merchant accepts."""
     merchant = small_layout.merchant_config(small_layout.merchant_ids()[0])
+    merchant = dataclasses.replace(merchant, max_noise_multiplier=3.0)
     arrays = None
     for rnd in (1, 2, 3):
         reply = run_merchant_round(request(small_layout, rnd, arrays), merchant)
@@ -133,20 +143,43 @@ def test_non_private_needs_merchant_consent(small_layout):
     config = RunConfig.from_toml(small_layout.config)
     config = dataclasses.replace(config, privacy=dataclasses.replace(config.privacy, enabled=False))
     reply = run_merchant_round(request(small_layout, 1, config=config), merchant)
-    assert reply.outcome is Outcome.FAILED and "differential privacy" in reply.reason
+    assert reply.outcome is Outcome.REFUSED and "differential privacy" in reply.reason
+    assert reply.code == RefusalCode.PRIVATE_ONLY.value
 
 
 def test_release_the_platform_missed_travels_as_backlog(small_layout):
     """A crash after the ledger append loses the send, never the record: the next reply has it."""
     merchant = small_layout.merchant_config(small_layout.merchant_ids()[0])
     first = run_merchant_round(request(small_layout, 1), merchant)  # never reaches the platform
-    second = run_merchant_round(
-        dataclasses.replace(request(small_layout, 2, first.arrays), server_seqs={merchant.id: 0}),
-        merchant,
-    )
+    second = run_merchant_round(request(small_layout, 2, first.arrays, server_seq=0), merchant)
     assert second.ledger_backlog == (first.ledger_entry,)
-    caught_up = run_merchant_round(
-        dataclasses.replace(request(small_layout, 3, second.arrays), server_seqs={merchant.id: 2}),
-        merchant,
-    )
+    caught_up = run_merchant_round(request(small_layout, 3, second.arrays, server_seq=2), merchant)
     assert caught_up.ledger_backlog == ()
+
+
+@pytest.mark.parametrize("kind", ["pld", "rdp"])
+def test_the_recorded_accountant_is_the_one_that_calibrated_and_capped(small_layout, kind):
+    from common.accounting import AccountantKind
+
+    merchant = small_layout.merchant_config(small_layout.merchant_ids()[0])
+    config = RunConfig.from_toml(small_layout.config)
+    accountant = AccountantKind(kind)
+    config = dataclasses.replace(
+        config, privacy=dataclasses.replace(config.privacy, accountant=accountant)
+    )
+    reply = run_merchant_round(request(small_layout, 1, config=config), merchant)
+    (entry,) = entries(merchant)
+    release = entry.release
+    assert release.accountant is accountant
+    history = [release.mechanism_step]
+    assert release.epsilon_after == pytest.approx(
+        epsilon_spent(history, delta=release.delta, accountant=accountant)
+    )
+    assert release.epsilon_rdp == pytest.approx(
+        epsilon_spent(history, delta=release.delta, accountant=AccountantKind.RDP)
+    )
+    # calibrated by the named accountant: the planned rounds end just under the cap with it
+    planned = [MechanismStep(release.noise_multiplier, release.sample_rate, release.steps * 3)]
+    total = epsilon_spent(planned, delta=release.delta, accountant=accountant)
+    assert 0.97 * release.epsilon_cap <= total <= release.epsilon_cap * (1 + 1e-9)
+    assert reply.metrics["epsilon"] == release.epsilon_after

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from common.errors import ConfigError, IntegrityError
-from server.registry import ModelRegistry, PromotionAction, canonical_json, gate
+from common.canonical import canonical_json
+from common.errors import ConfigError, IntegrityError, NotFoundError, StateError
+from server.registry import ModelRegistry, PromotionAction, gate
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 
@@ -83,7 +84,7 @@ def test_register_validates_before_writing(tmp_path: Path, key: Ed25519PrivateKe
         reg.register(
             weights(1), parent=None, round=0, merchants=["m1"], metrics={}, privacy={"m1": -1}
         )
-    with pytest.raises(ConfigError, match="parent version 7"):
+    with pytest.raises(NotFoundError, match="parent version 7"):
         reg.register(weights(1), parent=7, round=0, merchants=[], metrics={}, privacy={})
     assert reg.list() == []
     assert list((tmp_path / "versions").iterdir()) == []
@@ -197,7 +198,7 @@ def test_rollback_is_a_stack_and_survives_restart(tmp_path: Path, key: Ed25519Pr
     reg = open_registry(tmp_path, key)
     for seed in (1, 2, 3, 4):
         register(reg, seed, 0.1 * seed)
-    with pytest.raises(ConfigError, match="nothing to roll back"):
+    with pytest.raises(StateError, match="nothing to roll back"):
         reg.rollback(reason="empty", now=NOW)
     for version in (1, 2, 3):
         reg.promote(version, reason=f"manual {version}", now=NOW)
@@ -208,7 +209,7 @@ def test_rollback_is_a_stack_and_survives_restart(tmp_path: Path, key: Ed25519Pr
     reg.promote(4, reason="manual 4", now=NOW)
     assert reg.rollback(reason="again", now=NOW).id == 2
     assert reg.rollback(reason="and again", now=NOW).id == 1
-    with pytest.raises(ConfigError, match="nothing to roll back"):
+    with pytest.raises(StateError, match="nothing to roll back"):
         reg.rollback(reason="no more", now=NOW)
     actions = [(p.version_id, p.action) for p in reg.history()]
     assert actions == [
@@ -225,7 +226,7 @@ def test_rollback_is_a_stack_and_survives_restart(tmp_path: Path, key: Ed25519Pr
 
 def test_unknown_version_names_the_id(tmp_path: Path, key: Ed25519PrivateKey) -> None:
     reg = open_registry(tmp_path, key)
-    with pytest.raises(ConfigError, match="42"):
+    with pytest.raises(NotFoundError, match="42"):
         reg.get(42)
     with pytest.raises(ConfigError, match="reason"):
         reg.promote(1, reason=" ")
@@ -272,4 +273,4 @@ def test_cli_list_show_promote_rollback(
     (tmp_path / "reg" / "versions" / "v000002.npz").write_bytes(b"garbage")
     assert main(["model", "show", "2", *flags]) == ExitCode.INTEGRITY
     assert "v000002.npz changed" in capsys.readouterr().err
-    assert main(["model", "rollback", "--reason", "x", *flags]) == ExitCode.CONFIG
+    assert main(["model", "rollback", "--reason", "x", *flags]) == ExitCode.STATE

@@ -4,10 +4,17 @@ import numpy as np
 import pytest
 
 from common.config import FederationConfig, StrategyKind
-from common.errors import CheckpointError, IntegrityError
+from common.errors import CheckpointError, IntegrityError, RejectedUpdateError, TrainingError
 from server.checkpoint import Checkpoint, load_latest, save_checkpoint
-from server.strategies import FedAdam, MerchantUpdate, build_strategy, weighted_average
-from server.update_checks import RejectedUpdateError, check_update
+from server.strategies import (
+    FedAdam,
+    FedAvg,
+    FedProx,
+    MerchantUpdate,
+    build_strategy,
+    weighted_average,
+)
+from server.update_checks import check_update
 
 
 def arrays(value, shape=(2, 3)):
@@ -32,9 +39,30 @@ def test_fedadam_moves_towards_mean_and_state_round_trips():
     assert np.array_equal(strategy.aggregate(step1, nxt)["w"], clone.aggregate(step1, nxt)["w"])
 
 
-def test_build_strategy_by_enum():
-    for kind in StrategyKind:
-        assert build_strategy(FederationConfig(strategy=kind)) is not None
+def test_strategy_failures_are_fedshop_errors():
+    with pytest.raises(TrainingError, match="no examples"):
+        weighted_average([MerchantUpdate("a", arrays(1.0), 0)])
+    with pytest.raises(CheckpointError, match="another strategy"):
+        build_strategy(FederationConfig()).load_state({"m/w": np.zeros((2, 3), np.float32)})
+
+
+STRATEGY_CLASSES = {
+    StrategyKind.FEDAVG: FedAvg,
+    StrategyKind.FEDPROX: FedProx,
+    StrategyKind.FEDADAM: FedAdam,
+}
+
+
+def test_every_strategy_kind_has_its_class():
+    assert set(STRATEGY_CLASSES) == set(StrategyKind)
+
+
+@pytest.mark.parametrize("kind", list(StrategyKind), ids=lambda kind: kind.value)
+def test_build_strategy_by_enum(kind):
+    strategy = build_strategy(FederationConfig(strategy=kind, server_learning_rate=0.05))
+    assert type(strategy) is STRATEGY_CLASSES[kind]  # FedProx is a FedAvg: no isinstance
+    if isinstance(strategy, FedAdam):
+        assert strategy.learning_rate == 0.05
 
 
 @pytest.mark.parametrize(

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tomli_w
 
 from common.keys import load_signing_key
 from common.ledger import MerchantLedger
@@ -64,12 +67,21 @@ def test_simulation_trains_records_and_reports(tmp_path, small_overrides):
         assert log[-1].release.epsilon_after <= cap
     assert (run / "metrics.csv").read_text().count("\n") == 4
     assert (run / "plots" / "rounds.png").stat().st_size > 10_000
-    assert "eps max" in result.stdout and "test weeks" in result.stdout
+    assert "eps max" in result.stdout and "test period" in result.stdout
 
 
 def test_resume_equals_uninterrupted(tmp_path, small_overrides):
-    simulate(tmp_path / "full", small_overrides)
-    simulate(tmp_path / "cut", small_overrides, "--stop-after-round", "1")
+    """One provisioned run directory (its merchants' secrets included), copied: run through,
+    and stopped after round 1 then resumed, give the identical model."""
+    from common.config import RunConfig
+    from common.configparse import apply_overrides
+    from simulations.provision import provision
+
+    provision(RunConfig.from_dict(apply_overrides({}, small_overrides)), tmp_path / "full")
+    shutil.copytree(tmp_path / "full", tmp_path / "cut")
+    assert fedshop("simulate", "--resume", str(tmp_path / "full")).returncode == 0
+    stopped = fedshop("simulate", "--resume", str(tmp_path / "cut"), "--stop-after-round", "1")
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
     assert not (tmp_path / "cut" / "model" / "final.npz").exists()
     result = fedshop("simulate", "--resume", str(tmp_path / "cut"))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -77,6 +89,16 @@ def test_resume_equals_uninterrupted(tmp_path, small_overrides):
     assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
     history = json.loads((tmp_path / "cut" / "metrics.json").read_text())["rounds"]
     assert [row["round"] for row in history] == [1, 2, 3]
+
+
+def test_two_runs_of_the_same_command_release_different_models(tmp_path):
+    """Fresh merchants, fresh secrets: the platform's configuration and seed do not determine
+    the DP noise, so the same command twice gives two different models."""
+    command = ["data.source=synthetic", "data.top_n=3", "federation.rounds=1"]
+    simulate(tmp_path / "a", command)
+    simulate(tmp_path / "b", command)
+    hashes = [json.loads((tmp_path / r / "summary.json").read_text())["model_sha256"] for r in "ab"]
+    assert hashes[0] != hashes[1]
 
 
 def test_refusing_merchant_is_dropped_and_round_goes_on(tmp_path, small_overrides):
@@ -89,7 +111,11 @@ def test_refusing_merchant_is_dropped_and_round_goes_on(tmp_path, small_override
     layout = provision(RunConfig.from_dict(apply_overrides({}, fixed)), run)
     stingy = layout.merchant_ids()[0]
     toml = layout.merchants / stingy / "merchant.toml"
-    toml.write_text(toml.read_text().replace("epsilon_cap = 3.0", "epsilon_cap = 0.05"))
+    table = tomllib.loads(toml.read_text(encoding="utf-8"))
+    assert table["merchant"]["epsilon_cap"] == 3.0
+    table["merchant"]["epsilon_cap"] = 0.05
+    toml.write_text(tomli_w.dumps(table), encoding="utf-8")
+    assert layout.merchant_config(stingy).epsilon_cap == 0.05
     result = fedshop("simulate", "--resume", str(run))
     assert result.returncode == 0, result.stderr[-3000:]
     rounds = json.loads((run / "metrics.json").read_text())["rounds"]

@@ -2,14 +2,29 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from common.config import RunConfig
 from common.errors import ConfigError
-from common.split import WeekSplit, split_events, week_of, weeks
+from common.split import (
+    SplitRule,
+    TimeSplit,
+    WeekSplit,
+    parse_slice_range,
+    split_by_dates,
+    split_by_span,
+    split_by_weeks,
+    split_events,
+    stream_range,
+    week_of,
+    weeks,
+)
 
 
 def events(stamps: list[str]) -> pd.DataFrame:
@@ -99,3 +114,129 @@ def test_split_is_a_partition_of_covered_weeks(week_numbers: list[int], cuts: li
     assert sorted(ids) == sorted(frame["customer_id"])
     for name, (first, last) in split.ranges().items():
         assert parts[name]["week"].between(first, last).all()
+
+
+# --------------------------------------------------------------------------- TimeSplit
+
+NEW_YORK_ORIGIN = pd.Timestamp("2016-12-26", tz="America/New_York")
+
+
+def _stamps(seconds: list[int]) -> pd.Series:
+    return pd.Series(pd.Timestamp("2016-12-20", tz="UTC") + pd.to_timedelta(seconds, unit="s"))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seconds=st.lists(st.integers(0, 400 * 86400), min_size=1, max_size=40),
+    slice_days=st.integers(1, 30),
+    train_last=st.integers(1, 45),
+)
+def test_slices_partition_time_and_start_at_the_end_of_training(
+    seconds: list[int], slice_days: int, train_last: int
+) -> None:
+    weeks = WeekSplit(train=(1, train_last), valid=(train_last + 1, train_last + 2), test=(50, 53))
+    split = split_by_weeks(weeks, origin=NEW_YORK_ORIGIN, slice_days=slice_days)
+    stamps = _stamps(seconds)
+    numbers = split.slice_numbers(stamps)
+    for stamp, number in zip(stamps, numbers, strict=True):
+        piece = split.time_slice(int(number))
+        assert piece.start <= stamp < piece.end
+    first = split.time_slice(split.first_held_out_slice())
+    assert first.start == split.train.end  # no held-out slice holds training time
+
+
+def test_weekly_slices_of_a_week_split_are_the_weeks() -> None:
+    split = split_by_weeks(WeekSplit(), origin=NEW_YORK_ORIGIN)
+    held_out = split.held_out_slices(last_event=pd.Timestamp("2017-12-31", tz="UTC"))
+    assert [s.number for s in held_out] == list(range(41, 54))
+    stamps = pd.Series(pd.date_range("2017-01-01", "2017-12-31", freq="7h", tz="UTC"))
+    assert (split.slice_numbers(stamps) == week_of(stamps, origin=NEW_YORK_ORIGIN)).all()
+
+
+def test_a_week_split_gives_the_same_parts_as_the_week_column() -> None:
+    frame = events(["2017-01-02 05:00", "2017-10-02 03:59", "2017-10-02 04:00", "2017-11-07"])
+    frame["week"] = week_of(frame["timestamp"], origin=NEW_YORK_ORIGIN)
+    weeks = WeekSplit()
+    by_column = split_events(frame, weeks)
+    by_time = split_by_weeks(weeks, origin=NEW_YORK_ORIGIN).split(frame)
+    for name in ("train", "valid", "test"):
+        assert by_time[name]["customer_id"].tolist() == by_column[name]["customer_id"].tolist()
+
+
+def test_span_split_cuts_the_last_fractions_of_the_whole_span() -> None:
+    first, last = pd.Timestamp("2020-01-01", tz="UTC"), pd.Timestamp("2020-04-10", tz="UTC")
+    split = split_by_span(first_event=first, last_event=last, valid_fraction=0.1, test_fraction=0.2)
+    assert split.rule is SplitRule.SPAN
+    assert split.test.start == pd.Timestamp("2020-03-21", tz="UTC")  # 100 days: last 20
+    assert split.train.end == pd.Timestamp("2020-03-11", tz="UTC")  # then 10
+    assert split.test.end is None and split.train.start is None
+    with pytest.raises(ConfigError, match="one moment"):
+        split_by_span(first_event=first, last_event=first, valid_fraction=0.1, test_fraction=0.1)
+    with pytest.raises(ConfigError, match="too short"):
+        split_by_span(
+            first_event=first,
+            last_event=first + pd.Timedelta(seconds=1),
+            valid_fraction=0.1,
+            test_fraction=0.1,
+        )
+
+
+@pytest.mark.parametrize("rule", list(SplitRule))
+def test_split_round_trips_through_its_dict(rule: SplitRule) -> None:
+    first, last = pd.Timestamp("2017-01-01 08:00", tz="UTC"), pd.Timestamp("2017-12-31", tz="UTC")
+    split = {
+        SplitRule.WEEKS: lambda: split_by_weeks(WeekSplit(), origin=NEW_YORK_ORIGIN, slice_days=3),
+        SplitRule.DATES: lambda: split_by_dates(
+            train_until=pd.Timestamp("2017-09-01", tz="UTC"),
+            valid_until=pd.Timestamp("2017-10-01", tz="UTC"),
+            first_event=first,
+        ),
+        SplitRule.SPAN: lambda: split_by_span(
+            first_event=first, last_event=last, valid_fraction=0.1, test_fraction=0.1
+        ),
+    }[rule]()
+    again = TimeSplit.from_dict(json.loads(json.dumps(split.to_dict())))
+    assert again == split and again.origin.tz == split.origin.tz
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"train_until": "2017-09-01"}, "go together"),
+        ({"train_until": "2017-09-01", "valid_until": "2017-08-01"}, "must be before"),
+        ({"train_until": "soon", "valid_until": "2017-08-01"}, "ISO 8601"),
+        ({"valid_fraction": 0.5, "test_fraction": 0.5}, "must be < 1"),
+        ({"test_fraction": 0.0}, r"test_fraction must be in \(0, 1\)"),
+        ({"slice_days": 0}, "slice_days"),
+        ({"source": "files"}, "needs data.path"),
+        ({"path": "x.csv"}, "for data.source = files"),
+        ({"source": "files", "path": "x.csv", "mapping": ["qty"]}, "data.mapping"),
+    ],
+)
+def test_data_config_refuses_bad_split_and_source_settings(
+    overrides: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        RunConfig.from_dict({"data": overrides})
+
+
+@pytest.mark.parametrize(("text", "expected"), [("", None), ("41-53", (41, 53)), ("7-7", (7, 7))])
+def test_slice_ranges_parse(text: str, expected: tuple[int, int] | None) -> None:
+    assert parse_slice_range(text) == expected
+
+
+@pytest.mark.parametrize("text", ["41", "a-b", "9-3", "0-4", "1-2-3"])
+def test_bad_slice_ranges_are_refused(text: str) -> None:
+    with pytest.raises(ConfigError, match="--online"):
+        parse_slice_range(text)
+
+
+def test_stream_range_stays_in_the_held_out_time() -> None:
+    split = split_by_weeks(WeekSplit(), origin=NEW_YORK_ORIGIN)
+    last = pd.Timestamp("2017-12-31", tz="UTC")
+    assert stream_range(split, None, last_event=last) == (41, 53)
+    assert stream_range(split, (45, 50), last_event=last) == (45, 50)
+    with pytest.raises(ConfigError, match="holds training events"):
+        stream_range(split, (40, 50), last_event=last)
+    with pytest.raises(ConfigError, match="past the data"):
+        stream_range(split, (45, 54), last_event=last)

@@ -39,10 +39,13 @@ def test_merchants_do_not_depend_on_how_many_there_are() -> None:
     pd.testing.assert_frame_equal(two, three[three["merchant_id"] != "merchant-002"])
 
 
+@pytest.mark.slow
 def test_hundred_thousand_events_are_fast() -> None:
+    """A guard against per-event Python loops, not a benchmark: about 0.3 s on an idle
+    machine, so a shared two-core CI runner gets a generous bound."""
     spec = SyntheticSpec(n_merchants=10, customers_per_merchant=1_000, events_per_merchant=10_000)
     best = min(_timed(spec) for _ in range(2))
-    assert best < 2.0, f"100k events took {best:.2f} s"
+    assert best < 10.0, f"100k events took {best:.2f} s"
 
 
 def _timed(spec: SyntheticSpec) -> float:

@@ -65,10 +65,16 @@ def test_mechanism_reported_as_opacus_used_it():
 
 
 def test_learns_with_low_noise_and_noise_hurts():
+    """Same seeds, data and clipping; only sigma differs, so the loss gap is the noise's doing.
+    Measured (seeds 0-2): sigma 0 or 0.01 -> 0.87-0.90, sigma 4 -> 1.24-1.32, chance log 5
+    = 1.61; without noise the two runs would agree to within about 0.03."""
     quiet = run(DPSettings(noise_multiplier=0.01, clipping_norm=5.0))
+    loud = run(DPSettings(noise_multiplier=4.0, clipping_norm=5.0))
     plain = run(None)
     assert plain.mechanism is None
-    assert quiet.mean_loss < np.log(5) and plain.mean_loss < np.log(5)
+    chance = np.log(5)
+    assert plain.mean_loss < 0.7 * chance and quiet.mean_loss < 0.7 * chance
+    assert loud.mean_loss > quiet.mean_loss + 0.2
 
 
 def test_dp_noise_reaches_untouched_embedding_rows():

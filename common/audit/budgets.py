@@ -23,7 +23,7 @@ class BudgetRow:
     last_release_utc: str
 
 
-def _summaries(chain: Sequence[LedgerEntry]) -> Sequence[ReleaseSummary]:
+def release_summaries(chain: Sequence[LedgerEntry]) -> Sequence[ReleaseSummary]:
     # A VerifiedChain carries its summaries: the table then needs no parsed entries.
     if isinstance(chain, VerifiedChain):
         return chain.summaries
@@ -36,7 +36,7 @@ def budget_rows(chains: Mapping[str, Sequence[LedgerEntry]]) -> list[BudgetRow]:
     for merchant_id in sorted(chains):
         last: dict[str, ReleaseSummary] = {}
         counts: dict[str, int] = {}
-        for summary in _summaries(chains[merchant_id]):
+        for summary in release_summaries(chains[merchant_id]):
             last[summary.cohort] = summary
             counts[summary.cohort] = counts.get(summary.cohort, 0) + 1
         for cohort in sorted(last):
@@ -60,6 +60,6 @@ def budget_rows(chains: Mapping[str, Sequence[LedgerEntry]]) -> list[BudgetRow]:
 def epsilon_series(chain: Sequence[LedgerEntry]) -> dict[str, list[tuple[str, float, float]]]:
     """Per cohort: (created_utc, epsilon_after, epsilon_cap) in ledger order, for plots."""
     series: dict[str, list[tuple[str, float, float]]] = {}
-    for r in _summaries(chain):
+    for r in release_summaries(chain):
         series.setdefault(r.cohort, []).append((r.created_utc, r.epsilon_after, r.epsilon_cap))
     return series

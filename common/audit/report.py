@@ -1,14 +1,17 @@
-"""A self-contained HTML audit report: inline CSS and inline SVG plots, no external URLs."""
+"""A self-contained HTML audit report: inline CSS and inline SVG, no scripts, no URLs.
+
+It opens with the verdict (verification, caps, recomputation), then a chart of each
+merchant's epsilon over its releases against its cap, then the tables behind them.
+"""
 
 from __future__ import annotations
 
 import html
-import io
 import math
-import re
 from collections.abc import Mapping, Sequence
 
-from common.audit.budgets import BudgetRow, epsilon_series
+from common.audit.budgets import BudgetRow
+from common.audit.chart import CHART_CSS, epsilon_chart
 from common.audit.recompute import Recomputed
 from common.audit.verify import AuditResult
 from common.ledger import LedgerEntry
@@ -18,8 +21,9 @@ body{font-family:sans-serif;margin:2em;color:#222}
 table{border-collapse:collapse;margin:1em 0}
 td,th{border:1px solid #999;padding:4px 8px;text-align:right}
 th{background:#eee}
-.ok{background:#d8f5d8;padding:1em;border:2px solid #393}
-.bad{background:#fbd8d8;padding:1em;border:2px solid #c33}
+.ok{background:#d8f5d8;padding:1em;border:2px solid #393;max-width:60em}
+.bad{background:#fbd8d8;padding:1em;border:2px solid #c33;max-width:60em}
+.legend{color:#555;font-size:90%}
 .flag{color:#b00;font-weight:bold}
 """
 
@@ -42,51 +46,58 @@ def _fmt(value: float | None) -> str:
     return "inf" if math.isinf(value) else f"{value:.4f}"
 
 
-def _plot(merchant_id: str, chain: Sequence[LedgerEntry]) -> str:
-    """Epsilon after each release, per cohort, against the cap (inline SVG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    figure = Figure(figsize=(6, 3))
-    axes = figure.subplots()
-    for cohort, points in epsilon_series(chain).items():
-        xs = list(range(1, len(points) + 1))
-        axes.plot(xs, [p[1] for p in points], marker="o", label=f"{cohort} spent")
-        axes.step(xs, [p[2] for p in points], where="post", linestyle="--", label=f"{cohort} cap")
-    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes.set_xlabel("release (ledger order)")
-    axes.set_ylabel("epsilon")
-    axes.set_title(f"merchant {merchant_id}")
-    axes.legend(fontsize="small")
-    figure.tight_layout()
-    buffer = io.StringIO()
-    figure.savefig(buffer, format="svg")
-    svg = buffer.getvalue()
-    svg = svg[svg.index("<svg") :]
-    # Inline SVG needs no namespace URLs or metadata links: keep the report free of URLs.
-    svg = re.sub(r"<metadata>.*?</metadata>", "", svg, flags=re.DOTALL)
-    svg = re.sub(r'\s+xmlns(:\w+)?="[^"]*"', "", svg)
-    return f'<div class="plot" data-merchant="{html.escape(merchant_id)}">{svg}</div>'
-
-
-def _verdict(result: AuditResult) -> str:
-    if result.ok:
-        signed = "hashes, chain links and signatures" if result.signatures_checked else "hashes"
-        if result.pending:
-            server = (
-                f"merchant and server copies agree; {sum(result.pending.values())} merchant "
-                "entries not (yet) on the server"
-            )
-        else:
-            server = "no server ledger compared"
-        return (
-            f'<div id="verdict" class="ok">VERIFIED: {result.entries} entries of '
-            f"{len(result.chains)} merchants; {signed} check out; {server}.</div>"
+def _verification(result: AuditResult) -> str:
+    signed = "hashes, chain links and signatures" if result.signatures_checked else "hashes"
+    if not result.pending:
+        server = "no server ledger compared"
+    elif sum(result.pending.values()):
+        server = (
+            f"merchant and server copies agree; {sum(result.pending.values())} merchant "
+            "entries not (yet) on the server"
         )
-    return f'<div id="verdict" class="bad">FAILED: {html.escape(str(result.problem))}</div>'
+    else:
+        server = "merchant and server copies agree"
+    return (
+        f"VERIFIED: {result.entries} entries of {len(result.chains)} merchants; "
+        f"{signed} check out; {server}."
+    )
+
+
+def _findings(budgets: Sequence[BudgetRow], recomputed: Sequence[Recomputed]) -> list[str]:
+    """What is wrong with verified ledgers: spending over a cap, under-reported epsilon."""
+    over = [b for b in budgets if b.spent > b.cap]
+    flagged = [r for r in recomputed if r.flags]
+    findings = []
+    if over:
+        names = ", ".join(f"{b.merchant_id} {b.cohort}" for b in over[:5])
+        findings.append(f"{len(over)} cohort(s) spent more than their cap ({names})")
+    if flagged:
+        names = ", ".join(f"{r.merchant_id} seq {r.seq}" for r in flagged[:5])
+        findings.append(
+            f"{len(flagged)} entries record less epsilon than dp-accounting computes ({names})"
+        )
+    return findings
+
+
+def _verdict(
+    result: AuditResult, budgets: Sequence[BudgetRow], recomputed: Sequence[Recomputed]
+) -> str:
+    if not result.ok:
+        return f'<div id="verdict" class="bad">FAILED: {html.escape(str(result.problem))}</div>'
+    findings = _findings(budgets, recomputed)
+    if findings:
+        detail = "PROBLEMS: " + "; ".join(findings) + "."
+    else:
+        detail = (
+            f"Every cohort is within its cap; dp-accounting confirms all {len(recomputed)} "
+            "recorded epsilons."
+        )
+    unsigned = "" if result.signatures_checked else " Signatures were NOT checked."
+    state = "bad" if findings or unsigned else "ok"
+    return (
+        f'<div id="verdict" class="{state}"><b>{html.escape(_verification(result))}</b><br>'
+        f"{html.escape(detail)}{unsigned}</div>"
+    )
 
 
 def render_report(
@@ -115,28 +126,40 @@ def render_report(
         "budgets",
     )
     recompute_table = _table(
-        ["merchant", "cohort", "seq", "recorded", "RDP", "PLD", "flags"],
+        [
+            "merchant",
+            "cohort",
+            "seq",
+            "accountant",
+            "recorded",
+            "recorded RDP",
+            "PLD",
+            "RDP",
+            "flags",
+        ],
         [
             (
                 r.merchant_id,
                 r.cohort,
                 r.seq,
+                r.accountant,
                 _fmt(r.recorded),
-                _fmt(r.rdp),
+                _fmt(r.recorded_rdp),
                 _fmt(r.pld),
+                _fmt(r.rdp),
                 "; ".join(r.flags) or "ok",
             )
             for r in recomputed
         ],
         "recompute",
     )
-    plots = "".join(_plot(m, chains[m]) for m in sorted(chains) if chains[m])
     files = "".join(f"<li>{html.escape(f)}</li>" for f in result.files)
     return (
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>fedshop privacy audit</title>"
-        f"<style>{_CSS}</style></head><body><h1>fedshop privacy audit</h1>"
-        f"<h2>Verification</h2>{_verdict(result)}<ul>{files}</ul>"
+        f"<style>{_CSS}{CHART_CSS}</style></head><body><h1>fedshop privacy audit</h1>"
+        f"{_verdict(result, budgets, recomputed)}"
+        f"<h2>Epsilon over each merchant's releases, against its cap</h2>{epsilon_chart(chains)}"
         f"<h2>Budgets</h2>{budget_table}"
         f"<h2>Independent recomputation (dp-accounting)</h2>{recompute_table}"
-        f"<h2>Epsilon over time</h2>{plots}</body></html>"
+        f"<h2>Ledgers read</h2><ul>{files}</ul></body></html>"
     )

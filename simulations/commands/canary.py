@@ -1,4 +1,4 @@
-"""``fedshop audit canary`` (alias ``fedshop audit-canary``): the one-run canary audit.
+"""``fedshop audit canary``: the one-run canary audit.
 
 Trains one model with the DP trainer on real records plus randomly included canaries and prints
 the empirical lower bound on epsilon next to the accountant's claim (docs/canary.md). Torch and
@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from common.errors import ConfigError, IntegrityError
+from common.errors import AuditInconclusiveError, PrivacyViolationError
 
 if TYPE_CHECKING:
     from simulations.canary import CanaryConfig, CanaryReport
@@ -23,11 +23,6 @@ SCORE_CHOICES = ("bias-shift", "margin")
 def register_canary(audit_subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``canary`` to the ``audit`` group."""
     _configure(audit_subparsers.add_parser("canary", help=_HELP, description=_DESCRIPTION))
-
-
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add the top-level ``audit-canary`` alias."""
-    _configure(subparsers.add_parser("audit-canary", help=_HELP, description=_DESCRIPTION))
 
 
 _HELP = "empirical lower bound on epsilon from one training run with canaries"
@@ -155,20 +150,18 @@ def _handle(args: argparse.Namespace) -> int:
     claim = f"{report.claimed_epsilon:.3f}"
     if config.noise_off:
         if not report.violation:
-            raise ConfigError(
+            raise AuditInconclusiveError(
                 f"negative control NOT caught: lower bound {report.epsilon_lower:.3f} <= claimed "
                 f"{claim}; the audit lacks power here (raise --epochs or --learning-rate)"
             )
         print(f"negative control caught: with noise off the bound exceeds the claim {claim}")
         return 0
     if report.violation:
-        error = IntegrityError(
+        raise PrivacyViolationError(
             f"VIOLATION: the trained model provably leaks epsilon >= "
             f"{report.epsilon_lower:.3f} at {report.confidence:.0%} confidence, more than the "
             f"claimed {claim}"
         )
-        error.hint = "the DP trainer does not deliver its claimed guarantee; see docs/canary.md"
-        raise error
     print(
         f"no violation found: the bound does not exceed the claim {claim} "
         "(this does not prove the claim; docs/canary.md)"

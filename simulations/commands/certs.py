@@ -10,20 +10,32 @@ from common import certs
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
-        "certs", help="create TLS certificates and SuperNode keys (see docs/deployment.md)"
+        "certs",
+        help="create TLS certificates and SuperNode keys (see docs/deployment.md)",
+        description="The deployment's public-key infrastructure: a certificate authority, "
+        "the SuperLink's TLS certificate and each merchant's node key (docs/deployment.md).",
     )
     sub = parser.add_subparsers(dest="certs_command", metavar="ACTION", required=True)
 
-    init = sub.add_parser("init", help="create a certificate authority (keep it offline)")
+    init = sub.add_parser(
+        "init",
+        help="create a certificate authority (keep it offline)",
+        description="Create ca.crt and ca.key; keep the key offline, give ca.crt to merchants.",
+    )
     init.add_argument("--out", type=Path, required=True, help="directory for ca.crt and ca.key")
     init.add_argument(
-        "--common-name", default="fedshop CA", help="the CA's name in certificates it signs"
+        "--common-name", default="fedshop CA", help="the CA's name (default %(default)s)"
     )
     init.add_argument("--days", type=int, default=3650, help="validity (default 3650)")
     init.add_argument("--force", action="store_true", help="replace existing files")
     init.set_defaults(handler=_init)
 
-    server = sub.add_parser("issue-server", help="issue the SuperLink's TLS certificate")
+    server = sub.add_parser(
+        "issue-server",
+        help="issue the SuperLink's TLS certificate",
+        description="Issue the SuperLink's TLS certificate, signed by the CA, for the names "
+        "and addresses merchants dial.",
+    )
     server.add_argument("--ca-dir", type=Path, required=True, help="CA directory from `certs init`")
     server.add_argument(
         "--host",
@@ -36,16 +48,26 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     server.add_argument("--force", action="store_true", help="replace (certificate rotation)")
     server.set_defaults(handler=_issue_server)
 
-    node = sub.add_parser("issue-node", help="create a merchant SuperNode's P-384 key pair")
+    node = sub.add_parser(
+        "issue-node",
+        help="create a merchant SuperNode's P-384 key pair",
+        description="Create a merchant node's P-384 key pair; the platform allow-lists the "
+        "public key, the private key stays with the merchant.",
+    )
     node.add_argument("--out", type=Path, required=True, help="directory for NAME.node.key/.pub")
     node.add_argument("--name", required=True, help="merchant / node name")
     node.add_argument("--force", action="store_true", help="replace existing files")
     node.set_defaults(handler=_issue_node)
 
-    verify = sub.add_parser("verify", help="check a server certificate against a CA and host")
-    verify.add_argument("--ca-cert", type=Path, required=True, help="the CA certificate (ca.crt)")
-    verify.add_argument("--cert", type=Path, required=True, help="the certificate to check")
-    verify.add_argument("--host", required=True, help="the name or address merchants dial")
+    verify = sub.add_parser(
+        "verify",
+        help="check a server certificate against a CA and host",
+        description="Check that a server certificate chains to the CA, is valid now and "
+        "names the host merchants dial.",
+    )
+    verify.add_argument("--ca-cert", type=Path, required=True, help="the CA certificate (PEM)")
+    verify.add_argument("--cert", type=Path, required=True, help="the server certificate (PEM)")
+    verify.add_argument("--host", required=True, help="DNS name or IP merchants dial")
     verify.set_defaults(handler=_verify)
 
 

@@ -10,20 +10,41 @@ import argparse
 from typing import Any
 
 from common.errors import ConfigError
-from common.events import DEFAULT_MAX_BYTES, import_events, read_events, summarize
+from common.events import (
+    DEFAULT_MAX_BYTES,
+    import_events,
+    parse_mapping,
+    read_events,
+    summarize,
+)
 
 MIB = 1024 * 1024
 
 
 def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser("data", help="validate or import merchant event files")
+    parser = subparsers.add_parser(
+        "data",
+        help="validate or import merchant event files",
+        description="Check a merchant's event file against the schema (docs/data.md), or "
+        "import it as the canonical Parquet table; errors name the file, row and column.",
+    )
     actions = parser.add_subparsers(dest="data_command", metavar="ACTION", required=True)
 
-    validate = actions.add_parser("validate", help="check an event file and print a summary")
+    validate = actions.add_parser(
+        "validate",
+        help="check an event file and print a summary",
+        description="Read and check the whole file and print rows, merchants, customers, "
+        "products and the time range; writes nothing.",
+    )
     _add_common(validate)
     validate.set_defaults(handler=run_validate)
 
-    importer = actions.add_parser("import", help="validate an event file and write it as Parquet")
+    importer = actions.add_parser(
+        "import",
+        help="validate an event file and write it as Parquet",
+        description="Check the whole file, then write the canonical table to --out "
+        "atomically: after any error the destination is as it was.",
+    )
     _add_common(importer)
     importer.add_argument("--out", required=True, help="destination .parquet file")
     importer.add_argument(
@@ -47,20 +68,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_MAX_BYTES / MIB,
         help="refuse files larger than this many MiB (default %(default).0f)",
     )
-    parser.add_argument("--max-rows", type=int, default=None, help="refuse more data rows")
-
-
-def parse_mapping(items: list[str]) -> dict[str, str]:
-    """``["qty=quantity", "notes=-"]`` -> ``{"qty": "quantity", "notes": "-"}``."""
-    mapping: dict[str, str] = {}
-    for item in items:
-        source, sep, field = item.partition("=")
-        if not sep or not source.strip() or not field.strip():
-            raise ConfigError(f"--map {item!r}: expected SRC=FIELD, e.g. --map qty=quantity")
-        if source.strip() in mapping:
-            raise ConfigError(f"--map: column {source.strip()!r} is mapped twice")
-        mapping[source.strip()] = field.strip()
-    return mapping
+    parser.add_argument(
+        "--max-rows", type=int, default=None, help="refuse files with more data rows than this"
+    )
 
 
 def _limits(args: argparse.Namespace) -> tuple[int, int | None]:

@@ -9,13 +9,28 @@ from common import keys
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = subparsers.add_parser("keys", help="create and inspect ledger signing keys")
+    parser = subparsers.add_parser(
+        "keys",
+        help="create and inspect ledger signing keys",
+        description="A merchant's Ed25519 key signs every ledger entry; auditors and the "
+        "platform verify with its public key.",
+    )
     sub = parser.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
-    generate = sub.add_parser("generate", help="create MERCHANT.key (mode 600) and MERCHANT.pub")
+    generate = sub.add_parser(
+        "generate",
+        help="create MERCHANT.key (mode 600) and MERCHANT.pub",
+        description="Create a merchant's signing key pair; an existing key is never "
+        "overwritten. Keep the .key on the merchant, hand out the .pub.",
+    )
     generate.add_argument("--out", type=Path, required=True, help="directory for the key pair")
     generate.add_argument("--name", required=True, help="merchant id")
     generate.set_defaults(handler=_generate)
-    show = sub.add_parser("show", help="print a public key's fingerprint")
+    show = sub.add_parser(
+        "show",
+        help="print a public key's fingerprint",
+        description="Print the SHA-256 fingerprint of a public key, to compare it with the "
+        "merchant's over another channel.",
+    )
     show.add_argument("pubfile", type=Path, help="MERCHANT.pub")
     show.set_defaults(handler=_show)
 

@@ -17,7 +17,10 @@ from server.registry import ModelRegistry, ModelVersion
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
-        "model", help="list, inspect, promote and roll back model versions (docs/online.md)"
+        "model",
+        help="list, inspect, promote and roll back model versions (docs/online.md)",
+        description="The signed model registry: every command verifies what it reads with "
+        "the platform's public key and fails with the integrity exit code on a mismatch.",
     )
     sub = parser.add_subparsers(dest="model_command", metavar="ACTION", required=True)
     common = argparse.ArgumentParser(add_help=False)
@@ -26,26 +29,51 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--verify-key", type=Path, required=True, help="the platform's Ed25519 public key (PEM)"
     )
 
-    listing = sub.add_parser("list", parents=[common], help="all versions, oldest first")
+    listing = sub.add_parser(
+        "list",
+        parents=[common],
+        help="all versions, oldest first",
+        description="All versions, oldest first; * marks the one being served.",
+    )
     listing.add_argument("--json", action="store_true", help="machine-readable output")
     listing.set_defaults(handler=_list)
 
-    show = sub.add_parser("show", parents=[common], help="one version's signed manifest fields")
-    show.add_argument("id", type=int)
+    show = sub.add_parser(
+        "show",
+        parents=[common],
+        help="one version's signed manifest fields",
+        description="One version's manifest, weights hash and gate decisions, as JSON, after "
+        "checking its signature and the weights' SHA-256.",
+    )
+    show.add_argument("id", type=int, help="version id (from model list)")
     show.set_defaults(handler=_show)
 
-    promote = sub.add_parser("promote", parents=[common], help="serve a version (verified first)")
-    promote.add_argument("id", type=int)
+    promote = sub.add_parser(
+        "promote",
+        parents=[common],
+        help="serve a version (verified first)",
+        description="Serve a version; it is verified first and the promotion is recorded "
+        "with its reason.",
+    )
+    promote.add_argument("id", type=int, help="version id (from model list)")
     promote.add_argument("--reason", required=True, help="why (kept in the promotion history)")
     promote.set_defaults(handler=_promote)
 
     rollback = sub.add_parser(
-        "rollback", parents=[common], help="serve the previously promoted version again"
+        "rollback",
+        parents=[common],
+        help="serve the previously promoted version again",
+        description="Serve the previously promoted version again; recorded with its reason.",
     )
     rollback.add_argument("--reason", required=True, help="why (kept in the promotion history)")
     rollback.set_defaults(handler=_rollback)
 
-    history = sub.add_parser("history", parents=[common], help="promotions and rollbacks")
+    history = sub.add_parser(
+        "history",
+        parents=[common],
+        help="promotions and rollbacks",
+        description="Every promotion and rollback in order, with time, version and reason.",
+    )
     history.set_defaults(handler=_history)
 
 

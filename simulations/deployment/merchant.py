@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.atomic import atomic_write_json
 from common.errors import DeploymentError
 from simulations.deployment.flower import SuperNodeSpec, supernode_argv
 from simulations.deployment.process import (
@@ -82,9 +83,7 @@ class NodeSession:
 
     def write(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.__dict__), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write_json(path, self.__dict__)
 
     @classmethod
     def read(cls, path: Path) -> NodeSession | None:

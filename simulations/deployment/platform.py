@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from common import certs
+from common.atomic import atomic_write_json
 from common.errors import DeploymentError
 from simulations.deployment.flower import (
     FlwrCli,
@@ -201,11 +202,7 @@ def register_nodes(cli: FlwrCli, plan: ServerPlan) -> None:
         fingerprint = certs.public_key_fingerprint(certs.load_node_public_key(path))
         record[name] = {"public_key": str(path), "fingerprint": fingerprint}
         LOG.info("node %s (%s): %s", name, fingerprint[:23], outcome)
-    certs.write_atomic(
-        record_path,
-        (json.dumps(record, indent=2, sort_keys=True) + "\n").encode(),
-        mode=certs.PUBLIC_MODE,
-    )
+    atomic_write_json(record_path, record)
 
 
 def serve_forever(processes: Sequence[ManagedProcess]) -> int:
@@ -318,11 +315,7 @@ def check_summary(path: Path) -> None:
 def _write_run_state(plan: ServerPlan, run_id: int, status: str) -> None:
     assert plan.run is not None
     payload = {"run_id": run_id, "status": status, "run_config": str(plan.run.config)}
-    certs.write_atomic(
-        plan.state_dir / RUN_STATE_FILE,
-        (json.dumps(payload) + "\n").encode(),
-        mode=certs.PUBLIC_MODE,
-    )
+    atomic_write_json(plan.state_dir / RUN_STATE_FILE, payload, indent=None, sort_keys=False)
 
 
 def run_platform(plan: ServerPlan) -> int:

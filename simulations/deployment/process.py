@@ -25,13 +25,8 @@ from types import FrameType
 from typing import IO, Self
 
 from common.errors import DeploymentError
+from common.flower_env import QUIET_FLOWER_ENV
 
-QUIET_FLOWER_ENV: Mapping[str, str] = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "RAY_USAGE_STATS_ENABLED": "0",
-}
 _PR_SET_PDEATHSIG = 1
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common import certs
+from common.atomic import atomic_write_text
 from common.errors import DeploymentError
 
 FLEET_PREFIX = "/v1/fleet/"
@@ -183,7 +184,7 @@ def write_config(spec: FleetProxySpec) -> Path:
     spec.directory.mkdir(parents=True, exist_ok=True)
     spec.log_dir.mkdir(parents=True, exist_ok=True)
     (spec.directory / "tmp").mkdir(exist_ok=True)
-    certs.write_atomic(spec.conf_path, nginx_conf(spec).encode(), mode=certs.PUBLIC_MODE)
+    atomic_write_text(spec.conf_path, nginx_conf(spec), mode=certs.PUBLIC_MODE)
     done = subprocess.run(
         [*nginx_argv(spec), "-t", "-q"], capture_output=True, text=True, timeout=30
     )

@@ -221,8 +221,6 @@ class FedshopDeployment:
             "--online",
             "--flwr-config",
             f"online-config={online_toml}",
-            "--flwr-config",
-            f"validation-set={self.layout.server / 'eval-valid.npz'}",
         )
 
     def client(self, name: str) -> subprocess.Popen[bytes]:

@@ -1,9 +1,8 @@
-"""The merchant event schema: one canonical table that every other part of fedshop reads.
+"""Validation into the canonical event table: the single gate every event file goes through.
 
-A merchant's purchase log becomes a pandas DataFrame with fixed column names, dtypes and
-constraints. :func:`validate_events` is the single gate into that form: it converts what it
-can, and otherwise raises :class:`~common.errors.DataValidationError` naming the file, the
-first offending data row and the column, so a merchant can fix the file without guessing.
+:func:`validate_events` converts what it can, and otherwise raises
+:class:`~common.errors.DataValidationError` naming the file, the first offending data row and
+the column, so a merchant can fix the file without guessing.
 
 Row numbers in errors are 1-based data rows as a person counts them in the file, header
 excluded: row 1 is the first line after the CSV header (line 2 of the file) or the first
@@ -13,154 +12,38 @@ row of a Parquet file. Naive timestamps (without a UTC offset) are taken as UTC.
 from __future__ import annotations
 
 import difflib
-import gzip
-import io
-import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from enum import Enum
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from common.errors import ConfigError, DataValidationError
-
-MERCHANT_ID = "merchant_id"
-CUSTOMER_ID = "customer_id"
-PRODUCT_ID = "product_id"
-TIMESTAMP = "timestamp"
-QUANTITY = "quantity"
-PRICE = "price"
-CATEGORY = "category"
-DEPARTMENT = "department"
-BRAND = "brand"
-LABEL = "label"
-
-COLUMN_MEANINGS: Mapping[str, str] = {
-    MERCHANT_ID: "the merchant (shop) that recorded the event; one federated client each",
-    CUSTOMER_ID: "the merchant's own identifier of the buyer (pseudonymous)",
-    PRODUCT_ID: "the product bought, in the catalogue shared by the federation",
-    TIMESTAMP: "when the purchase happened, UTC",
-    QUANTITY: "units bought in this event",
-    PRICE: "unit price paid (total paid / quantity)",
-    CATEGORY: "product category, '' if unknown",
-    DEPARTMENT: "product department, '' if unknown",
-    BRAND: "product brand, '' if unknown",
-    LABEL: "optional binary target (1 = positive, 0 = negative)",
-}
-
-ID_COLUMNS: tuple[str, ...] = (MERCHANT_ID, CUSTOMER_ID, PRODUCT_ID)
-TEXT_COLUMNS: tuple[str, ...] = (CATEGORY, DEPARTMENT, BRAND)
-REQUIRED_COLUMNS: tuple[str, ...] = (
-    *ID_COLUMNS,
-    TIMESTAMP,
-    QUANTITY,
+from common.events.schema import (
+    ATTRIBUTE_COLUMNS,
+    BRAND,
+    CATEGORY,
+    CORE_COLUMNS,
+    CUSTOMER_ID,
+    DEFAULT_BOUNDS,
+    DEPARTMENT,
+    DROP,
+    KEY_COLUMNS,
+    KNOWN_COLUMNS,
+    LABEL,
+    MERCHANT_ID,
     PRICE,
-    *TEXT_COLUMNS,
+    PRODUCT_ID,
+    QUANTITY,
+    SORT_COLUMNS,
+    TIMESTAMP,
+    TIMESTAMP_DTYPE,
+    TimeBounds,
 )
-OPTIONAL_COLUMNS: tuple[str, ...] = (LABEL,)
-KNOWN_COLUMNS: tuple[str, ...] = REQUIRED_COLUMNS + OPTIONAL_COLUMNS
-KEY_COLUMNS: tuple[str, ...] = (MERCHANT_ID, CUSTOMER_ID, PRODUCT_ID, TIMESTAMP)
-SORT_COLUMNS: tuple[str, ...] = (MERCHANT_ID, TIMESTAMP, CUSTOMER_ID, PRODUCT_ID)
 
-DROP = "-"
-"""Mapping target that drops a source column (``--map internal_notes=-``)."""
-
-DEFAULT_MAX_BYTES = 512 * 1024 * 1024
-TIMESTAMP_DTYPE = "datetime64[ns, UTC]"
 _BOOLS = (bool, np.bool_)
-
-
-class EventFormat(Enum):
-    """File formats :func:`read_events` accepts, chosen by file suffix."""
-
-    CSV = ".csv"
-    CSV_GZ = ".csv.gz"
-    PARQUET = ".parquet"
-
-
-def _as_utc(value: pd.Timestamp) -> pd.Timestamp:
-    return value.tz_localize("UTC") if value.tzinfo is None else value.tz_convert("UTC")
-
-
-_EARLIEST = pd.Timestamp("1990-01-01", tz="UTC")
-_LATEST = pd.Timestamp("2100-01-01", tz="UTC")
-
-
-@dataclass(frozen=True)
-class TimeBounds:
-    """Accepted timestamp range [earliest, latest): catches epoch-zero and typo years."""
-
-    earliest: pd.Timestamp = _EARLIEST
-    latest: pd.Timestamp = _LATEST
-
-    def __post_init__(self) -> None:
-        for name in ("earliest", "latest"):
-            value = pd.Timestamp(getattr(self, name))
-            object.__setattr__(self, name, _as_utc(value))
-        if not self.earliest < self.latest:
-            raise ConfigError(
-                f"timestamp bounds: earliest {self.earliest} must be before latest {self.latest}"
-            )
-
-    def describe(self) -> str:
-        return f"{self.earliest:%Y-%m-%d %H:%M:%S}..{self.latest:%Y-%m-%d %H:%M:%S} UTC"
-
-
-DEFAULT_BOUNDS = TimeBounds()
-
-
-@dataclass(frozen=True)
-class EventSummary:
-    """What a person checks first after an import: sizes and the time range."""
-
-    rows: int
-    merchants: int
-    customers: int
-    products: int
-    first: pd.Timestamp
-    last: pd.Timestamp
-    has_label: bool
-
-    def lines(self) -> list[str]:
-        return [
-            f"rows:      {self.rows:,}",
-            f"merchants: {self.merchants:,}",
-            f"customers: {self.customers:,}",
-            f"products:  {self.products:,}",
-            f"from:      {self.first.isoformat()}",
-            f"to:        {self.last.isoformat()}",
-            f"label:     {'yes' if self.has_label else 'no'}",
-        ]
-
-
-@dataclass(frozen=True)
-class ImportReport:
-    """The result of :func:`import_events`: where the validated table went and what it holds."""
-
-    source: str
-    destination: str
-    bytes_written: int
-    summary: EventSummary
-
-
-def summarize(frame: pd.DataFrame) -> EventSummary:
-    """Summary of a canonical frame (customers are counted per merchant, then summed)."""
-    customers = frame.groupby(MERCHANT_ID, sort=False)[CUSTOMER_ID].nunique().sum()
-    return EventSummary(
-        rows=len(frame),
-        merchants=int(frame[MERCHANT_ID].nunique()),
-        customers=int(customers),
-        products=int(frame[PRODUCT_ID].nunique()),
-        first=frame[TIMESTAMP].min(),
-        last=frame[TIMESTAMP].max(),
-        has_label=LABEL in frame.columns,
-    )
-
 
 # --------------------------------------------------------------------------- column checks
 
@@ -313,7 +196,7 @@ def _check_columns(columns: list[str], *, source: str, extra_columns: Sequence[s
         seen.add(name)
     allowed = set(KNOWN_COLUMNS) | set(extra_columns)
     unknown = [c for c in columns if c not in allowed]
-    missing = [c for c in REQUIRED_COLUMNS if c not in seen]
+    missing = [c for c in CORE_COLUMNS if c not in seen]
     if missing:
         name = missing[0]
         hint = _suggest(name, unknown)
@@ -322,6 +205,12 @@ def _check_columns(columns: list[str], *, source: str, extra_columns: Sequence[s
             if hint
             else f" (the file has: {', '.join(map(repr, columns)) or 'no columns'})"
         )
+        if name == MERCHANT_ID and not hint:
+            detail += (
+                f"; map a column to it (--map store={MERCHANT_ID}), name the merchant with "
+                "--merchant-id (data import), or give a folder with one file per merchant, "
+                "named after it (simulate --data FOLDER)"
+            )
         raise DataValidationError(
             f"missing required column {name!r}{detail}", file=source, column=name
         )
@@ -382,6 +271,7 @@ def validate_events(
 ) -> pd.DataFrame:
     """A new canonical event frame, or :class:`DataValidationError` for the first bad row.
 
+    Absent attribute columns (category, department, brand) become ``""`` in the table.
     ``extra_columns`` names non-schema columns the caller knows about (e.g. ``"week"`` from
     the Complete Journey adapter); they are passed through unchanged.
     """
@@ -403,6 +293,9 @@ def validate_events(
     checked = _check_cells(raw, bounds)
     _raise_first_problem(raw, checked, source)
     out = pd.DataFrame({name: result.values for name, result in checked.items()})
+    for position, name in enumerate(ATTRIBUTE_COLUMNS, start=len(CORE_COLUMNS)):
+        if name not in out.columns:
+            out.insert(position, name, pd.Series([""] * len(out), dtype="str"))
     for name in extra_columns:
         if name in raw.columns:
             out[name] = raw[name].to_numpy()
@@ -448,108 +341,17 @@ def _raise_first_problem(raw: pd.DataFrame, checked: Mapping[str, _Checked], sou
 # --------------------------------------------------------------------------- files
 
 
-def event_format(path: Path) -> EventFormat:
-    """The format of ``path`` from its suffix; anything else is a clear error."""
-    name = path.name.lower()
-    for fmt in sorted(EventFormat, key=lambda f: -len(f.value)):
-        if name.endswith(fmt.value):
-            return fmt
-    accepted = ", ".join(f.value for f in EventFormat)
-    raise DataValidationError(f"unsupported file type (accepted: {accepted})", file=str(path))
-
-
-def _checked_size(path: Path, max_bytes: int) -> int:
-    if max_bytes <= 0:
-        raise ConfigError(f"max_bytes must be > 0, got {max_bytes}")
-    try:
-        info = path.stat()
-    except FileNotFoundError:
-        raise DataValidationError("the file does not exist", file=str(path)) from None
-    except OSError as exc:
-        raise DataValidationError(f"cannot read the file: {exc.strerror}", file=str(path)) from None
-    if not path.is_file():
-        raise DataValidationError("not a regular file", file=str(path))
-    if info.st_size > max_bytes:
-        raise DataValidationError(
-            f"the file is {info.st_size:,} bytes, more than the limit of {max_bytes:,} bytes "
-            "(raise it with --max-mb)",
-            file=str(path),
-        )
-    return info.st_size
-
-
-class _Readable(Protocol):
-    def read(self, size: int = -1, /) -> bytes: ...
-
-
-class _LimitedReader(io.RawIOBase):
-    """Stops reading past ``limit`` bytes, so a small .csv.gz cannot inflate without bound."""
-
-    def __init__(self, inner: _Readable, *, limit: int, source: str) -> None:
-        super().__init__()
-        self._inner = inner
-        self._limit = limit
-        self._count = 0
-        self._source = source
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        data = self._inner.read(len(buffer))
-        self._count += len(data)
-        if self._count > self._limit:
-            raise DataValidationError(
-                f"the decompressed data is more than the limit of {self._limit:,} bytes "
-                "(raise it with --max-mb)",
-                file=self._source,
-            )
-        buffer[: len(data)] = data
-        return len(data)
-
-
-def _read_csv(
-    path: Path, fmt: EventFormat, *, max_bytes: int, max_rows: int | None
-) -> pd.DataFrame:
-    source = str(path)
-    opener = gzip.open if fmt is EventFormat.CSV_GZ else open
-    try:
-        with opener(path, "rb") as inner:
-            limited = io.BufferedReader(_LimitedReader(inner, limit=max_bytes, source=source))
-            return pd.read_csv(
-                limited,
-                dtype=str,
-                keep_default_na=False,
-                na_filter=False,
-                encoding="utf-8-sig",
-                nrows=None if max_rows is None else max_rows + 1,
-            )
-    except pd.errors.EmptyDataError:
-        raise DataValidationError("the file is empty (no header line)", file=source) from None
-    except pd.errors.ParserError as exc:
-        raise DataValidationError(f"not a valid CSV file: {exc}", file=source) from None
-    except UnicodeDecodeError:
-        raise DataValidationError("not UTF-8 text", file=source) from None
-    except (OSError, EOFError) as exc:
-        raise DataValidationError(f"cannot read the file: {exc}", file=source) from None
-
-
-def _read_parquet(path: Path, *, max_rows: int | None) -> pd.DataFrame:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    source = str(path)
-    try:
-        rows = pq.ParquetFile(path).metadata.num_rows
-        if max_rows is not None and rows > max_rows:
-            raise DataValidationError(
-                f"{rows:,} data rows, more than the --max-rows limit of {max_rows:,}",
-                file=source,
-                row=max_rows + 1,
-            )
-        return pd.read_parquet(path)
-    except (OSError, ValueError, TypeError, pa.ArrowException) as exc:
-        raise DataValidationError(f"not a readable Parquet file: {exc}", file=source) from None
+def parse_mapping(items: Sequence[str]) -> dict[str, str]:
+    """``["qty=quantity", "notes=-"]`` -> ``{"qty": "quantity", "notes": "-"}``."""
+    mapping: dict[str, str] = {}
+    for item in items:
+        source, sep, target = item.partition("=")
+        if not sep or not source.strip() or not target.strip():
+            raise ConfigError(f"--map {item!r}: expected SRC=FIELD, e.g. --map qty=quantity")
+        if source.strip() in mapping:
+            raise ConfigError(f"--map: column {source.strip()!r} is mapped twice")
+        mapping[source.strip()] = target.strip()
+    return mapping
 
 
 def apply_mapping(
@@ -590,101 +392,3 @@ def apply_mapping(
     return renamed.drop(columns=dropped).rename(
         columns={s: t for s, t in mapping.items() if t != DROP}
     )
-
-
-def read_events(
-    path: str | Path,
-    *,
-    mapping: Mapping[str, str] | None = None,
-    max_bytes: int = DEFAULT_MAX_BYTES,
-    max_rows: int | None = None,
-    merchant_id: str | None = None,
-    extra_columns: Sequence[str] = (),
-    bounds: TimeBounds = DEFAULT_BOUNDS,
-) -> pd.DataFrame:
-    """Read a CSV (.csv, .csv.gz) or Parquet file into a validated canonical frame.
-
-    The size is checked before reading; ``merchant_id`` fills that column for a file
-    that has none (a file that has one keeps it, and then passing one is an error).
-    """
-    path = Path(path)
-    fmt = event_format(path)
-    _checked_size(path, max_bytes)
-    if fmt is EventFormat.PARQUET:
-        raw = _read_parquet(path, max_rows=max_rows)
-    else:
-        raw = _read_csv(path, fmt, max_bytes=max_bytes, max_rows=max_rows)
-    raw = apply_mapping(raw, mapping, source=str(path))
-    if merchant_id is not None:
-        raw = _with_merchant(raw, merchant_id, source=str(path))
-    return validate_events(
-        raw, source=str(path), max_rows=max_rows, extra_columns=extra_columns, bounds=bounds
-    )
-
-
-def _with_merchant(frame: pd.DataFrame, merchant_id: str, *, source: str) -> pd.DataFrame:
-    if not merchant_id.strip():
-        raise ConfigError("--merchant-id must not be empty")
-    if MERCHANT_ID in frame.columns:
-        raise DataValidationError(
-            "the file has its own merchant_id column; drop --merchant-id or map the column away",
-            file=source,
-            column=MERCHANT_ID,
-        )
-    out = frame.copy()
-    out.insert(0, MERCHANT_ID, merchant_id.strip())
-    return out
-
-
-def _check_writable(frame: pd.DataFrame, path: Path) -> None:
-    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
-    if missing:
-        raise DataValidationError(f"not a canonical event frame: missing {missing}", file=str(path))
-    if str(frame[TIMESTAMP].dtype) != TIMESTAMP_DTYPE:
-        raise DataValidationError(
-            f"not a canonical event frame: timestamp dtype is {frame[TIMESTAMP].dtype}",
-            file=str(path),
-            column=TIMESTAMP,
-        )
-    if event_format(path) is not EventFormat.PARQUET:
-        raise DataValidationError("event tables are written as .parquet", file=str(path))
-
-
-def write_events(frame: pd.DataFrame, path: str | Path) -> int:
-    """Write a canonical frame as Parquet atomically (temp file + rename); returns bytes."""
-    path = Path(path)
-    _check_writable(frame, path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            frame.to_parquet(handle, index=False)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return path.stat().st_size
-
-
-def import_events(
-    source: str | Path,
-    destination: str | Path,
-    *,
-    mapping: Mapping[str, str] | None = None,
-    max_bytes: int = DEFAULT_MAX_BYTES,
-    max_rows: int | None = None,
-    merchant_id: str | None = None,
-) -> ImportReport:
-    """Validate ``source`` completely, then write it to ``destination``; all or nothing."""
-    source, destination = Path(source), Path(destination)
-    if event_format(destination) is not EventFormat.PARQUET:
-        raise ConfigError(f"destination {destination} must end in .parquet")
-    if destination.resolve() == source.resolve():
-        raise ConfigError(f"destination {destination} is the source file")
-    frame = read_events(
-        source, mapping=mapping, max_bytes=max_bytes, max_rows=max_rows, merchant_id=merchant_id
-    )
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    size = write_events(frame, destination)
-    return ImportReport(str(source), str(destination), size, summarize(frame))

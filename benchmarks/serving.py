@@ -1,0 +1,378 @@
+"""Serving latency and throughput at a merchant: ``fedshop serve`` under a bounded open-loop load.
+
+One Complete Journey store (by default the busiest-catalogue store of the top 10) is the
+merchant; its weeks 1-40 are its events (histories and catalogue). The model is the federated
+model of a run directory (``--model-run``, e.g. ``runs/default`` after ``make run``) or, without
+one, the same model trained on the store's own weeks 1-40 (non-private, 2 epochs). Versions reach
+the merchant's mirror through the publish handler, as in a deployment.
+
+Phases, each at ``--rate`` requests/s for ``--seconds`` s on loopback (a fixed number of requests
+sent on a fixed schedule by 16 threads with keep-alive connections; latency counts from the
+scheduled send time, so a slow server cannot hide queueing):
+
+1. steady: top-10 for the store's households (10% unknown customer ids: cold start);
+2. hot swap: the same, while new versions are published at 1/4, 2/4 and 3/4 of the phase
+   (promotion, rollback, promotion).
+
+Then the batch path: ``fedshop recommend --customers FILE`` for 2,000 customer ids.
+Writes the measured section of docs/serving.md. Usage:
+
+    python benchmarks/serving.py [--store store-367] [--rate 100] [--seconds 60] [--model-run DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import itertools
+import json
+import os
+import platform
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+FEDSHOP = [sys.executable, "-m", "simulations.cli"]
+
+
+@dataclass
+class Sample:
+    due: float
+    sent: float
+    done: float
+    status: int
+    version: int | None
+
+
+def open_loop(port: int, paths: list[str], *, rate: float, seconds: float) -> list[Sample]:
+    """Send ``rate * seconds`` requests on schedule; stops by itself (count and deadline)."""
+    total = int(rate * seconds)
+    start = time.perf_counter() + 0.2
+    deadline = start + seconds + 60.0
+    samples: list[Sample | None] = [None] * total
+    counter = iter(range(total))
+    lock = threading.Lock()
+
+    def worker() -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        while True:
+            with lock:
+                i = next(counter, None)
+            if i is None or time.perf_counter() > deadline:
+                break
+            due = start + i / rate
+            if (delay := due - time.perf_counter()) > 0:
+                time.sleep(delay)
+            sent = time.perf_counter()
+            try:
+                connection.request("GET", paths[i % len(paths)])
+                response = connection.getresponse()
+                body = response.read()
+                version = json.loads(body).get("model_version") if response.status == 200 else None
+                samples[i] = Sample(due, sent, time.perf_counter(), response.status, version)
+            except (OSError, http.client.HTTPException, ValueError):
+                samples[i] = Sample(due, sent, time.perf_counter(), -1, None)
+                connection.close()
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        connection.close()
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return [s for s in samples if s is not None]
+
+
+def summary(samples: list[Sample], planned: int) -> dict[str, float]:
+    latency = np.array([s.done - s.due for s in samples]) * 1000
+    service = np.array([s.done - s.sent for s in samples]) * 1000
+    span = max(s.done for s in samples) - min(s.due for s in samples)
+    return {
+        "planned": planned,
+        "answered": sum(s.status == 200 for s in samples),
+        "errors": planned - sum(s.status == 200 for s in samples),
+        "rate": len(samples) / span,
+        "p50": float(np.percentile(latency, 50)),
+        "p90": float(np.percentile(latency, 90)),
+        "p99": float(np.percentile(latency, 99)),
+        "max": float(latency.max()),
+        "service_p50": float(np.percentile(service, 50)),
+        "service_p99": float(np.percentile(service, 99)),
+    }
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def train_locally(events, spec, seed: int):  # type: ignore[no-untyped-def]
+    """The model trained on the store's own events (non-private), when no run is given."""
+    import torch
+
+    from client.training import LocalTraining, train_round
+    from common.accounting import PrivacyUnit
+    from common.features import build_catalog, encode_events, training_records
+    from common.model import Recommender
+    from common.rng import numpy_stream
+
+    torch.manual_seed(seed)
+    model = Recommender(spec)
+    records = training_records(
+        encode_events(events, spec),
+        build_catalog(events, spec),
+        unit=PrivacyUnit.EVENT,
+        negatives=4,
+        events_per_customer=32,
+        rng=numpy_stream(seed, "serving-benchmark"),
+    )
+    generator = torch.Generator().manual_seed(seed)
+    result = train_round(
+        model=model,
+        records=records,
+        settings=LocalTraining(batch_size=512, local_epochs=2),
+        dp=None,
+        sampling_generator=generator,
+        noise_generator=generator,
+    )
+    return (
+        result.arrays,
+        f"trained on the store's weeks 1-40 (non-private, 2 epochs, loss {result.mean_loss:.3f})",
+    )
+
+
+def model_from_run(run: Path):  # type: ignore[no-untyped-def]
+    from common.arrays_io import npz_to_arrays
+    from common.config import RunConfig
+
+    config = RunConfig.from_toml(run / "config.toml")
+    arrays = npz_to_arrays((run / "model" / "final.npz").read_bytes())
+    return arrays, config.model, f"the federated DP model of {run}"
+
+
+def perturbed(arrays: dict, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    return {
+        k: (v + rng.normal(scale=0.01, size=v.shape)).astype(np.float32) for k, v in arrays.items()
+    }
+
+
+def start_service(config: Path, log: Path) -> tuple[subprocess.Popen, int]:
+    process = subprocess.Popen(
+        [*FEDSHOP, "serve", "--config", str(config), "--port", "0"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=log.open("w"),
+        text=True,
+    )
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    found = re.search(r"http://127\.0\.0\.1:(\d+)", line)
+    if not found:
+        process.kill()
+        raise SystemExit(f"fedshop serve did not start: {line!r}; see {log}")
+    return process, int(found.group(1))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--store", help="merchant (default: largest catalogue of the top 10)")
+    parser.add_argument("--rate", type=float, default=100.0)
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--model-run", type=Path, help="run directory with model/final.npz")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "serving.md")
+    args = parser.parse_args()
+
+    from report_section import write_section
+
+    from client.merchant import MerchantConfig
+    from client.serving.config import ServingConfig
+    from common.completejourney import load_merchants
+    from common.events import REQUIRED_COLUMNS, write_events
+    from common.model_spec import ModelSpec
+    from simulations.serving import deliver, platform_registry, publisher_for
+
+    root = Path(tempfile.mkdtemp(prefix="fedshop-serving-"))
+    frame = load_merchants(top_n=10, min_rows=10_000)
+    frame = frame[frame["week"] <= 40]
+    sizes = frame.groupby("merchant_id")["product_id"].nunique()
+    store = args.store or str(sizes.idxmax())
+    events = frame[frame["merchant_id"] == store][list(REQUIRED_COLUMNS)].reset_index(drop=True)
+    home = root / store
+    home.mkdir()
+    write_events(events, home / "events.parquet")
+
+    began = time.perf_counter()
+    if args.model_run is not None:
+        arrays, spec, model_note = model_from_run(args.model_run)
+    else:
+        spec = ModelSpec()
+        arrays, model_note = train_locally(events, spec, seed=1)
+    print(f"model: {model_note} ({time.perf_counter() - began:.0f} s)", flush=True)
+
+    registry, public = platform_registry(root / "platform" / "registry", keys=root / "platform")
+    publisher = publisher_for(registry, root / "platform", spec)
+    ids = [
+        registry.register(a, parent=None, round=i, merchants=[], metrics={}, privacy={}).id
+        for i, a in enumerate((arrays, perturbed(arrays, 2)), start=1)
+    ]
+    merchant = MerchantConfig(
+        id=store,
+        data=home / "events.parquet",
+        state_dir=home / "state",
+        signing_key=home / "unused.key",
+        platform_key=public,
+        serving=ServingConfig(reload_interval_s=1.0),
+    )
+    config_path = home / "merchant.toml"
+    config_path.write_text(merchant.to_toml())
+
+    def publish(version: int, reason: str) -> float:
+        registry.promote(version, reason=reason)
+        report = deliver(publisher.sign(reason=reason), [merchant])
+        assert report.installed == {store: version}, report
+        return time.perf_counter()
+
+    publish(ids[0], "benchmark start")
+    households = [str(c) for c in events["customer_id"].unique()]
+    unknown = [f"new-customer-{i}" for i in range(max(1, len(households) // 9))]
+    rng = np.random.default_rng(0)
+    customers = list(rng.permutation(households + unknown))
+    paths = [f"/recommendations?customer={c}&k=10" for c in customers]
+
+    process, port = start_service(config_path, root / "serve.log")
+    try:
+        open_loop(port, paths, rate=args.rate, seconds=2.0)  # warm-up
+        planned = int(args.rate * args.seconds)
+        cpu_before = cpu_seconds(process.pid)
+        steady = open_loop(port, paths, rate=args.rate, seconds=args.seconds)
+        cpu_ms = (cpu_seconds(process.pid) - cpu_before) * 1000 / len(steady)
+        swaps: list[float] = []
+        schedule = [
+            (0.25, ids[1], "promotion"),
+            (0.5, ids[0], "rollback"),
+            (0.75, ids[1], "promotion"),
+        ]
+
+        def publisher_thread(start: float) -> None:
+            for fraction, version, reason in schedule:
+                time.sleep(max(0.0, start + fraction * args.seconds - time.perf_counter()))
+                swaps.append(publish(version, reason))
+
+        thread = threading.Thread(target=publisher_thread, args=(time.perf_counter() + 0.2,))
+        thread.start()
+        swapping = open_loop(port, paths, rate=args.rate, seconds=args.seconds)
+        thread.join()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        exit_code = process.wait(timeout=60)
+
+    versions = [s.version for s in sorted(swapping, key=lambda s: s.due)]
+    switches = sum(1 for a, b in itertools.pairwise(versions) if a != b)
+    ids_file = root / "customers.txt"
+    batch_ids = households + [f"batch-new-{i}" for i in range(2000 - len(households))]
+    ids_file.write_text("\n".join(batch_ids) + "\n")
+    t0 = time.perf_counter()
+    batch = subprocess.run(
+        [
+            *FEDSHOP,
+            "recommend",
+            "--config",
+            str(config_path),
+            "--customers",
+            str(ids_file),
+            "--out",
+            str(root / "batch.parquet"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    batch_wall = time.perf_counter() - t0
+    scored = re.search(
+        r"scored (\d+) customers in ([\d.]+) s \(([\d,]+) customers/s\)", batch.stderr
+    )
+    assert scored, batch.stderr
+
+    s, w = summary(steady, planned), summary(swapping, planned)
+    body = render(
+        store=store,
+        catalogue=int(events["product_id"].nunique()),
+        households=len(households),
+        model_note=model_note,
+        args=args,
+        steady=s,
+        swapping=w,
+        switches=switches,
+        exit_code=exit_code,
+        batch=(int(scored.group(1)), float(scored.group(2)), scored.group(3), batch_wall),
+        loadavg=os.getloadavg(),
+        cpu_ms=cpu_ms,
+    )
+    write_section(args.out, "serving-benchmark", body)
+    print(body)
+    return 0
+
+
+def render(**m) -> str:  # type: ignore[no-untyped-def]
+    s, w, args = m["steady"], m["swapping"], m["args"]
+    n, seconds, rate_text, wall = m["batch"]
+    machine = (
+        f"{os.cpu_count()} CPU cores, {platform.machine()}, Python {platform.python_version()}"
+    )
+
+    load = ", ".join(f"{x:.1f}" for x in m["loadavg"])
+
+    def row(name: str, r: dict) -> str:
+        return (
+            f"| {name} | {r['planned']:,} | {r['errors']} | {r['rate']:.1f} | {r['p50']:.1f} | "
+            f"{r['p90']:.1f} | {r['p99']:.1f} | {r['max']:.1f} | {r['service_p99']:.1f} |"
+        )
+
+    verdict_p99 = "met" if max(s["p99"], w["p99"]) < 50 else "NOT met"
+    verdict_err = "met" if s["errors"] == 0 and w["errors"] == 0 else "NOT met"
+    return f"""## Measured (`python benchmarks/serving.py`)
+
+Merchant: Complete Journey {m["store"]}, catalogue {m["catalogue"]:,} products (every product it
+sold in weeks 1-40), {m["households"]} households plus 10% unknown customer ids (cold start).
+Model: {m["model_note"]}. Machine: {machine}; the load generator and `fedshop serve` share it
+(load average over 1/5/15 minutes at the end: {load}; other work on the machine counts in it).
+Load: {args.rate:g} requests/s for {args.seconds:g} s per phase, open loop (latency from the
+scheduled send time), top-10 over the full catalogue on loopback.
+
+| Phase | Requests | Errors | req/s | p50 ms | p90 ms | p99 ms | max ms | p99 after send ms |
+|---|---|---|---|---|---|---|---|---|
+{row("steady", s)}
+{row("3 hot swaps (promote, roll back, promote)", w)}
+
+CPU time of `fedshop serve` per request in the steady phase: {m["cpu_ms"]:.1f} ms (user + system,
+all threads; a figure that other work on the machine hardly changes).
+
+The responses of the hot-swap phase changed model version {m["switches"]} times (3 publications;
+concurrent requests around a swap may interleave). `fedshop serve` stopped with exit code
+{m["exit_code"]} on SIGTERM.
+
+Targets: p99 < 50 ms: **{verdict_p99}**; zero errors, also during the swaps: **{verdict_err}**.
+
+Batch (`fedshop recommend --customers FILE`, {n:,} customer ids, top-10 each): scoring
+{seconds:.2f} s, **{rate_text} customers/s**; the whole command including start-up, loading and
+verifying the model and reading the events took {wall:.1f} s.
+"""
+
+
+if __name__ == "__main__":
+    sys.exit(main())
