@@ -567,7 +567,7 @@ class SuperLinkWatch:
 
         self.state_db = state_db
         self.interval = interval
-        self.messages: dict[str, tuple[int, float]] = {}
+        self.messages: dict[str, tuple[int, float, str]] = {}
         self.activations: dict[int, set[str]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
@@ -586,10 +586,12 @@ class SuperLinkWatch:
         while not self._stop.is_set():
             try:
                 with sqlite3.connect(f"file:{self.state_db}?mode=ro", uri=True, timeout=1) as db:
-                    for message_id, dst, created in db.execute(
-                        "SELECT message_id, dst_node_id, created_at FROM message_ins"
+                    for message_id, dst, created, kind in db.execute(
+                        "SELECT message_id, dst_node_id, created_at, message_type FROM message_ins"
                     ):
-                        self.messages.setdefault(message_id, (_uint64(dst), float(created)))
+                        self.messages.setdefault(
+                            message_id, (_uint64(dst), float(created), str(kind))
+                        )
                     for node, activated in db.execute(
                         "SELECT node_id, last_activated_at FROM node"
                     ):
@@ -599,11 +601,12 @@ class SuperLinkWatch:
                 pass  # not created yet, or locked for a moment
             self._stop.wait(self.interval)
 
-    def rounds(self, gap: float = 1.0) -> list[tuple[float, set[int]]]:
-        """Messages grouped into rounds (a round's messages are created together): each
-        round's creation time and the nodes it asked."""
+    def rounds(self, message_type: str = "train", gap: float = 1.0) -> list[tuple[float, set[int]]]:
+        """Messages of ``message_type`` grouped into rounds (a round's messages are created
+        together): each round's creation time and the nodes it asked."""
         found: list[tuple[float, set[int]]] = []
-        for dst, created in sorted(self.messages.values(), key=lambda item: item[1]):
+        chosen = [(d, c) for d, c, kind in self.messages.values() if kind == message_type]
+        for dst, created in sorted(chosen, key=lambda item: item[1]):
             if found and created - found[-1][0] < gap:
                 found[-1][1].add(dst)
             else:
