@@ -270,7 +270,8 @@ def tls_overhead(tmp: Path, *, rounds: int, payload_mb: float) -> dict[str, obje
     per_mode: dict[str, dict[str, object]] = {}
     medians: dict[str, float] = {}
     for mode, tls in (("plaintext", False), ("tls_auth", True)):
-        times = federation_round_times(tmp / mode, tls=tls, rounds=rounds, payload_mb=payload_mb)
+        trace = federation_round_times(tmp / mode, tls=tls, rounds=rounds, payload_mb=payload_mb)
+        times = trace["round_seconds"]
         medians[mode] = statistics.median(times[1:])
         per_mode[mode] = {"round_seconds": times, "median_s": medians[mode]}
     return {
