@@ -23,7 +23,6 @@ from client.merchant import MerchantConfig
 from common.errors import ConfigError, DataValidationError, DeploymentError
 from simulations.deployment.pinning import (
     PinnedApps,
-    UnreadableBundleError,
     build_bundle,
     bundle_app_hash,
     extra_app_hashes,
@@ -65,14 +64,14 @@ def test_app_hash_covers_the_contents_not_the_compression(tmp_path: Path) -> Non
 
 
 def test_unreadable_bundles_are_refused_not_unpacked() -> None:
-    with pytest.raises(UnreadableBundleError, match="not a zip"):
+    with pytest.raises(DeploymentError, match="not a zip"):
         bundle_app_hash(b"not a zip at all")
     out = io.BytesIO()
     with zipfile.ZipFile(out, "w") as archive:
         archive.writestr("a.py", b"1")
         with pytest.warns(UserWarning, match="Duplicate name"):
             archive.writestr("a.py", b"2")
-    with pytest.raises(UnreadableBundleError, match="twice"):
+    with pytest.raises(DeploymentError, match="twice"):
         bundle_app_hash(out.getvalue())
 
 

@@ -201,7 +201,12 @@ def _is_fedshop_app(app_dir: Path) -> bool:
 def plan_run(args: argparse.Namespace) -> RunRequest | None:
     """The run to submit, with every file it names checked; nothing is created here."""
     if args.config is None:
-        for flag, value in (("--run-dir", args.run_dir), ("--keys-dir", args.keys_dir)):
+        for flag, value in (
+            ("--run-dir", args.run_dir),
+            ("--keys-dir", args.keys_dir),
+            ("--online", args.online or None),
+            ("--flwr-config", args.flwr_config or None),
+        ):
             if value is not None:
                 raise DeploymentError(f"{flag} needs --config (the run to submit)")
         return None

@@ -29,26 +29,23 @@ APP_HASHES_KEY = "app_hashes"
 MAX_UNPACKED_BYTES = 200 * 1024 * 1024
 
 
-class UnreadableBundleError(DeploymentError):
-    """An app bundle that is not a well-formed zip; it is refused like an unpinned one."""
-
-
 def bundle_app_hash(fab: bytes) -> str:
-    """The app hash of a bundle as received (zip bytes)."""
+    """The app hash of a bundle as received (zip bytes); a bundle that is not a well-formed
+    zip raises DeploymentError and is refused like an unpinned one."""
     try:
         archive = zipfile.ZipFile(io.BytesIO(fab))
         infos = archive.infolist()
     except (zipfile.BadZipFile, ValueError) as exc:
-        raise UnreadableBundleError(f"the app bundle is not a zip archive: {exc}") from None
+        raise DeploymentError(f"the app bundle is not a zip archive: {exc}") from None
     names = [info.filename for info in infos]
     if len(set(names)) != len(names):
-        raise UnreadableBundleError("the app bundle lists a file twice")
+        raise DeploymentError("the app bundle lists a file twice")
     if sum(info.file_size for info in infos) > MAX_UNPACKED_BYTES:
-        raise UnreadableBundleError("the app bundle unpacks to more than 200 MB")
+        raise DeploymentError("the app bundle unpacks to more than 200 MB")
     try:
         members = {info.filename: archive.read(info) for info in infos}
     except (zipfile.BadZipFile, ValueError, OSError) as exc:
-        raise UnreadableBundleError(f"the app bundle cannot be read: {exc}") from None
+        raise DeploymentError(f"the app bundle cannot be read: {exc}") from None
     return contents_hash(members.items())
 
 

@@ -65,9 +65,9 @@ from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
+from common.errors import DeploymentError
 from simulations.deployment.pinning import (
     PinnedApps,
-    UnreadableBundleError,
     bundle_app_hash,
     clientapp_reference,
     extra_app_hashes,
@@ -218,7 +218,7 @@ class ClientAppRunner:
         try:
             app_hash = bundle_app_hash(fab.content)
             unreadable = ""
-        except UnreadableBundleError as exc:
+        except DeploymentError as exc:
             app_hash, unreadable = "", str(exc)
         try:
             message = _pull_message(client, context)
