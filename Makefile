@@ -22,9 +22,11 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/fedshop simulate --out runs/default
 
-# Debian's chromium renders the audit report in the browser test; installed when missing.
+# Debian's chromium renders the audit report in the browser test; Debian's nginx is the
+# merchant-facing proxy of `fedshop server` (deployment tests). Installed when missing.
 test-deps:
 	sh tests/support/ensure_chromium.sh || echo "warning: chromium unavailable; the browser test will be skipped"
+	sh tests/support/ensure_nginx.sh || echo "warning: nginx unavailable; the deployment tests will fail"
 
 test: $(STAMP) test-deps
 	$(BIN)/python -m pytest -q --durations=15

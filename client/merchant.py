@@ -44,6 +44,9 @@ class MerchantConfig:
     evaluation_noise: float = 0.0  # std of Gaussian noise on every evaluation sum sent (0: none)
     platform_key: Path | None = None  # pinned Ed25519 key that signs the models it may serve
     serving: ServingConfig = field(default_factory=ServingConfig)  # [merchant.serving]
+    # App bundles this merchant answers besides its installed release (docs/deployment.md);
+    # read by `fedshop client`'s runner, which always runs the installed code.
+    app_hashes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not NAME_PATTERN.fullmatch(self.id):  # the ledger's rule, checked at load time
@@ -61,6 +64,12 @@ class MerchantConfig:
             )
         if self.threads < 1:
             raise ConfigError(f"merchant.threads must be >= 1, got {self.threads}")
+        for value in self.app_hashes:
+            if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+                raise ConfigError(
+                    f"merchant.app_hashes entry {value!r} is not an app hash (64 lowercase hex "
+                    "digits, as `fedshop client --print-app-hash` prints)"
+                )
         if not 0 <= self.holdout_share < 1:
             raise ConfigError(f"merchant.holdout_share must be in [0, 1), got {self.holdout_share}")
         if not (math.isfinite(self.evaluation_noise) and self.evaluation_noise >= 0):
@@ -125,6 +134,8 @@ class MerchantConfig:
         for name in ("inbox", "validation_data", "test_data", "platform_key"):
             if getattr(self, name) is not None:
                 values[name] = str(getattr(self, name))
+        if self.app_hashes:
+            values["app_hashes"] = list(self.app_hashes)
         serving = {
             name: str(value) if isinstance(value, Path) else value
             for name, value in self.serving.__dict__.items()

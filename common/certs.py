@@ -372,12 +372,13 @@ def node_name_of(public_key_path: Path) -> str:
 
 
 def load_allowlist(directory: Path) -> dict[str, Path]:
-    """Every ``*.pub`` in ``directory`` by node name; all must be P-384 keys (checked first)."""
+    """Every ``*.node.pub`` in ``directory`` by node name; all must be P-384 keys (checked
+    first). Other files (merchants' ledger keys ``NAME.pub``) may share the directory."""
     if not directory.is_dir():
         raise DeploymentError(f"--nodes-allowlist {directory} is not a directory")
-    keys = {node_name_of(p): p for p in sorted(directory.glob("*.pub"))}
+    keys = {node_name_of(p): p for p in sorted(directory.glob(f"*{NODE_PUB_SUFFIX}"))}
     if not keys:
-        raise DeploymentError(f"--nodes-allowlist {directory} holds no *.pub node keys")
+        raise DeploymentError(f"--nodes-allowlist {directory} holds no *{NODE_PUB_SUFFIX} keys")
     for path in keys.values():
         load_node_public_key(path)
     return keys
@@ -390,6 +391,12 @@ def load_node_private_key(path: Path) -> ec.EllipticCurvePrivateKey:
         data = path.read_bytes()
     except FileNotFoundError:
         raise DeploymentError(f"node private key {path} does not exist") from None
+    if data.lstrip().startswith((b"ecdsa-sha2-", b"ssh-")):
+        private = path.name.removesuffix(".pub") + ".key" if path.name.endswith(".pub") else None
+        raise DeploymentError(
+            f"{path} is a public key; --node-key takes the private key"
+            + (f" ({private}, mode 600)" if private else "")
+        )
     if mode & 0o077:
         raise DeploymentError(
             f"node private key {path} has mode {mode:o}; run `chmod 600 {path}` first"

@@ -110,13 +110,21 @@ def key_fingerprint(public_key: Ed25519PublicKey) -> str:
     return hashlib.sha256(raw_public_bytes(public_key)).hexdigest()
 
 
+NODE_PUBLIC_SUFFIX = ".node.pub"  # a merchant's SuperNode key, not a ledger key
+
+
 def load_key_directory(directory: Path) -> dict[str, Ed25519PublicKey]:
-    """All ``NAME.pub`` files of ``directory``, keyed by merchant id (the file stem)."""
+    """All ``NAME.pub`` files of ``directory``, keyed by merchant id (the file stem).
+
+    SuperNode keys (``NAME.node.pub``) may share the directory and are skipped: the operator
+    collects both of a merchant's public keys in one place."""
     directory = Path(directory)
     if not directory.is_dir():
         raise ConfigError(f"key directory {directory} does not exist")
     keys: dict[str, Ed25519PublicKey] = {}
     for path in sorted(directory.glob(f"*{PUBLIC_SUFFIX}")):
+        if path.name.endswith(NODE_PUBLIC_SUFFIX):
+            continue
         keys[path.name[: -len(PUBLIC_SUFFIX)]] = load_verify_key(path)
     return keys
 

@@ -8,6 +8,9 @@ Evaluation is federated: the platform holds no evaluation data.
 
 from __future__ import annotations
 
+import logging
+import sys
+
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
@@ -34,8 +37,23 @@ def build_server_app(
 app = ServerApp()
 
 
+def log_to_run_log() -> None:
+    """Give fedshop's loggers a handler on stderr, which flwr-serverapp copies into the run's
+    log (`flwr log`, and the per-round lines `fedshop server` prints); without one, their
+    INFO lines are dropped in a deployment."""
+    for name in ("server", "common"):
+        logger = logging.getLogger(name)
+        if not logger.handlers:
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter("%(levelname)-8s: %(name)s: %(message)s"))
+            logger.addHandler(handler)
+            logger.setLevel(logging.INFO)
+            logger.propagate = False
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    log_to_run_log()
     run_config = dict(context.run_config)
     if online_enabled(run_config):
         run_online_from_run_config(grid, run_config)

@@ -21,6 +21,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "simulations.commands.data",
     "simulations.commands.certs",
     "simulations.commands.deploy",
+    "simulations.commands.merchant",
     "simulations.commands.model",
     "simulations.commands.keys",
     "simulations.commands.audit",

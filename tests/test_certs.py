@@ -127,9 +127,25 @@ def test_allowlist_rejects_keys_that_are_not_p384(tmp_path: Path) -> None:
     assert list(certs.load_allowlist(tmp_path)) == ["good"]
     ed = ed25519.Ed25519PrivateKey.generate().public_key()
     blob = ed.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    (tmp_path / "bad.pub").write_bytes(blob)
-    with pytest.raises(DeploymentError, match=r"bad\.pub is not an ECDSA P-384"):
+    (tmp_path / "bad.node.pub").write_bytes(blob)
+    with pytest.raises(DeploymentError, match=r"bad\.node\.pub is not an ECDSA P-384"):
         certs.load_allowlist(tmp_path)
+
+
+def test_allowlist_may_share_a_directory_with_ledger_keys(tmp_path: Path) -> None:
+    """The operator collects each merchant's NAME.node.pub and NAME.pub in one place."""
+    from common.keys import generate_keypair, load_key_directory
+
+    certs.generate_node_key(out=tmp_path, name="m1")
+    generate_keypair(tmp_path, name="m1")
+    assert list(certs.load_allowlist(tmp_path)) == ["m1"]
+    assert list(load_key_directory(tmp_path)) == ["m1"]
+
+
+def test_a_public_key_given_as_node_key_is_named_as_such(tmp_path: Path) -> None:
+    files = certs.generate_node_key(out=tmp_path, name="m1")
+    with pytest.raises(DeploymentError, match=r"is a public key.*m1\.node\.key"):
+        certs.load_node_private_key(files.public_key)
 
 
 @pytest.mark.parametrize("name", ["", "../evil", "a b", "-dash", "x" * 65])
@@ -157,7 +173,7 @@ def test_cli_creates_material_and_maps_refusal_to_exit_code(tmp_path: Path) -> N
     assert fedshop("init", "--out", str(tmp_path / "ca")).returncode == 0
     issued = fedshop(
         "issue-server",
-        "--ca",
+        "--ca-dir",
         str(tmp_path / "ca"),
         "--host",
         "127.0.0.1",

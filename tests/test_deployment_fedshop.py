@@ -18,6 +18,7 @@ import pytest
 
 from common.errors import DeploymentError
 from simulations.commands.deploy import check_app_config_keys
+from simulations.deployment.flower import FlwrCli, wait_nodes_online
 
 sys.path.insert(0, str(Path(__file__).parent / "support"))
 import deploy_harness as h
@@ -92,35 +93,67 @@ def _ledger_rows(path: Path) -> int:
         return sum(db.execute(f'SELECT COUNT(*) FROM "{t}"').fetchone()[0] for t in tables)
 
 
-def _activation_times(state_db: Path) -> list[datetime]:
-    """When the SuperLink last activated each node (its SQLite state, Flower 1.41 schema)."""
-    with sqlite3.connect(f"file:{state_db}?mode=ro", uri=True) as db:
-        rows = db.execute("SELECT last_activated_at FROM node").fetchall()
-    return [datetime.fromisoformat(r[0]) for r in rows if r[0]]
+def _wait_run(cli: FlwrCli, run_id: int, *, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = str(cli.run_info(run_id).get("status", ""))
+        if status.startswith("finished"):
+            return status
+        time.sleep(2.0)
+    raise AssertionError(f"run {run_id} did not finish in {timeout:.0f} s")
 
 
 @pytest.mark.slow
-def test_three_merchants_train_with_dp_over_tls(tmp_path: Path) -> None:
+def test_merchants_run_only_their_pinned_app_behind_a_closed_control_port(tmp_path: Path) -> None:
+    """Three merchants over TLS. An app that impersonates fedshop but ships a ClientApp that
+    sends the merchant's events home is submitted through the Control API (as a compromised
+    platform could): every merchant refuses it before any of its code runs, and no event
+    leaves. The real fedshop run then trains with DP while a merchant, holding ca.crt and
+    its node key, is refused every Control and Runtime API call on the merchant-facing port."""
+    from simulations.deployment.runner import REFUSAL_MARK
+
     _skip_unless_app_ready()
     fed = _federation(tmp_path, rounds=2)
-    assert len(fed.merchants) == 3
-    server = h.start_fedshop(fed.server_args(), tmp_path / "server.log", cwd=tmp_path)
+    server = h.start_fedshop(fed.serve_args(), tmp_path / "server.log", cwd=tmp_path)
     clients: list[subprocess.Popen[bytes]] = []
+    cli = FlwrCli(fed.state / "flwr-home")
     try:
+        fed.wait_superlink(server)
+        clients = [fed.client(name) for name in fed.merchants]
+        assert wait_nodes_online(cli, count=3, timeout=300) == 3
+        evil_run = cli.start_run(h.make_evil_app(tmp_path), {"run-dir": str(fed.layout.root)})
+        assert _wait_run(cli, evil_run, timeout=300) == "finished:completed"
+        leak = json.loads((fed.layout.root / "leak.json").read_text())
+        run_id = cli.start_run(h.REPO, fed.run_config())
         h.wait_for(
-            lambda: (tmp_path / "state" / "nodes.json").exists(),
-            timeout=120,
-            what="SuperLink",
+            lambda: (fed.layout.root / "checkpoints" / "round-0001.json").exists(),
+            timeout=600,
+            what="round 1",
             proc=server,
         )
-        clients = [fed.client(name) for name in fed.merchants]
-        code = server.wait(timeout=1200)
+        attempts = h.merchant_control_attempts(
+            tmp_path / "merchant-flwr",
+            fed.port,
+            fed.pki.server / "ca.crt",
+            fed.pki.nodes / f"{fed.merchants[0]}.node.key",
+            app=h.REPO,
+        )
+        status = _wait_run(cli, run_id, timeout=900)
     finally:
         for proc in [server, *clients]:
             h.stop(proc)
-    assert code == 0, (tmp_path / "server.log").read_text()[-4000:]
-    import json
-
+    # The impersonating app: refused by each merchant, by name; nothing of it installed.
+    assert len(leak) == 3 and not any("leaked_bytes" in entry for entry in leak), leak
+    for name in fed.merchants:
+        assert sum(f"merchant {name} {REFUSAL_MARK}" in e.get("error", "") for e in leak) == 1
+        log = (tmp_path / f"{name}.log").read_text()
+        assert f"REFUSED run {evil_run}" in log
+        assert not list((fed.layout.merchants / name).glob(".flwr-*/apps"))
+    # The control surface: closed to merchants while they trained.
+    assert attempts and all(v == "refused" for v in attempts.values()), attempts
+    # The real run: every merchant trained in every round; ledgers agree, and hold exactly
+    # the real run's two releases (the refused run spent nothing).
+    assert status == "finished:completed", (tmp_path / "server.log").read_text()[-3000:]
     summary = json.loads((fed.layout.root / "summary.json").read_text())
     rounds = json.loads((fed.layout.root / "metrics.json").read_text())["rounds"]
     assert summary["completed"] and [len(r["trained"]) for r in rounds] == [3, 3]
@@ -128,49 +161,66 @@ def test_three_merchants_train_with_dp_over_tls(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_merchant_killed_mid_round_keeps_an_intact_ledger(tmp_path: Path) -> None:
+def test_merchant_killed_mid_round_rejoins_in_the_next_round_with_an_intact_ledger(
+    tmp_path: Path,
+) -> None:
+    """kill -9 of a merchant's whole fedshop client mid-run, restarted at once: it signs its
+    dead session off, is activated again within seconds, and is asked in the first round that
+    starts after it is back (from the SuperLink's own record of messages and activations);
+    its ledger keeps every release."""
     _skip_unless_app_ready()
-    fed = _federation(tmp_path, rounds=3)
+    fed = _federation(tmp_path, rounds=4)
     victim = fed.merchants[0]
     server = h.start_fedshop(fed.server_args(), tmp_path / "server.log", cwd=tmp_path)
     clients: dict[str, subprocess.Popen[bytes]] = {}
     restarted = None
-    try:
-        h.wait_for(
-            lambda: (tmp_path / "state" / "nodes.json").exists(),
-            timeout=120,
-            what="SuperLink",
-            proc=server,
-        )
-        clients = {name: fed.client(name) for name in fed.merchants}
-        h.wait_for(
-            lambda: fed.ledger(victim).exists() and _releases(fed.ledger(victim)) > 0,
-            timeout=600,
-            what="the first release",
-            proc=server,
-        )
-        before = _ledger_rows(fed.ledger(victim))
-        h.kill_tree(clients[victim])  # the merchant's machine dies mid-run
-        killed_at = datetime.now(UTC)
-        assert _ledger_rows(fed.ledger(victim)) >= before  # nothing recorded was lost
-        restarted = fed.client(victim)
-        code = server.wait(timeout=1500)
-    finally:
-        for proc in [server, *clients.values(), *([restarted] if restarted else [])]:
-            h.stop(proc)
+    with h.SuperLinkWatch(fed.state / "state.db") as watch:
+        try:
+            fed.wait_superlink(server)
+            clients = {name: fed.client(name) for name in fed.merchants}
+            h.wait_for(
+                lambda: fed.ledger(victim).exists() and _releases(fed.ledger(victim)) > 0,
+                timeout=600,
+                what="the first release",
+                proc=server,
+            )
+            before = _ledger_rows(fed.ledger(victim))
+            h.kill_tree(clients[victim])  # the merchant's machine dies mid-run
+            killed_at = datetime.now(UTC)
+            assert _ledger_rows(fed.ledger(victim)) >= before  # nothing recorded was lost
+            restarted = fed.client(victim)
+            code = server.wait(timeout=1500)
+        finally:
+            for proc in [server, *clients.values(), *([restarted] if restarted else [])]:
+                h.stop(proc)
     log = (tmp_path / "server.log").read_text()
     assert code == 0, log[-4000:]
     assert _ledger_rows(fed.ledger(victim)) >= before
     counts = _check_ledgers(fed)
     assert counts[victim] >= 2
-    # The restarted merchant rejoins (once the SuperLink has let its dead node go) and trains
-    # in the last round.
-    rounds = json.loads((fed.layout.root / "metrics.json").read_text())["rounds"]
-    assert len(rounds[-1]["trained"]) == 3, rounds[-1]
-    # It came back under its old node id with a new activation time, which is what the
-    # platform watches to stop waiting for a message that died with the process.
-    activated = _activation_times(tmp_path / "state" / "state.db")
-    assert len(activated) == 3 and sum(t > killed_at for t in activated) == 1, activated
+    # Back under its old node id with a new activation time, soon after the restart.
+    node = _node_id(tmp_path / f"{victim}.log")
+    back = [datetime.fromisoformat(t) for t in watch.activations[node]]
+    back_at = min(t for t in back if t > killed_at)
+    assert (back_at - killed_at).total_seconds() < 45, (killed_at, back_at)
+    assert "signed off the previous session" in (tmp_path / f"{victim}.log").read_text()
+    # Asked in the first round that started after it was back, and it trained there.
+    rounds = watch.rounds()
+    assert len(rounds) == 4, rounds
+    later = [i for i, (created, _) in enumerate(rounds) if created > back_at.timestamp()]
+    assert later, (rounds, back_at)
+    first = later[0]
+    assert node in rounds[first][1], (rounds, node, back_at)
+    history = json.loads((fed.layout.root / "metrics.json").read_text())["rounds"]
+    assert victim in history[first]["trained"], history[first]
+
+
+def _node_id(client_log: Path) -> int:
+    import re
+
+    found = re.findall(r"SuperNode ID: (-?\d+)", client_log.read_text())
+    assert found, "the client never printed its node id"
+    return int(found[-1])
 
 
 @pytest.mark.slow

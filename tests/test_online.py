@@ -314,12 +314,19 @@ def test_server_online_flag_passes_the_run_config_key(tmp_path):
 
     parser = argparse.ArgumentParser()
     deploy.register(parser.add_subparsers())
+    from common.keys import generate_keypair
+
     app = Path(__file__).resolve().parents[1]  # this project's own Flower app (pyproject)
+    run_toml = tmp_path / "run.toml"
+    run_toml.write_text("[federation]\nrounds = 1\n")
+    generate_keypair(tmp_path / "keys", name="m1")
     argv = ["server", "--insecure-dev", "--state", str(tmp_path / "s"), "--app", str(app)]
-    args = parser.parse_args([*argv, "--port", "0", "--online"])
+    argv += ["--config", str(run_toml), "--run-dir", str(tmp_path / "run")]
+    argv += ["--keys-dir", str(tmp_path / "keys")]
+    args = parser.parse_args([*argv, "--port", "0", "--control-port", "0", "--online"])
     plan = deploy.plan_server(args)
-    assert ("online", "true") in plan.extra_run_config
-    assert online_enabled(dict(plan.extra_run_config))
+    assert plan.run is not None and ("online", "true") in plan.run.flwr_config
+    assert online_enabled(plan.run.run_config())
     assert not online_enabled({"online": ""})
     settings = online_settings(tmp_path / "run")
     assert settings.registry_dir == tmp_path / "run" / "registry"

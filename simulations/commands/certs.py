@@ -36,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description="Issue the SuperLink's TLS certificate, signed by the CA, for the names "
         "and addresses merchants dial.",
     )
-    server.add_argument("--ca", type=Path, required=True, help="CA directory from `certs init`")
+    server.add_argument("--ca-dir", type=Path, required=True, help="CA directory from `certs init`")
     server.add_argument(
         "--host",
         action="append",
@@ -81,7 +81,7 @@ def _init(args: argparse.Namespace) -> int:
 
 def _issue_server(args: argparse.Namespace) -> int:
     files = certs.issue_server_cert(
-        ca_dir=args.ca, hosts=args.host, out=args.out, valid_days=args.days, force=args.force
+        ca_dir=args.ca_dir, hosts=args.host, out=args.out, valid_days=args.days, force=args.force
     )
     print(f"server certificate: {files.cert} (SANs: {', '.join(args.host)})")
     print(f"server key (mode 600): {files.key}\nCA certificate for clients: {files.ca_cert}")

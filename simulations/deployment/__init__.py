@@ -1,5 +1,8 @@
-"""Process-level deployment: start, supervise and stop Flower's SuperLink and SuperNodes.
+"""Process-level deployment: the platform's and the merchants' Flower processes.
 
-``process`` supervises child processes; ``flower`` builds the exact Flower commands and talks
-to a SuperLink through the ``flwr`` CLI, so every step has a documented raw equivalent.
+``platform`` runs ``fedshop server`` (a loopback SuperLink, ``proxy``: nginx passing only the
+Fleet API, ``run_log``: what the operator sees of a run); ``merchant`` runs ``fedshop client``
+(a SuperNode that runs no app code and ``runner``, which answers only apps the merchant pinned,
+``pinning``); ``flower`` builds the exact Flower commands and drives the ``flwr`` CLI;
+``process`` supervises child processes.
 """

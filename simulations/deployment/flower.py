@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import subprocess
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from common.certs import (
     CA_CERT,
     SERVER_CERT,
     SERVER_KEY,
+    load_certificate,
+    subject_alt_names,
     verify_key_matches_cert,
     verify_server_cert,
 )
@@ -56,7 +59,11 @@ class TlsFiles:
 
 @dataclass(frozen=True)
 class SuperLinkSpec:
-    """How to start one SuperLink. ``tls=None`` is the plaintext development mode."""
+    """How to start one SuperLink. ``tls=None`` is the plaintext development mode.
+
+    ``fedshop server`` binds it to 127.0.0.1 (its Control API, ``port``) with a loopback
+    certificate; merchants reach its Fleet API only through the proxy (:mod:`.proxy`).
+    """
 
     host: str
     port: int
@@ -73,10 +80,6 @@ class SuperLinkSpec:
         host = "127.0.0.1" if self.host in WILDCARD_HOSTS else self.host
         return f"{_bracket(host)}:{self.port}"
 
-    @property
-    def local_host(self) -> str:
-        return "127.0.0.1" if self.host in WILDCARD_HOSTS else self.host
-
 
 def _bracket(host: str) -> str:
     try:
@@ -85,15 +88,22 @@ def _bracket(host: str) -> str:
         return host
 
 
-def preflight_tls(spec: SuperLinkSpec) -> None:
-    """Fail early and clearly if the certificate would make every SuperNode's handshake fail."""
-    if spec.tls is None:
-        return
-    for path in (spec.tls.ca_cert, spec.tls.cert, spec.tls.key):
+def preflight_tls(tls: TlsFiles, *, host: str) -> None:
+    """Fail early and clearly if the certificate would make every SuperNode's handshake fail.
+
+    ``host`` is the merchant-facing address; a wildcard (``0.0.0.0``) cannot be checked
+    against the certificate's names, only the chain and the key are.
+    """
+    for path in (tls.ca_cert, tls.cert, tls.key):
         if not path.is_file():
             raise DeploymentError(f"TLS file {path} is missing (see `fedshop certs --help`)")
-    verify_key_matches_cert(key_path=spec.tls.key, cert_path=spec.tls.cert)
-    verify_server_cert(cert_path=spec.tls.cert, ca_cert_path=spec.tls.ca_cert, host=spec.local_host)
+    verify_key_matches_cert(key_path=tls.key, cert_path=tls.cert)
+    if host in WILDCARD_HOSTS:
+        names = subject_alt_names(load_certificate(tls.cert))
+        if not names:
+            raise DeploymentError(f"{tls.cert} names no host (no subjectAltName)")
+        host = names[0]
+    verify_server_cert(cert_path=tls.cert, ca_cert_path=tls.ca_cert, host=host)
 
 
 def superlink_argv(spec: SuperLinkSpec) -> list[str]:
@@ -124,21 +134,33 @@ def superlink_argv(spec: SuperLinkSpec) -> list[str]:
 
 @dataclass(frozen=True)
 class SuperNodeSpec:
-    """How to start one merchant's SuperNode. ``root_cert=None`` is plaintext development mode."""
+    """How to start one merchant's SuperNode. ``ca_cert=None`` is plaintext development mode.
+
+    The SuperNode runs with ``--isolation process``: it queues each message on its Runtime
+    API (``runtime_port`` on 127.0.0.1) and starts no ClientApp itself; the merchant's own
+    runner (:mod:`.runner`) claims the messages.
+    """
 
     superlink: str
     merchant_config: Path
-    root_cert: Path | None
+    ca_cert: Path | None
     node_key: Path | None
     runtime_port: int
+    idle_poll: float = 1.0  # seconds between asks for work when idle (Flower: 3)
 
     def __post_init__(self) -> None:
+        if not 0.1 <= self.idle_poll <= 3.0:
+            raise DeploymentError(f"--idle-poll {self.idle_poll} must be between 0.1 and 3 s")
         if not self.merchant_config.is_absolute():
             raise DeploymentError(
                 f"merchant config {self.merchant_config} must be an absolute path"
             )
-        if self.root_cert is None and self.node_key is not None:
+        if self.ca_cert is None and self.node_key is not None:
             raise DeploymentError("a node key needs TLS: Flower authenticates nodes only over TLS")
+
+    @property
+    def runtime_api(self) -> str:
+        return f"127.0.0.1:{self.runtime_port}"
 
 
 def toml_string(value: str, *, what: str) -> str:
@@ -149,20 +171,31 @@ def toml_string(value: str, *, what: str) -> str:
 
 
 def supernode_argv(spec: SuperNodeSpec) -> list[str]:
-    """``flower-supernode`` for one merchant: TLS root, node key, and its merchant config path."""
+    """``flower-supernode`` for one merchant: TLS root, node key, merchant config, no ClientApp.
+
+    It runs through :mod:`simulations.deployment.supernode`, which only shortens Flower's idle
+    wait between asks for work to ``idle_poll`` seconds."""
     node_config = f"merchant-config={toml_string(str(spec.merchant_config), what='config path')}"
     argv = [
-        flower_bin("flower-supernode"),
+        sys.executable,
+        "-m",
+        "simulations.deployment.supernode",
+        "--idle-poll",
+        f"{spec.idle_poll:g}",
         "--superlink",
         spec.superlink,
         "--node-config",
         node_config,
+        "--isolation",
+        "process",
+        "--host",
+        "127.0.0.1",
         "--port",
         str(spec.runtime_port),
     ]
-    if spec.root_cert is None:
+    if spec.ca_cert is None:
         return [*argv, "--insecure"]
-    argv += ["--root-certificates", str(spec.root_cert)]
+    argv += ["--root-certificates", str(spec.ca_cert)]
     if spec.node_key is not None:
         argv += ["--auth-supernode-private-key", str(spec.node_key)]
     return argv

@@ -22,7 +22,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import IO
+from typing import IO, Self
 
 from common.errors import DeploymentError
 from common.flower_env import QUIET_FLOWER_ENV
@@ -198,36 +198,67 @@ def start_process(
     return ManagedProcess(name=name, popen=popen, log_path=log_path, log_offset=offset)
 
 
-def relay_until_exit(process: ManagedProcess, marker: str) -> tuple[int, bool]:
-    """Copy a relayed process's output to our stdout until its leader exits.
+class OutputRelay:
+    """Copies a relayed child's output to our stdout line by line, noting marker strings.
 
-    Returns the exit code and whether ``marker`` appeared. Helpers the leader started may hold
-    the pipe open after it is gone, so the copy runs beside the wait, and the group is stopped
-    (closing the pipe) before the copy is joined.
+    Helpers the child started may hold the pipe open after it is gone, so the copy runs in
+    a thread of its own and :meth:`finish` stops the whole group before joining it.
     """
-    stream = process.popen.stdout
-    if stream is None:
-        raise ValueError(f"{process.name} was not started with relay=True")
-    seen = threading.Event()
-    needle = marker.encode()
 
-    def copy() -> None:
+    _write_lock = threading.Lock()  # lines of several children never interleave mid-line
+
+    def __init__(self, process: ManagedProcess, markers: Sequence[str] = ()) -> None:
+        if process.popen.stdout is None:
+            raise ValueError(f"{process.name} was not started with relay=True")
+        self.process = process
+        self._markers = {marker: marker.encode() for marker in markers}
+        self._seen: dict[str, float] = {}
+        self._thread = threading.Thread(
+            target=self._copy, name=f"relay-{process.name}", daemon=True
+        )
+
+    def start(self) -> Self:
+        self._thread.start()
+        return self
+
+    def seen(self, marker: str) -> bool:
+        return marker in self._seen
+
+    def on_line(self, line: bytes) -> None:
+        """Hook for subclasses that read more than markers from the output."""
+
+    def _copy(self) -> None:
+        stream = self.process.popen.stdout
+        assert stream is not None
         out = sys.stdout.buffer
         for line in iter(stream.readline, b""):
-            if needle in line:
-                seen.set()
-            out.write(line)
-            out.flush()
+            for marker, needle in self._markers.items():
+                if needle in line:
+                    self._seen.setdefault(marker, time.monotonic())
+            self.on_line(line)
+            with self._write_lock:
+                out.write(line)
+                out.flush()
 
-    copier = threading.Thread(target=copy, name=f"relay-{process.name}", daemon=True)
-    copier.start()
+    def finish(self, *, grace: float = 10.0) -> int | None:
+        """Stop the child's group (if still running), finish copying, return its exit code."""
+        code = self.process.stop(grace=grace)
+        self._thread.join(timeout=5.0)
+        stream = self.process.popen.stdout
+        if stream is not None:
+            stream.close()
+        return code
+
+
+def relay_until_exit(process: ManagedProcess, marker: str) -> tuple[int, bool]:
+    """Copy a relayed process's output until its leader exits; the exit code and whether
+    ``marker`` appeared."""
+    relay = OutputRelay(process, [marker]).start()
     try:
         code = process.popen.wait()
     finally:
-        process.stop(grace=10.0)
-        copier.join(timeout=5.0)
-        stream.close()
-    return code, seen.is_set()
+        relay.finish()
+    return code, relay.seen(marker)
 
 
 @contextmanager

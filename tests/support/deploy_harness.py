@@ -152,8 +152,13 @@ class FedshopDeployment:
     root: Path
     layout: Any  # simulations.provision.RunLayout
     pki: Pki
-    port: int
+    port: int  # merchant-facing (nginx, Fleet API only)
+    control_port: int  # the SuperLink's own port on 127.0.0.1 (Control API)
     merchants: list[str]
+
+    @property
+    def state(self) -> Path:
+        return self.root / "state"
 
     def server_args(self, *extra: str) -> list[str]:
         layout = self.layout
@@ -162,33 +167,59 @@ class FedshopDeployment:
             "--certs",
             str(self.pki.server),
             "--state",
-            str(self.root / "state"),
+            str(self.state),
             "--port",
             str(self.port),
+            "--control-port",
+            str(self.control_port),
             "--app",
             str(REPO),
-            "--run-config",
+            "--config",
             str(layout.config),
+            "--run-dir",
+            str(layout.root),
+            "--keys-dir",
+            str(layout.keys),
             "--nodes-allowlist",
             str(self.pki.nodes),
             "--run-timeout",
             "900",
-            "--set",
-            f"run-dir={layout.root}",
-            "--set",
-            f"keys-dir={layout.keys}",
-            "--set",
+            "--flwr-config",
             f"server-ledger={layout.server / 'ledger.sqlite'}",
-            "--expect",
-            str(layout.root / "summary.json"),
             *extra,
         ]
+
+    def serve_args(self) -> list[str]:
+        """``fedshop server`` that only serves: runs are submitted with ``flwr run``."""
+        return [
+            "server",
+            "--certs",
+            str(self.pki.server),
+            "--state",
+            str(self.state),
+            "--port",
+            str(self.port),
+            "--control-port",
+            str(self.control_port),
+            "--nodes-allowlist",
+            str(self.pki.nodes),
+        ]
+
+    def run_config(self) -> dict[str, str]:
+        """What ``fedshop server --config ...`` submits, for a run submitted by hand."""
+        layout = self.layout
+        return {
+            "fedshop-config": str(layout.config),
+            "run-dir": str(layout.root),
+            "keys-dir": str(layout.keys),
+            "server-ledger": str(layout.server / "ledger.sqlite"),
+        }
 
     def online_server_args(self, online_toml: Path) -> list[str]:
         """The platform running fine-tuning rounds after the offline ones (docs/online.md)."""
         return self.server_args(
             "--online",
-            "--set",
+            "--flwr-config",
             f"online-config={online_toml}",
         )
 
@@ -199,7 +230,7 @@ class FedshopDeployment:
             str(self.layout.merchants / name / "merchant.toml"),
             "--superlink",
             f"127.0.0.1:{self.port}",
-            "--root-cert",
+            "--ca-cert",
             str(self.pki.server / "ca.crt"),
             "--node-key",
             str(self.pki.nodes / f"{name}.node.key"),
@@ -212,7 +243,7 @@ class FedshopDeployment:
 
     def wait_superlink(self, server: subprocess.Popen[bytes], timeout: float = 120) -> None:
         wait_for(
-            lambda: (self.root / "state" / "nodes.json").exists(),
+            lambda: (self.state / "nodes.json").exists(),
             timeout=timeout,
             what="SuperLink",
             proc=server,
@@ -228,7 +259,7 @@ def provision_deployment(root: Path, config: dict[str, Any]) -> FedshopDeploymen
     layout = provision(RunConfig.from_dict(config), root / "run")
     merchants = layout.merchant_ids()
     pki = make_pki(root / "pki", merchants)
-    return FedshopDeployment(root, layout, pki, free_port(), merchants)
+    return FedshopDeployment(root, layout, pki, free_port(), free_port(), merchants)
 
 
 # -- online fine-tuning on loopback: inboxes, drops and freshness ---------------------------
@@ -358,3 +389,226 @@ def wait_for_arrivals(
 
     wait_for(check, timeout=timeout, what="promoted versions with the new files", proc=proc)
     return [found[m] for m in sorted(dropped)]
+
+
+# -- the control surface, as a merchant and as the platform's operator -----------------------
+
+
+def _flwr_json(home: Path, *args: str) -> dict[str, Any]:
+    from simulations.deployment.process import flower_bin, flower_env
+
+    done = subprocess.run(
+        [flower_bin("flwr"), *args, "--format", "json"],
+        env=flower_env(home),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    try:
+        payload: dict[str, Any] = json.loads(done.stdout)
+    except json.JSONDecodeError:
+        return {"success": False, "error-message": (done.stderr or done.stdout)[-500:]}
+    return payload
+
+
+def _outcome(payload: dict[str, Any]) -> str:
+    if payload.get("success"):
+        return f"allowed: {payload}"
+    message = str(payload.get("error-message", ""))
+    return "refused" if "403" in message else f"failed otherwise: {message[-300:]}"
+
+
+def merchant_control_attempts(
+    home: Path, port: int, ca_cert: Path, node_key: Path, app: Path | None = None
+) -> dict[str, str]:
+    """What a merchant holding ``ca.crt`` and its node key gets from the platform's
+    merchant-facing port when it tries the Control and Runtime APIs: ``refused`` (HTTP 403)
+    for each attempt, or what happened instead."""
+    from base64 import b64encode
+
+    import httpx
+    from flwr.common.constant import TIMESTAMP_HEADER
+    from flwr.supercore.constant import FLEET_HTTP_PUBLIC_KEY_HEADER, FLEET_HTTP_SIGNATURE_HEADER
+    from flwr.supercore.date import now
+    from flwr.supercore.primitives.asymmetric import public_key_to_bytes, sign_message
+
+    from simulations.deployment.flower import write_connection_config
+
+    write_connection_config(home, address=f"127.0.0.1:{port}", root_cert=ca_cert, name="platform")
+    results = {
+        "flwr ls": _outcome(_flwr_json(home, "ls", "platform")),
+        "flwr supernode ls": _outcome(_flwr_json(home, "supernode", "ls", "platform")),
+        "flwr supernode register": _outcome(
+            _flwr_json(home, "supernode", "register", str(node_key.with_suffix(".pub")), "platform")
+        ),
+    }
+    if app is not None:
+        results["flwr run"] = _outcome(_flwr_json(home, "run", str(app), "platform"))
+    key = certs.load_node_private_key(node_key)
+    stamp = now().isoformat()
+    headers = {
+        "content-type": "application/protobuf",
+        FLEET_HTTP_PUBLIC_KEY_HEADER: b64encode(public_key_to_bytes(key.public_key())).decode(),
+        TIMESTAMP_HEADER: stamp,
+        FLEET_HTTP_SIGNATURE_HEADER: b64encode(sign_message(key, stamp.encode())).decode(),
+    }
+    with httpx.Client(verify=str(ca_cert), timeout=30) as client:
+        for path in (
+            "/v1/control/start-run",
+            "/v1/control/list-nodes",
+            "/v1/runtime/acquire-task",
+            "/v1/runtime/pull-task-input",
+        ):
+            response = client.post(f"https://127.0.0.1:{port}{path}", content=b"", headers=headers)
+            results[f"signed POST {path}"] = (
+                "refused" if response.status_code == 403 else f"HTTP {response.status_code}"
+            )
+    return results
+
+
+def operator_flwr_ls(flwr_home: Path) -> list[dict[str, Any]]:
+    """``flwr ls`` on the platform host, through the connection ``fedshop server`` wrote."""
+    payload = _flwr_json(flwr_home, "ls", "fedshop")
+    assert payload.get("success"), payload
+    return list(payload.get("runs", []))
+
+
+# -- an app that is not the one merchants pinned ---------------------------------------------
+
+EVIL_SERVERAPP = '''\
+"""A ServerApp that asks every merchant for its raw events (what pinning must stop)."""
+
+import json
+import time
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    run_dir = Path(str(context.run_config["run-dir"]))
+    deadline = time.time() + 120
+    while len(list(grid.get_node_ids())) < 3 and time.time() < deadline:
+        time.sleep(0.5)
+    messages = [
+        Message(RecordDict({"config": ConfigRecord({"round": 1})}), dst_node_id=n,
+                message_type="train")
+        for n in sorted(grid.get_node_ids())
+    ]
+    outcome = []
+    for reply in grid.send_and_receive(messages, timeout=120):
+        entry = {"node": reply.metadata.src_node_id}
+        if reply.has_error():
+            entry["error"] = reply.error.reason
+        else:
+            leak = reply.content["leak"]
+            entry["merchant"] = str(leak["merchant"])
+            entry["leaked_bytes"] = len(leak["events"])
+        outcome.append(entry)
+    (run_dir / "leak.json").write_text(json.dumps(outcome))
+'''
+
+EVIL_CLIENTAPP = '''\
+"""A ClientApp that puts the merchant's whole event file in its reply."""
+
+import tomllib
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    merchant_toml = Path(str(context.node_config["merchant-config"]))
+    merchant = tomllib.loads(merchant_toml.read_text())["merchant"]
+    events = Path(merchant["data"]).read_bytes()
+    leak = ConfigRecord({"merchant": merchant["id"], "events": events})
+    return Message(RecordDict({"leak": leak}), reply_to=msg)
+'''
+
+
+def make_evil_app(root: Path) -> Path:
+    """An app bundle that claims to be fedshop (same name, version and components) but whose
+    ClientApp exfiltrates the merchant's events."""
+    app = root / "evil-app"
+    for package in ("server", "client"):
+        (app / package).mkdir(parents=True)
+        (app / package / "__init__.py").write_text("")
+    (app / "server" / "app.py").write_text(EVIL_SERVERAPP)
+    (app / "client" / "app.py").write_text(EVIL_CLIENTAPP)
+    pyproject = (REPO / "pyproject.toml").read_text(encoding="utf-8")
+    pyproject = pyproject.replace('"common/**/*.py", ', "")  # this app has no common/
+    (app / "pyproject.toml").write_text(pyproject, encoding="utf-8")
+    return app
+
+
+# -- what the SuperLink did, from its own database -------------------------------------------
+
+
+def _uint64(value: int) -> int:
+    """Node ids as SuperNodes print them (the database keeps them as signed 64-bit)."""
+    return int(value) % 2**64
+
+
+class SuperLinkWatch:
+    """Polls the SuperLink's SQLite state (Flower 1.41 schema) while a run goes on: every
+    message it was asked to deliver (destination, creation time) and every node activation.
+    Flower deletes delivered messages, so this is the record of who was asked when."""
+
+    def __init__(self, state_db: Path, interval: float = 0.2) -> None:
+        import threading
+
+        self.state_db = state_db
+        self.interval = interval
+        self.messages: dict[str, tuple[int, float, str]] = {}
+        self.activations: dict[int, set[str]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def __enter__(self) -> SuperLinkWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _poll(self) -> None:
+        import sqlite3
+
+        while not self._stop.is_set():
+            try:
+                with sqlite3.connect(f"file:{self.state_db}?mode=ro", uri=True, timeout=1) as db:
+                    for message_id, dst, created, kind in db.execute(
+                        "SELECT message_id, dst_node_id, created_at, message_type FROM message_ins"
+                    ):
+                        self.messages.setdefault(
+                            message_id, (_uint64(dst), float(created), str(kind))
+                        )
+                    for node, activated in db.execute(
+                        "SELECT node_id, last_activated_at FROM node"
+                    ):
+                        if activated:
+                            self.activations.setdefault(_uint64(node), set()).add(activated)
+            except sqlite3.Error:
+                pass  # not created yet, or locked for a moment
+            self._stop.wait(self.interval)
+
+    def rounds(self, message_type: str = "train", gap: float = 1.0) -> list[tuple[float, set[int]]]:
+        """Messages of ``message_type`` grouped into rounds (a round's messages are created
+        together): each round's creation time and the nodes it asked."""
+        found: list[tuple[float, set[int]]] = []
+        chosen = [(d, c) for d, c, kind in self.messages.values() if kind == message_type]
+        for dst, created in sorted(chosen, key=lambda item: item[1]):
+            if found and created - found[-1][0] < gap:
+                found[-1][1].add(dst)
+            else:
+                found.append((created, {dst}))
+        return found
