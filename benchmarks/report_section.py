@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common.atomic import atomic_write_text  # noqa: E402
+from common.atomic import atomic_write_text
 
 
 def _markers(name: str) -> tuple[str, str]:

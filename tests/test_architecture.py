@@ -137,7 +137,9 @@ def import_graph() -> dict[str, set[str]]:
     modules = {module_name(p) for p in files}
     graph = {module_name(p): project_imports(p, modules) for p in files}
     # importing a submodule runs its package's __init__ first, but that is not a dependency edge
-    return {m: {d for d in deps if d != m and not m.startswith(d + ".")} for m, deps in graph.items()}
+    return {
+        m: {d for d in deps if d != m and not m.startswith(d + ".")} for m, deps in graph.items()
+    }
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
