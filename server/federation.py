@@ -97,6 +97,7 @@ class Federation:
         self.config = settings.config
         self.strategy = build_strategy(self.config.federation)
         self.merchant_of: dict[int, str] = {}  # node id -> merchant id, learnt from replies
+        self.registered_as: dict[int, str] = {}  # node id -> name the operator registered
 
     # -- nodes -------------------------------------------------------------------
     def nodes(self) -> list[int]:
@@ -105,11 +106,24 @@ class Federation:
         while True:
             nodes = sorted(self.grid.get_node_ids())
             if len(nodes) >= self.config.federation.min_merchants or time.monotonic() > deadline:
+                self._learn_registered_names()
                 return nodes
             time.sleep(1.0)
 
+    def _learn_registered_names(self) -> None:
+        """The names nodes were allow-listed under (``flwr supernode register --name``), so a
+        merchant that fails before it ever replied is still named."""
+        try:
+            infos = list(self.grid.get_nodes())
+        except Exception:  # a grid that cannot list node details: names come from replies
+            return
+        for info in infos:
+            name = str(getattr(info, "name", "") or "")
+            if name:
+                self.registered_as[int(info.node_id)] = name
+
     def name_of(self, node: int) -> str:
-        return self.merchant_of.get(node, f"node-{node}")
+        return self.merchant_of.get(node) or self.registered_as.get(node) or f"node-{node}"
 
     def _learn(self, replies: list[Message]) -> None:
         for reply in replies:

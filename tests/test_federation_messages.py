@@ -188,3 +188,24 @@ def test_reply_encoding_round_trip_and_acceptance_with_backlog(small_layout, tmp
         decision = accept_reply(decoded, context, ledger)
         assert isinstance(decision, AcceptedUpdate), decision
         assert ledger.last_seq(merchant.id) == 2
+
+
+def test_a_node_that_fails_before_it_ever_replied_is_named_as_registered(federation, monkeypatch):
+    """Deployment registers nodes under the merchant's name; a merchant whose first message
+    already fails is reported under that name, not as node-N."""
+    from flwr.proto.node_pb2 import NodeInfo
+
+    import client.merchant_round
+
+    layout, fed, grid, ledger = federation
+    names = dict(zip([1, 2, 3], layout.merchant_ids(), strict=True))
+    monkeypatch.setattr(
+        grid, "get_nodes", lambda: [NodeInfo(node_id=n, name=m) for n, m in names.items()]
+    )
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("no disk")
+
+    monkeypatch.setattr(client.merchant_round, "run_merchant_round", boom)
+    outcome = fed.run_round(initial_model(fed.config), 1, ledger)
+    assert set(outcome.failed) == set(names.values())
