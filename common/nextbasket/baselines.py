@@ -215,15 +215,15 @@ def als_scores(
         shape=(offset, len(products)),
     )
     user_items.sum_duplicates()
-    model = AlternatingLeastSquares(
-        factors=params.factors,
-        regularization=params.regularization,
-        alpha=params.alpha,
-        iterations=params.iterations,
-        random_state=seed,
-        num_threads=1,
-    )
     with threadpool_limits(1, "blas"):
+        model = AlternatingLeastSquares(
+            factors=params.factors,
+            regularization=params.regularization,
+            alpha=params.alpha,
+            iterations=params.iterations,
+            random_state=seed,
+            num_threads=1,
+        )
         model.fit(user_items, show_progress=False)
     out = {}
     for m in names:

@@ -124,7 +124,8 @@ def basket_log(
     customer, customer_ids = pd.factorize(dated[CUSTOMER_ID], sort=True)
     product, product_ids = pd.factorize(dated[PRODUCT_ID], sort=True)
     stamps = pd.DatetimeIndex(dated[TIMESTAMP])
-    nanos = (stamps.tz_convert("UTC") if stamps.tz is not None else stamps).asi8
+    utc = stamps.tz_convert("UTC") if stamps.tz is not None else stamps
+    nanos = utc.as_unit("ns").asi8
     order = np.lexsort((product, nanos, customer))
     customer, product, nanos = customer[order], product[order], nanos[order]
     new_basket = np.r_[True, (customer[1:] != customer[:-1]) | (nanos[1:] != nanos[:-1])]
