@@ -64,8 +64,8 @@ Arrays = dict[str, np.ndarray]
 class Schedule:
     """The training plan every trained method shares (rounds x local epochs of passes)."""
 
-    rounds: int = 5
-    local_epochs: int = 3
+    rounds: int = 6
+    local_epochs: int = 2
     event_batch: int = 256
     customer_batch: int = 32
     learning_rate: float = 1e-2
@@ -172,15 +172,14 @@ def _ndcg(scores: np.ndarray, cases: CaseSet) -> float:
 def run_tifu(data: dict[str, Merchant]) -> Method:
     began = time.perf_counter()
     method = Method("TIFU-KNN", "local heuristic")
-    grid = baselines.tifu_grid()
     scores, chosen = {}, {}
     for name, m in data.items():
         valid, test = m.held["valid"], m.held["test"]
 
-        def objective(p: baselines.TifuParams, m: Merchant = m, h: HeldOut = valid) -> float:
-            return _ndcg(baselines.tifu_knn(m.log, h.cases, _pop(m, h), p), h.cases)
+        def objective(scores: np.ndarray, h: HeldOut = valid) -> float:
+            return _ndcg(scores, h.cases)
 
-        best, _ = baselines.tune(grid, objective)
+        best, _ = baselines.tune_tifu(m.log, valid.cases, _pop(m, valid), objective)
         chosen[name] = asdict(best)
         scores[name] = baselines.tifu_knn(m.log, test.cases, _pop(m, test), best)
     record(method, scores, data)

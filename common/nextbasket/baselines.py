@@ -125,11 +125,16 @@ def tifu_vectors(
     return vectors
 
 
-def tifu_knn(
-    log: BasketLog, cases: CaseSet, popularity: np.ndarray, params: TifuParams
-) -> np.ndarray:
-    """TIFU-KNN scores; every case must share one cutoff (held-out cases: the period start),
-    taken as the earliest case's visit day."""
+@dataclass(frozen=True)
+class _TifuPool:
+    """Household vectors at one cutoff and the cases' distances to the other households."""
+
+    own: np.ndarray  # [cases, catalogue]
+    pool: np.ndarray  # [households with history, catalogue]
+    order: np.ndarray  # [cases, pool] pool indices, nearest first (oneself last)
+
+
+def _tifu_pool(log: BasketLog, cases: CaseSet, params: TifuParams) -> _TifuPool:
     before = float(cases.day.min()) if len(cases) else 0.0
     has = cases.history_end > cases.history_start
     if np.any(log.day[cases.history_end[has] - 1] >= before):
@@ -140,30 +145,46 @@ def tifu_knn(
     pool = vectors[active]
     squared = (own**2).sum(1)[:, None] + (pool**2).sum(1)[None, :] - 2.0 * own @ pool.T
     squared[active[None, :] == cases.customer[:, None]] = np.inf  # never one's own neighbour
-    k = min(params.neighbours, max(len(active) - 1, 1))
-    nearest = np.argpartition(squared, k - 1, axis=1)[:, :k]
-    neighbours = pool[nearest].mean(axis=1)
-    blended = params.alpha * own + (1 - params.alpha) * neighbours
+    return _TifuPool(own, pool, np.argsort(squared, axis=1, kind="stable"))
+
+
+def _tifu_blend(pool: _TifuPool, neighbours: int, alpha: float) -> np.ndarray:
+    k = min(neighbours, max(pool.pool.shape[0] - 1, 1))
+    nearest = pool.pool[pool.order[:, :k]].mean(axis=1)
+    return alpha * pool.own + (1 - alpha) * nearest
+
+
+def tifu_knn(
+    log: BasketLog, cases: CaseSet, popularity: np.ndarray, params: TifuParams
+) -> np.ndarray:
+    """TIFU-KNN scores; every case must share one cutoff (held-out cases: the period start),
+    taken as the earliest case's visit day."""
+    blended = _tifu_blend(_tifu_pool(log, cases, params), params.neighbours, params.alpha)
     return break_ties(blended, popularity[cases.catalogue])
 
 
-def tifu_grid(grid: Mapping[str, Iterable[float]] = TIFU_GRID) -> list[TifuParams]:
-    names = list(grid)
-    return [
-        TifuParams(**dict(zip(names, values, strict=True)))  # type: ignore[arg-type]
-        for values in itertools.product(*(grid[n] for n in names))
-    ]
-
-
-def tune(
-    candidates: list[TifuParams], objective: Callable[[TifuParams], float]
+def tune_tifu(
+    log: BasketLog,
+    cases: CaseSet,
+    popularity: np.ndarray,
+    objective: Callable[[np.ndarray], float],
+    grid: Mapping[str, Iterable[float]] = TIFU_GRID,
 ) -> tuple[TifuParams, float]:
-    """The candidate with the highest objective (first one on ties)."""
-    best, best_value = candidates[0], -np.inf
-    for params in candidates:
-        value = objective(params)
-        if value > best_value:
-            best, best_value = params, value
+    """The grid point whose scores maximise ``objective`` (first on ties); household vectors
+    and neighbour orders are computed once per decay setting."""
+    best, best_value = None, -np.inf
+    for size, within, across in itertools.product(
+        grid["group_size"], grid["within_decay"], grid["group_decay"]
+    ):
+        decay = TifuParams(group_size=int(size), within_decay=within, group_decay=across)
+        pool = _tifu_pool(log, cases, decay)
+        for k, alpha in itertools.product(grid["neighbours"], grid["alpha"]):
+            scores = break_ties(_tifu_blend(pool, int(k), alpha), popularity[cases.catalogue])
+            value = objective(scores)
+            if value > best_value:
+                best_value = value
+                best = TifuParams(int(size), within, across, int(k), alpha)
+    assert best is not None
     return best, float(best_value)
 
 

@@ -46,12 +46,16 @@ def metric_names(ks: tuple[int, ...] = KS) -> tuple[str, ...]:
     )
 
 
-def pessimistic_ranks(row: np.ndarray, relevant: np.ndarray) -> np.ndarray:
+def pessimistic_ranks(
+    row: np.ndarray, relevant: np.ndarray, ascending: np.ndarray | None = None
+) -> np.ndarray:
     """0-based ranks of the catalogue slots ``relevant`` in ``row`` (scores, higher first),
-    with every non-relevant item of equal score ranked above them."""
+    with every non-relevant item of equal score ranked above them. ``ascending`` is
+    ``np.sort(row)`` if the caller has it already."""
     if len(relevant) == 0:
         return np.zeros(0, dtype=np.int64)
-    ascending = np.sort(row)
+    if ascending is None:
+        ascending = np.sort(row)
     values = row[relevant]
     above = len(row) - np.searchsorted(ascending, values, side="right")
     ties = np.searchsorted(ascending, values, side="right") - np.searchsorted(
@@ -99,6 +103,7 @@ def case_metrics(
     for i in range(len(cases)):
         lo, hi = cases.basket_indptr[i], cases.basket_indptr[i + 1]
         slots, repeat = cases.basket_slot[lo:hi], cases.basket_repeat[lo:hi]
+        ascending = np.sort(scores[i])
         for part, chosen in (
             ("all", np.ones(hi - lo, bool)),
             ("repeat", repeat),
@@ -106,7 +111,7 @@ def case_metrics(
         ):
             total = int(chosen.sum())
             rankable = slots[chosen & (slots >= 0)]
-            ranks = pessimistic_ranks(scores[i], rankable)
+            ranks = pessimistic_ranks(scores[i], rankable, ascending)
             for (kind, k), value in _part_values(ranks, total, ks).items():
                 out[metric_name(kind, k, part)][i] = value
     return out
