@@ -24,6 +24,7 @@ from common.nextbasket.baselines import (
     g_topfreq,
     p_topfreq,
     tifu_knn,
+    tune_tifu,
 )
 from common.nextbasket.baskets import basket_cases, basket_log, heldout_cases
 from common.nextbasket.features import FEATURES, history_features, merchant_popularity
@@ -199,3 +200,47 @@ def test_als_scores_cover_each_catalogue(shop):
     )
     assert out["shop"].shape == (3, 3)
     assert np.isfinite(out["shop"]).all()
+
+
+def test_tifu_tuning_returns_the_grid_point_it_scored(shop):
+    log, cases = shop
+    popularity = merchant_popularity(log, before_week=3)
+    seen = []
+
+    def objective(scores):
+        seen.append(scores)
+        return float(scores[0, 2] - scores[0, 0])  # prefer C over A for household a
+
+    grid = {
+        "group_size": (1, 2),
+        "within_decay": (1.0,),
+        "group_decay": (0.5,),
+        "neighbours": (1,),
+        "alpha": (0.2, 0.9),
+    }
+    best, value = tune_tifu(log, cases, popularity, objective, grid)
+    assert len(seen) == 4
+    assert best.alpha == 0.2  # more weight on the neighbour, who bought C
+    assert objective(tifu_knn(log, cases, popularity, best)) == pytest.approx(value)
+
+
+def test_nextbasket_is_torch_free_except_the_model():
+    import ast
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[1] / "common" / "nextbasket"
+    for path in package.glob("*.py"):
+        if path.name == "model.py":
+            continue
+        tree = ast.parse(path.read_text())
+        names = {
+            alias.name.split(".")[0]
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Import)
+            for alias in node.names
+        } | {
+            node.module.split(".")[0]
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.module
+        }
+        assert not names & {"torch", "opacus"}, path.name
