@@ -1,0 +1,109 @@
+"""A merchant's local part of the next-basket model: fitted and used at the merchant only.
+
+After the federation has trained the shared weights, each merchant chooses on its own
+validation weeks (the weeks after its training weeks) between
+
+- the shared weights as they are, or Ditto-personalised copies at a few pull strengths
+  (:func:`client.nextbasket_training.personalise`, trained without DP on its own records), and
+- a popularity weight for its blend (:class:`common.nextbasket.local.LocalHead`),
+
+keeping whichever scores the best NDCG@10 there (the simpler choice wins ties). Nothing of
+this is sent: the platform only ever receives shared weights and metric sums.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from client.nextbasket_training import personalise
+from client.training import LocalTraining
+from common.nextbasket.baselines import break_ties
+from common.nextbasket.baskets import CaseSet
+from common.nextbasket.features import HistoryFeatures
+from common.nextbasket.local import LocalHead, LocalState
+from common.nextbasket.metrics import MetricSums, case_metrics
+from common.nextbasket.model import (
+    BasketScorer,
+    RecordTensors,
+    load_shared_arrays,
+    score_catalogue,
+)
+from common.nextbasket.spec import ScorerSpec
+
+POPULARITY_WEIGHTS: tuple[float, ...] = (0.0, 0.1, 0.25, 0.5, 1.0)
+PROX_STRENGTHS: tuple[float, ...] = (1.0, 0.1)
+PERSONAL_TRAINING = LocalTraining(batch_size=256, local_epochs=2, learning_rate=3e-3)
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """One merchant's held-out cases with what scoring them needs."""
+
+    cases: CaseSet
+    features: HistoryFeatures
+    popularity: np.ndarray  # [catalogue] merchant sales before the held-out weeks
+    items: np.ndarray  # [products, 3] hashed ids (records.item_ids)
+
+
+def raw_scores(arrays: dict[str, np.ndarray], spec: ScorerSpec, data: HeldOut) -> np.ndarray:
+    """[cases, catalogue] scores of the weights ``arrays`` (shared or personal)."""
+    model = BasketScorer(spec)
+    load_shared_arrays(model, arrays)
+    return score_catalogue(model, data.features, data.cases, data.items)
+
+
+def final_scores(raw: np.ndarray, head: LocalHead, data: HeldOut) -> np.ndarray:
+    """The blend, ties broken by the merchant's popularity (as every baseline does)."""
+    return break_ties(head.apply(raw, data.popularity), data.popularity)
+
+
+def scores_with(
+    state: LocalState, shared: dict[str, np.ndarray], spec: ScorerSpec, data: HeldOut
+) -> np.ndarray:
+    """What the merchant serves: personal weights if it kept some, else the shared ones."""
+    weights = state.personal if state.personal else shared
+    return final_scores(raw_scores(weights, spec, data), state.head, data)
+
+
+def _best_head(raw: np.ndarray, data: HeldOut) -> tuple[LocalHead, float]:
+    best, best_value = LocalHead(0.0), -np.inf
+    for weight in POPULARITY_WEIGHTS:
+        head = LocalHead(weight)
+        value = MetricSums.of(case_metrics(final_scores(raw, head, data), data.cases))
+        if value.mean("ndcg@10") > best_value + 1e-12:
+            best, best_value = head, value.mean("ndcg@10")
+    return best, best_value
+
+
+def fit_local_state(
+    *,
+    merchant_id: str,
+    shared: dict[str, np.ndarray],
+    spec: ScorerSpec,
+    records: RecordTensors | None,
+    validation: HeldOut,
+    generator: torch.Generator,
+) -> LocalState:
+    """Choose the local part on the validation cases; ``records`` None = no personalisation
+    (only the blend is chosen)."""
+    head, value = _best_head(raw_scores(shared, spec, validation), validation)
+    state = LocalState(merchant_id, head)
+    if records is None:
+        return state
+    for prox in PROX_STRENGTHS:
+        model = BasketScorer(spec)
+        load_shared_arrays(model, shared)
+        personal = personalise(
+            model=model,
+            records=records,
+            settings=PERSONAL_TRAINING,
+            prox=prox,
+            generator=generator,
+        )
+        candidate_head, candidate = _best_head(raw_scores(personal, spec, validation), validation)
+        if candidate > value + 1e-12:
+            state, value = LocalState(merchant_id, candidate_head, prox, personal), candidate
+    return state

@@ -1,0 +1,83 @@
+"""What a merchant keeps for itself: its blend and its personalised weights (never sent).
+
+:class:`LocalState` is fitted at the merchant after (or between) federated rounds, from the
+shared weights and the merchant's own data; it costs no privacy towards the platform because
+nothing of it leaves. It is saved as one NumPy archive written atomically, so a restarted
+merchant scores with exactly the state it chose, and a crash never leaves half of it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from common.arrays_io import arrays_to_npz, npz_to_arrays
+from common.atomic import atomic_write_bytes
+from common.errors import CheckpointError, ConfigError
+
+_META = "__local_state__"
+FORMAT = 1
+
+
+@dataclass(frozen=True)
+class LocalHead:
+    """The merchant's blend of the (shared or personal) score with its own best sellers:
+    ``score + popularity_weight * log(1 + merchant sales of the product)``."""
+
+    popularity_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.popularity_weight):
+            raise ConfigError(f"popularity_weight must be finite, got {self.popularity_weight}")
+
+    def apply(self, scores: np.ndarray, popularity: np.ndarray) -> np.ndarray:
+        """``scores`` [cases, catalogue]; ``popularity`` [catalogue] merchant sales."""
+        return scores + self.popularity_weight * np.log1p(popularity)[None, :]
+
+
+@dataclass(frozen=True)
+class LocalState:
+    """A merchant's local part: the head, and Ditto weights if personalisation won on its
+    validation weeks (``prox`` is the strength that won; ``personal`` is empty otherwise)."""
+
+    merchant_id: str
+    head: LocalHead = field(default_factory=LocalHead)
+    prox: float | None = None
+    personal: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if (self.prox is None) != (not self.personal):
+            raise ConfigError("a local state has personal weights exactly when it has a prox")
+
+    def save(self, path: Path) -> None:
+        meta = {
+            "format": FORMAT,
+            "merchant_id": self.merchant_id,
+            "popularity_weight": self.head.popularity_weight,
+            "prox": self.prox,
+        }
+        encoded = np.frombuffer(json.dumps(meta, sort_keys=True).encode(), dtype=np.uint8)
+        atomic_write_bytes(path, arrays_to_npz({**self.personal, _META: encoded}))
+
+    @classmethod
+    def load(cls, path: Path, *, merchant_id: str) -> LocalState:
+        try:
+            arrays = npz_to_arrays(path.read_bytes())
+            meta = json.loads(arrays.pop(_META).tobytes().decode())
+        except (OSError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"{path}: not a readable local state ({exc})") from None
+        if meta.get("format") != FORMAT or meta.get("merchant_id") != merchant_id:
+            raise CheckpointError(
+                f"{path}: local state of {meta.get('merchant_id')!r} (format "
+                f"{meta.get('format')}), expected merchant {merchant_id!r} (format {FORMAT})"
+            )
+        return cls(
+            merchant_id=merchant_id,
+            head=LocalHead(float(meta["popularity_weight"])),
+            prox=None if meta["prox"] is None else float(meta["prox"]),
+            personal=arrays,
+        )

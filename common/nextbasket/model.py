@@ -1,0 +1,256 @@
+"""The next-basket scorer: a shared part the federation trains with DP, a local part that stays.
+
+**Shared part** (:class:`BasketScorer`, the only weights that ever leave a merchant, as plain
+float32 arrays). For a household ``h`` at scoring time and a product ``i``::
+
+    score(h, i) = product_bias[i]                                        # cross-merchant prior
+                + explore_mlp(household(h), affinity(h, i), cat[i], dept[i])
+                + in_history(h, i) * repeat_mlp(all features(h, i), cat[i], dept[i])
+
+The explore part ranks products the household never bought from what is shared across
+merchants: a hashed product prior, category and department embeddings, and the household's
+own category/department shares. The repeat part lifts products from the household's history
+by its own frequency, time decay, recency and repurchase rhythm; its household inputs
+(baskets, repeat ratio, days since the last visit) learn how far to trust the repeat part
+against the explore part. About 43 k parameters, most of them the product prior.
+
+Only ``nn.Embedding`` and ``nn.Linear`` (subclasses with faster per-record norms:
+:class:`HashedEmbedding`, :class:`CompactLinear`) hold weights, each module
+is called once per forward, and every Linear sees a 3-D input ``[records, candidates,
+features]``: what Opacus ghost clipping needs to compute per-record gradient norms.
+
+**DP soundness** (the contract of training with :class:`BasketSoftmaxLoss`): a record's loss
+depends only on that record's data (records.py), the current shared weights, and public
+inputs (catalogue, product metadata). Merchant-wide statistics never enter it. The local part
+(:class:`common.nextbasket.local.LocalState`: a blend and personalised weights) is fitted
+after, from the shared weights and local data, and never feeds back into the shared update:
+the coupling is one-way.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from opacus.grad_sample.embedding import compute_embedding_grad_sample
+from opacus.grad_sample.linear import compute_linear_grad_sample
+from opacus.grad_sample.utils import register_grad_sampler, register_norm_sampler
+from torch import nn
+
+from common.errors import ConfigError
+from common.nextbasket.baskets import CaseSet
+from common.nextbasket.features import REPEAT_FEATURES, HistoryFeatures
+from common.nextbasket.records import NEGATIVE, POSITIVE, RecordArrays
+from common.nextbasket.spec import ScorerSpec
+
+_MASKED = -1.0e4  # finite, so that an all-masked softmax has zero (not NaN) gradients
+
+
+class HashedEmbedding(nn.Embedding):
+    """A plain ``nn.Embedding`` (no padding index, no max norm) with a faster per-record
+    gradient norm for ghost clipping.
+
+    The norm is the one Opacus' embedding norm sampler computes (per record, sum the
+    gradients of repeated ids, then take the norm), but grouped with a one-dimensional
+    ``unique`` over ``record * rows + id`` keys instead of a row-wise ``unique`` over pairs,
+    which costs about 40 ms per call on a CPU at 40 k lookups and dominated DP training time.
+    tests/test_nextbasket_model.py checks it against per-record autograd.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
+        super().__init__(num_embeddings, embedding_dim)
+
+
+@register_norm_sampler(HashedEmbedding)
+def _hashed_embedding_norm_sample(
+    layer: HashedEmbedding, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[torch.Tensor, torch.Tensor]:
+    ids = activations[0].reshape(activations[0].shape[0], -1)
+    records, lookups = ids.shape
+    grads = backprops.reshape(records * lookups, -1)
+    owner = torch.arange(records, device=ids.device).repeat_interleave(lookups)
+    keys, inverse = torch.unique(
+        owner * layer.num_embeddings + ids.reshape(-1), return_inverse=True
+    )
+    summed = torch.zeros(len(keys), grads.shape[1], dtype=grads.dtype, device=grads.device)
+    summed.index_add_(0, inverse, grads)
+    squared = torch.zeros(records, dtype=grads.dtype, device=grads.device)
+    squared.scatter_add_(0, keys // layer.num_embeddings, summed.pow(2).sum(1))
+    return {layer.weight: squared.sqrt()}
+
+
+register_grad_sampler(HashedEmbedding)(compute_embedding_grad_sample)
+
+
+class CompactLinear(nn.Linear):
+    """A plain ``nn.Linear`` whose per-record gradient norm (ghost clipping) is computed from
+    the per-record gradient itself, ``sum_t backprop_t outer activation_t``, when that is
+    cheaper than Opacus' ghost norm: the ghost norm forms two T x T Gram matrices per record
+    (T = candidates, about 120 here), while this layer's gradient has only in x out entries.
+    Same quantity, checked against per-record autograd in tests/test_nextbasket_model.py.
+    """
+
+
+@register_norm_sampler(CompactLinear)
+def _compact_linear_norm_sample(
+    layer: CompactLinear, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[torch.Tensor, torch.Tensor]:
+    a = activations[0].to(backprops.dtype)
+    records = a.shape[0]
+    a, g = a.reshape(records, -1, a.shape[-1]), backprops.reshape(records, -1, backprops.shape[-1])
+    norms = {layer.weight: torch.bmm(g.transpose(1, 2), a).flatten(1).norm(dim=1)}
+    if layer.bias is not None:
+        norms[layer.bias] = g.sum(1).norm(dim=1)
+    return norms
+
+
+register_grad_sampler(CompactLinear)(compute_linear_grad_sample)
+
+
+class BasketScorer(nn.Module):
+    """Scores candidates: ``features`` [B, T, F] float, ``items`` [B, T, 3] hashed ids."""
+
+    def __init__(self, spec: ScorerSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        d, h = spec.embedding_dim, spec.hidden_dim
+        context = spec.features - len(REPEAT_FEATURES)
+        self.product_bias = HashedEmbedding(spec.product_buckets, 1)
+        self.categories = HashedEmbedding(spec.category_buckets, d)
+        self.departments = HashedEmbedding(spec.department_buckets, d)
+        self.explore_hidden = CompactLinear(context + 2 * d, h)
+        self.explore_out = CompactLinear(h, 1)
+        self.repeat_hidden = CompactLinear(spec.features + 2 * d, h)
+        self.repeat_out = CompactLinear(h, 1)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.product_bias.weight)
+        nn.init.normal_(self.categories.weight, std=0.05)
+        nn.init.normal_(self.departments.weight, std=0.05)
+
+    def forward(self, features: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        category = self.categories(items[..., 1])
+        department = self.departments(items[..., 2])
+        bias = self.product_bias(items[..., 0]).squeeze(-1)
+        context = features[..., len(REPEAT_FEATURES) :]
+        explore = self.explore_out(
+            torch.relu(self.explore_hidden(torch.cat([context, category, department], -1)))
+        ).squeeze(-1)
+        repeat = self.repeat_out(
+            torch.relu(self.repeat_hidden(torch.cat([features, category, department], -1)))
+        ).squeeze(-1)
+        return bias + explore + features[..., 0] * repeat
+
+
+class BasketSoftmaxLoss(nn.Module):
+    """Sampled softmax over the catalogue, one term per positive, mean per basket, mean over
+    the record's baskets.
+
+    For a positive ``p`` of a basket with negatives ``n`` (logits corrected by ``log_q``):
+    ``softplus(logsumexp_n(s_n + log_q_n) - s_p)`` = -log of p's share against the negatives.
+    Carries ``reduction`` because Opacus' ghost-clipping wrapper switches it to ``"none"``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reduction = "mean"
+
+    def forward(
+        self, logits: torch.Tensor, log_q: torch.Tensor, target: torch.Tensor
+    ) -> torch.Tensor:
+        scores = logits.reshape(target.shape)
+        positive = (target == POSITIVE).to(scores.dtype)
+        negative = target == NEGATIVE
+        masked = torch.where(negative, scores + log_q, torch.full_like(scores, _MASKED))
+        partition = torch.logsumexp(masked, dim=-1, keepdim=True)
+        per_positive = nn.functional.softplus(partition - scores) * positive
+        counts = positive.sum(-1)
+        per_basket = per_positive.sum(-1) / counts.clamp(min=1.0)
+        valid = (counts > 0).to(scores.dtype)
+        per_record = (per_basket * valid).sum(-1) / valid.sum(-1).clamp(min=1.0)
+        if self.reduction == "none":
+            return per_record
+        return per_record.sum() if self.reduction == "sum" else per_record.mean()
+
+
+@dataclass(frozen=True)
+class RecordTensors:
+    """:class:`RecordArrays` as tensors, candidates flattened to ``[N, G * C, ...]``."""
+
+    features: torch.Tensor
+    items: torch.Tensor
+    log_q: torch.Tensor
+    target: torch.Tensor
+
+    @classmethod
+    def of(cls, records: RecordArrays) -> RecordTensors:
+        n, g, c, f = records.features.shape
+        return cls(
+            features=torch.from_numpy(records.features.reshape(n, g * c, f)),
+            items=torch.from_numpy(records.items.reshape(n, g * c, 3)),
+            log_q=torch.from_numpy(records.log_q),
+            target=torch.from_numpy(records.target.astype(np.int64)),
+        )
+
+    def __len__(self) -> int:
+        return int(self.features.shape[0])
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.features, self.items, self.log_q, self.target)
+
+
+def shared_arrays(model: nn.Module) -> OrderedDict[str, np.ndarray]:
+    """The shared weights as plain float32 arrays, free of any Opacus ``_module.`` prefix."""
+    arrays: OrderedDict[str, np.ndarray] = OrderedDict()
+    for name, tensor in model.state_dict().items():
+        arrays[name.removeprefix("_module.")] = (
+            tensor.detach().cpu().numpy().astype(np.float32, copy=True)
+        )
+    return arrays
+
+
+def load_shared_arrays(model: nn.Module, arrays: dict[str, np.ndarray]) -> None:
+    """Load plain arrays into ``model``; names and shapes must match exactly."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if set(arrays) != set(expected):
+        raise ConfigError(
+            f"scorer arrays do not match: missing {sorted(set(expected) - set(arrays))}, "
+            f"unexpected {sorted(set(arrays) - set(expected))}"
+        )
+    for name, shape in expected.items():
+        if tuple(arrays[name].shape) != shape:
+            raise ConfigError(f"array {name!r} has shape {arrays[name].shape}, expected {shape}")
+    model.load_state_dict(
+        {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in arrays.items()}
+    )
+
+
+@torch.no_grad()
+def score_catalogue(
+    model: BasketScorer,
+    features: HistoryFeatures,
+    cases: CaseSet,
+    items: np.ndarray,
+    *,
+    batch_cases: int = 16,
+) -> np.ndarray:
+    """[cases, catalogue] shared scores: the full ranking pass for a store.
+
+    ``features`` are :func:`history_features` of ``cases``; ``items`` is
+    :func:`records.item_ids` of their log.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    size = len(cases.catalogue)
+    catalogue_items = torch.from_numpy(items[cases.catalogue]).to(device)
+    out = np.zeros((len(cases), size), dtype=np.float32)
+    for start in range(0, len(cases), batch_cases):
+        rows = np.arange(start, min(start + batch_cases, len(cases)))
+        x = features.lookup(np.repeat(rows, size), np.tile(cases.catalogue, len(rows)))
+        x_t = torch.from_numpy(x.reshape(len(rows), size, -1)).to(device)
+        ids = catalogue_items.unsqueeze(0).expand(len(rows), -1, -1)
+        out[rows] = model(x_t, ids).float().cpu().numpy()
+    return out
