@@ -23,7 +23,7 @@ from common.canonical import canonical_json
 from common.configparse import as_plain_dict, from_mapping, load_toml
 from common.errors import ConfigError
 from common.events import parse_mapping
-from common.model_spec import ModelSpec
+from common.nextbasket.spec import RecordSpec, ScorerSpec
 from common.split import (
     DEFAULT_SLICE_DAYS,
     SplitRule,
@@ -59,7 +59,7 @@ class DataSource(Enum):
 
 @dataclass(frozen=True)
 class FederationConfig:
-    rounds: int = 5
+    rounds: int = 6
     strategy: StrategyKind = StrategyKind.FEDAVG
     min_merchants: int = 2
     round_timeout_s: float = 900.0
@@ -78,22 +78,27 @@ class FederationConfig:
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    batch_size: int = 1024
-    local_epochs: int = 1
-    learning_rate: float | None = None  # None: 2.0 for SGD, 3e-3 for Adam (see docs/results.md)
-    negatives: int = 4
-    events_per_customer: int = 32
-    optimizer: OptimizerKind = OptimizerKind.SGD
+    """Local training of each round. A record is one target basket (event unit) or one
+    household (customer unit, far fewer records: hence its own batch size)."""
+
+    batch_size: int = 256
+    customer_batch_size: int = 32
+    local_epochs: int = 2
+    learning_rate: float | None = None  # None: 1e-2 for Adam, 0.5 for SGD
+    optimizer: OptimizerKind = OptimizerKind.ADAM
     momentum: float = 0.9
 
     @property
     def step_size(self) -> float:
         if self.learning_rate is not None:
             return self.learning_rate
-        return 2.0 if self.optimizer is OptimizerKind.SGD else 3e-3
+        return 0.5 if self.optimizer is OptimizerKind.SGD else 1e-2
+
+    def batch_for(self, unit: PrivacyUnit) -> int:
+        return self.customer_batch_size if unit is PrivacyUnit.CUSTOMER else self.batch_size
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "local_epochs", "negatives", "events_per_customer"):
+        for name in ("batch_size", "customer_batch_size", "local_epochs"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"training.{name} must be >= 1, got {getattr(self, name)}")
         if self.learning_rate is not None and not self.learning_rate > 0:
@@ -125,12 +130,16 @@ class PrivacyConfig:
 
 @dataclass(frozen=True)
 class EvaluationConfig:
-    candidates: int = 100
-    max_cases_per_merchant: int = 1000
+    """Full-ranking next-basket evaluation (docs/evaluation.md); the sampled figure (the bought
+    product among ``sampled_negatives`` random catalogue products) is a secondary column."""
+
+    sampled_negatives: int = 99
 
     def __post_init__(self) -> None:
-        if self.candidates < 2 or self.max_cases_per_merchant < 1:
-            raise ConfigError("evaluation.candidates must be >= 2 and max_cases_per_merchant >= 1")
+        if self.sampled_negatives < 1:
+            raise ConfigError(
+                f"evaluation.sampled_negatives must be >= 1, got {self.sampled_negatives}"
+            )
 
 
 @dataclass(frozen=True)
@@ -252,7 +261,8 @@ class RunConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
-    model: ModelSpec = field(default_factory=ModelSpec)
+    model: ScorerSpec = field(default_factory=ScorerSpec)
+    records: RecordSpec = field(default_factory=RecordSpec)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     data: DataConfig = field(default_factory=DataConfig)
 
