@@ -1,17 +1,26 @@
-"""Federated evaluation at the merchant: score models on its own held-out customers.
+"""Federated evaluation at the merchant: rank its whole catalogue for its own held-out households.
 
 The platform sends models and names parts of the merchant's held-out data
-(:class:`~common.protocol.EvalPart`); the merchant builds the evaluation cases from its own
-events, scores every model on the same cases and replies with metric sums and counts
-(:class:`~common.metric_sums.MetricSums`), nothing per customer. Optionally it blurs every sum
-with Gaussian noise drawn from its own secret (``merchant.evaluation_noise``).
+(:class:`~common.protocol.EvalPart`) and labels; the merchant builds next-basket cases from its
+own events (docs/evaluation.md: one case per household with a basket in the part, its first
+basket there, ranked against every product the merchant sold in its training period), scores
+them and replies with metric sums and counts (:class:`~common.metric_sums.MetricSums`), nothing
+per customer. Optionally it blurs every sum with Gaussian noise drawn from its own secret
+(``merchant.evaluation_noise``).
+
+Labels:
+- a model the platform sent, scored with the shared weights (ties broken by the merchant's own
+  sales, as for every method);
+- ``<model>+local``: the same with the merchant's local part (client/nextbasket_local.py); on
+  the test part the local part is fitted on the validation part first and saved for serving;
+- ``p-topfreq`` and ``g-topfreq``: the local baselines, computed at the merchant from its own
+  data (a household's own purchase counts; the merchant's best sellers).
 
 Parts and their data:
-- ``valid``: ``merchant.validation_data``, histories from the training events;
-- ``test``: ``merchant.test_data``, histories from training and validation events;
-- ``fresh``: the newest inbox cohort if nothing has trained on it yet (prequential: the
-  serving model meets the data before any model learns from it);
-- ``recent``: the held-out customers' events of the newest inbox cohort (the online gate).
+- ``valid``: ``merchant.validation_data`` after the training events;
+- ``test``: ``merchant.test_data`` after training and validation events;
+- ``fresh``: the newest inbox cohort if nothing has trained on it yet (prequential);
+- ``recent``: the held-out customers' cases of the newest inbox cohort (the online gate).
 """
 
 from __future__ import annotations
@@ -31,16 +40,23 @@ from client.dp_randomness import MerchantSecret, ensure_merchant_secret, load_me
 from client.holdout import held_out
 from client.inbox import Inbox
 from client.merchant import MerchantConfig
+from client.merchant_data import PeriodLog, period_log, period_log_of_files, training_data
+from client.nextbasket_local import HeldOut, final_scores, fit_local_state, raw_scores
 from common.config import RunConfig
-from common.errors import FedshopError, IntegrityError
-from common.evaluation import model_scores, per_case_metrics
-from common.events import CUSTOMER_ID, read_events
-from common.features import build_catalog, encode_events, evaluation_records
+from common.errors import CheckpointError, FedshopError, IntegrityError
+from common.events import read_events
 from common.keys import load_signing_key
 from common.ledger import MerchantLedger
 from common.metric_sums import MetricSum, MetricSums
-from common.model import Recommender, load_state_arrays
+from common.nextbasket import baselines
+from common.nextbasket.features import history_features
+from common.nextbasket.local import LocalHead, LocalState
+from common.nextbasket.metrics import SAMPLED, case_metrics, sampled_ndcg
+from common.nextbasket.model import RecordTensors
+from common.nextbasket.records import training_records
 from common.protocol import (
+    BASELINE_LABELS,
+    LOCAL_SUFFIX,
     EvalPart,
     EvaluateInstruction,
     EvaluationReply,
@@ -48,54 +64,51 @@ from common.protocol import (
     Outcome,
     RefusalCode,
 )
-from common.rng import numpy_stream
 
 log = logging.getLogger(__name__)
 
 Arrays = dict[str, np.ndarray]
-
-
-@dataclass(frozen=True)
-class HeldOut:
-    """Events to score (``events``) and the merchant's earlier events (``context``): the
-    histories of the cases and the catalogue candidates are drawn from."""
-
-    events: pd.DataFrame
-    context: pd.DataFrame
+LOCAL_STATE_FILE = "nextbasket-local.npz"
+SAMPLED_METRIC = SAMPLED
 
 
 class NothingHeldOut(Exception):  # noqa: N818 - a refusal signal inside this module, not an error
     """The merchant holds nothing for the part asked: it refuses (no fedshop error)."""
 
 
-def _read(path: Path | None, what: str, merchant: MerchantConfig) -> pd.DataFrame:
-    if path is None:
-        raise NothingHeldOut(f"merchant {merchant.id} has no {what} in its configuration")
-    return read_events(path)
+@dataclass(frozen=True)
+class Part:
+    """The held-out cases of one part, with the log they come from."""
+
+    periods: PeriodLog
+    heldout: HeldOut
 
 
-def _inbox_parts(merchant: MerchantConfig, secret: MerchantSecret) -> dict[EvalPart, HeldOut]:
-    """``fresh`` and ``recent`` from the inbox (each missing when there is nothing to score)."""
-    if merchant.inbox is None:
-        return {}
-    inbox = Inbox(merchant.inbox, arrival=merchant.inbox_arrival, merchant_id=merchant.id)
-    inbox.scan(now=datetime.now(UTC))
-    cohorts = inbox.cohorts()
-    if not cohorts:
-        return {}
-    newest = max(cohorts, key=lambda c: c.seq)
-    newest_events = inbox.load([newest.cohort_id])
-    older = [c.cohort_id for c in cohorts if c.seq < newest.seq]
-    context = pd.concat(
-        [read_events(merchant.data), *([inbox.load(older)] if older else [])], ignore_index=True
-    )
-    parts: dict[EvalPart, HeldOut] = {}
-    if newest.cohort_id not in _trained_cohorts(merchant):
-        parts[EvalPart.FRESH] = HeldOut(newest_events, context)
-    mask = held_out(newest_events[CUSTOMER_ID], secret=secret, share=merchant.holdout_share)
-    if mask.any():
-        parts[EvalPart.RECENT] = HeldOut(newest_events.loc[mask].reset_index(drop=True), context)
-    return parts
+def local_state_path(merchant: MerchantConfig) -> Path:
+    return merchant.state_dir / LOCAL_STATE_FILE
+
+
+def _heldout(periods: PeriodLog, period: int, rows: np.ndarray | None = None) -> Part:
+    cases, features, popularity = periods.heldout(period)
+    if rows is not None:
+        cases = cases.subset(rows)
+        features = history_features(periods.log, cases)
+    held = HeldOut(cases, features, popularity[cases.catalogue], periods.items)
+    return Part(periods, held)
+
+
+def offline_parts(merchant: MerchantConfig, wanted: set[EvalPart], config: RunConfig) -> dict:
+    """``valid`` and ``test`` from the merchant's held-out files."""
+    files = [merchant.data]
+    if merchant.validation_data is not None:
+        files.append(merchant.validation_data)
+    out: dict[EvalPart, Part] = {}
+    if EvalPart.VALIDATION in wanted and merchant.validation_data is not None:
+        out[EvalPart.VALIDATION] = _heldout(period_log_of_files(files, config.model), 2)
+    if EvalPart.TEST in wanted and merchant.test_data is not None:
+        periods = period_log_of_files([*files, merchant.test_data], config.model)
+        out[EvalPart.TEST] = _heldout(periods, periods.periods)
+    return out
 
 
 def _trained_cohorts(merchant: MerchantConfig) -> set[str]:
@@ -109,52 +122,126 @@ def _trained_cohorts(merchant: MerchantConfig) -> set[str]:
         return {e.release.cohort for e in ledger.entries()}
 
 
-def held_out_data(
-    merchant: MerchantConfig, parts: set[EvalPart], secret: MerchantSecret
-) -> dict[EvalPart, HeldOut]:
-    """The merchant's held-out data for each part asked that it has."""
-    out: dict[EvalPart, HeldOut] = {}
-    if parts & {EvalPart.VALIDATION, EvalPart.TEST}:
-        train = _read(merchant.data, "training data", merchant)
-        if EvalPart.VALIDATION in parts and merchant.validation_data is not None:
-            out[EvalPart.VALIDATION] = HeldOut(read_events(merchant.validation_data), train)
-        if EvalPart.TEST in parts and merchant.test_data is not None:
-            before = [train]
-            if merchant.validation_data is not None:
-                before.append(read_events(merchant.validation_data))
-            context = pd.concat(before, ignore_index=True)
-            out[EvalPart.TEST] = HeldOut(read_events(merchant.test_data), context)
-    if parts & {EvalPart.FRESH, EvalPart.RECENT}:
-        inbox = _inbox_parts(merchant, secret)
-        out.update({part: data for part, data in inbox.items() if part in parts})
-    return {part: data for part, data in out.items() if len(data.events) > 0}
-
-
-def score_models(
-    models: Mapping[str, Arrays],
-    data: HeldOut,
-    *,
-    config: RunConfig,
-    rng: np.random.Generator,
-) -> dict[str, MetricSums]:
-    """Every model on the same cases: the bought product among sampled catalogue products
-    (docs/evaluation.md)."""
-    spec = config.model
-    catalog = build_catalog(data.context if len(data.context) else data.events, spec)
-    encoded = encode_events(data.events, spec, context=data.context if len(data.context) else None)
-    records = evaluation_records(
-        encoded,
-        catalog,
-        candidates=config.evaluation.candidates,
-        max_cases=config.evaluation.max_cases_per_merchant,
-        rng=rng,
+def online_parts(
+    merchant: MerchantConfig, wanted: set[EvalPart], config: RunConfig, secret: MerchantSecret
+) -> dict[EvalPart, Part]:
+    """``fresh`` and ``recent`` from the inbox: the newest cohort after everything before it."""
+    if merchant.inbox is None:
+        return {}
+    inbox = Inbox(merchant.inbox, arrival=merchant.inbox_arrival, merchant_id=merchant.id)
+    inbox.scan(now=datetime.now(UTC))
+    cohorts = sorted(inbox.cohorts(), key=lambda c: c.seq)
+    if not cohorts:
+        return {}
+    newest, older = cohorts[-1], [c.cohort_id for c in cohorts[:-1]]
+    before = [read_events(merchant.data), *([inbox.load(older)] if older else [])]
+    periods = period_log(
+        [pd.concat(before, ignore_index=True), inbox.load([newest.cohort_id])], config.model
     )
-    out = {}
-    model = Recommender(spec)
-    for label, arrays in models.items():
-        load_state_arrays(model, arrays)
-        out[label] = MetricSums.of(per_case_metrics(model_scores(model, records)))
+    out: dict[EvalPart, Part] = {}
+    if EvalPart.FRESH in wanted and newest.cohort_id not in _trained_cohorts(merchant):
+        out[EvalPart.FRESH] = _heldout(periods, 2)
+    if EvalPart.RECENT in wanted and merchant.holdout_share > 0:
+        cases, _, _ = periods.heldout(2)
+        customers = pd.Series(periods.log.customer_ids[cases.customer])
+        rows = np.flatnonzero(held_out(customers, secret=secret, share=merchant.holdout_share))
+        if len(rows):
+            out[EvalPart.RECENT] = _heldout(periods, 2, rows)
     return out
+
+
+def _local_state(
+    merchant: MerchantConfig,
+    part: EvalPart,
+    shared: Arrays,
+    config: RunConfig,
+    secret: MerchantSecret,
+    instruction: EvaluateInstruction,
+) -> LocalState:
+    """On the test part: fit the local part on validation and keep it (what the merchant will
+    serve). Elsewhere: the one kept, or none."""
+    path = local_state_path(merchant)
+    if part is EvalPart.TEST:
+        validation = offline_parts(merchant, {EvalPart.VALIDATION}, config).get(EvalPart.VALIDATION)
+        if validation is None:
+            return LocalState(merchant.id)
+        train = training_data(merchant.data, config.model)
+        records = training_records(
+            train.cases,
+            train.features,
+            train.items,
+            unit=merchant.privacy_unit,
+            spec=config.records,
+            rng=secret.numpy_stream(instruction.run_id, "local-part", "records"),
+        )
+        state = fit_local_state(
+            merchant_id=merchant.id,
+            shared=shared,
+            spec=config.model,
+            records=RecordTensors.of(records),
+            validation=validation.heldout,
+            generator=secret.torch_stream(instruction.run_id, "local-part", "sampling"),
+        )
+        state.save(path)
+        return state
+    try:
+        return (
+            LocalState.load(path, merchant_id=merchant.id)
+            if path.exists()
+            else LocalState(merchant.id)
+        )
+    except CheckpointError:
+        return LocalState(merchant.id)
+
+
+def score_part(
+    part: EvalPart,
+    data: Part,
+    labels: set[str],
+    instruction: EvaluateInstruction,
+    merchant: MerchantConfig,
+    secret: MerchantSecret,
+) -> dict[str, MetricSums]:
+    """Every label on the same cases."""
+    held = data.heldout
+    config = instruction.config
+    out: dict[str, MetricSums] = {}
+    rng_seed = ("sampled-negatives", part.value)
+    for label in sorted(labels):
+        if label in BASELINE_LABELS:
+            scores = _baseline(label, data)
+        elif label.endswith(LOCAL_SUFFIX):
+            shared = instruction.models[label.removesuffix(LOCAL_SUFFIX)]
+            state = _local_state(merchant, part, shared, config, secret, instruction)
+            weights = state.personal or shared
+            scores = final_scores(raw_scores(weights, config.model, held), state.head, held)
+        else:
+            head = LocalHead()
+            if part in (EvalPart.FRESH, EvalPart.RECENT):  # online: the blend it serves with
+                shared = instruction.models[label]
+                head = _local_state(merchant, part, shared, config, secret, instruction).head
+            raw = raw_scores(instruction.models[label], config.model, held)
+            scores = final_scores(raw, head, held)
+        values = dict(case_metrics(scores, held.cases))
+        values[SAMPLED_METRIC] = sampled_ndcg(
+            scores,
+            held.cases,
+            rng=secret.numpy_stream(instruction.run_id, *rng_seed),
+            negatives=config.evaluation.sampled_negatives,
+        )
+        out[label] = MetricSums.of(values)
+    return out
+
+
+def _baseline(label: str, data: Part) -> np.ndarray:
+    held = data.heldout
+    popularity = np.zeros(data.periods.log.n_products)
+    popularity[held.cases.catalogue] = held.popularity
+    if label == "p-topfreq":
+        raw = baselines.p_topfreq(data.periods.log, held.cases, popularity)
+    else:
+        raw = baselines.g_topfreq(held.cases, popularity)
+    return baselines.break_ties(raw, held.popularity)
 
 
 def _blur(sums: MetricSums, *, std: float, rng: np.random.Generator) -> MetricSums:
@@ -168,6 +255,15 @@ def _blur(sums: MetricSums, *, std: float, rng: np.random.Generator) -> MetricSu
     return MetricSums(noisy)
 
 
+def _held_parts(
+    merchant: MerchantConfig, parts: set[EvalPart], config: RunConfig, secret: MerchantSecret
+) -> Mapping[EvalPart, Part]:
+    found: dict[EvalPart, Part] = dict(offline_parts(merchant, parts, config))
+    if parts & {EvalPart.FRESH, EvalPart.RECENT}:
+        found.update(online_parts(merchant, parts, config, secret))
+    return {p: d for p, d in found.items() if len(d.heldout.cases) > 0}
+
+
 def evaluate_at_merchant(
     instruction: EvaluateInstruction, merchant: MerchantConfig
 ) -> EvaluationReply:
@@ -177,7 +273,7 @@ def evaluate_at_merchant(
         torch.set_num_threads(merchant.threads)
         secret = load_merchant_secret(ensure_merchant_secret(merchant.state_dir).parent)
         parts = {part for part, _ in instruction.tasks}
-        data = held_out_data(merchant, parts, secret)
+        data = _held_parts(merchant, parts, instruction.config, secret)
         if not data:
             raise NothingHeldOut(
                 f"merchant {merchant.id} holds no events for {sorted(p.value for p in parts)}"
@@ -185,13 +281,7 @@ def evaluate_at_merchant(
         sums: dict[EvalPart, dict[str, MetricSums]] = {}
         for part, held in data.items():
             labels = {label for p, label in instruction.tasks if p is part}
-            rng = numpy_stream(instruction.config.seed, "evaluation", merchant.id, part.value)
-            scored = score_models(
-                {label: instruction.models[label] for label in sorted(labels)},
-                held,
-                config=instruction.config,
-                rng=rng,
-            )
+            scored = score_part(part, held, labels, instruction, merchant, secret)
             noise = secret.numpy_stream(
                 instruction.run_id, "round", instruction.round, "evaluation-noise", part.value
             )

@@ -21,11 +21,11 @@ from datetime import UTC, datetime
 
 import pandas as pd
 
-from client.data import prepare_frame
 from client.dp_randomness import ensure_merchant_secret, load_merchant_secret
 from client.holdout import held_out
 from client.inbox import Cohort, Inbox
 from client.merchant import MerchantConfig
+from client.merchant_data import TrainingData, period_log
 from client.merchant_round import open_merchant_ledger, run_merchant_round
 from common.errors import ConfigError, FedshopError, IntegrityError
 from common.events import CUSTOMER_ID
@@ -132,7 +132,7 @@ def _finetune(
             return MerchantReply(
                 Outcome.REFUSED, merchant.id, RefusalCode.NO_FRESH_DATA.value, reason
             )
-        data = prepare_frame(frame, instruction.config.model)
+        data = TrainingData.of(period_log([frame], instruction.config.model))
     except FedshopError as exc:
         log.error("merchant %s fine-tuning failed: %s", merchant.id, exc.one_line())
         code = FailureCode.INTEGRITY if isinstance(exc, IntegrityError) else FailureCode.DATA

@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from client.data import PreparedData, prepared_data
 from client.dp_randomness import (
     MerchantSecret,
     ensure_merchant_secret,
@@ -30,26 +29,27 @@ from client.dp_randomness import (
     secret_path,
 )
 from client.merchant import MerchantConfig
-from client.training import DPSettings, LocalTraining, RoundResult, steps_per_round, train_round
+from client.merchant_data import TrainingData, training_data
+from client.nextbasket_training import train_scorer
+from client.training import DPSettings, LocalTraining, RoundResult, steps_per_round
 from common import protocol as P
 from common.accounting import (
     AccountantKind,
     MechanismStep,
-    PrivacyUnit,
     epsilon_spent,
     noise_for_target,
 )
-from common.arrays_io import arrays_to_npz, npz_to_arrays
+from common.arrays_io import arrays_sha256, arrays_to_npz, npz_to_arrays
 from common.atomic import atomic_write_bytes
 from common.errors import (
     ConfigError,
+    DataValidationError,
     FedshopError,
     IntegrityError,
     PrivacyBudgetExceededError,
     StateError,
     TrainingError,
 )
-from common.features import training_records
 from common.keys import load_signing_key
 from common.ledger import (
     MECHANISM,
@@ -60,7 +60,8 @@ from common.ledger import (
     composition_history,
     utc_now_iso,
 )
-from common.model import Recommender, arrays_sha256, load_state_arrays
+from common.nextbasket.model import BasketScorer, RecordTensors, load_shared_arrays
+from common.nextbasket.records import count_records, training_records
 from common.protocol import FailureCode, MerchantReply, Outcome, RefusalCode, TrainInstruction
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ def merchant_secret(merchant: MerchantConfig, ledger: MerchantLedger) -> Merchan
 def plan_round(
     instruction: TrainInstruction,
     merchant: MerchantConfig,
-    data: PreparedData,
+    data: TrainingData,
     spent: list[LedgerEntry],
 ) -> RoundPlan:
     """Choose sigma and project epsilon; raise PrivacyBudgetExceededError past the cap.
@@ -127,11 +128,13 @@ def plan_round(
     privacy = instruction.config.privacy
     unit = merchant.privacy_unit
     accountant = privacy.accountant
-    records = data.customers if unit is PrivacyUnit.CUSTOMER else len(data.encoded)
+    records = count_records(data.cases, unit)
+    if records < 1:
+        raise DataValidationError(f"merchant {merchant.id} has no training basket to learn from")
     delta = min(merchant.delta, privacy.delta, 1.0 / (10 * records))
     cap = min(merchant.epsilon_cap, privacy.epsilon_cap)
     settings = LocalTraining(
-        batch_size=instruction.config.training.batch_size,
+        batch_size=instruction.config.training.batch_for(unit),
         local_epochs=instruction.config.training.local_epochs,
     )
     q, steps = steps_per_round(records, settings)
@@ -239,7 +242,7 @@ def run_merchant_round(
     instruction: TrainInstruction,
     merchant: MerchantConfig,
     *,
-    data: PreparedData | None = None,
+    data: TrainingData | None = None,
     ledger: MerchantLedger | None = None,
 ) -> MerchantReply:
     """Train one round or refuse; never raises for expected failures.
@@ -263,7 +266,7 @@ def run_merchant_round(
 def _run(
     instruction: TrainInstruction,
     merchant: MerchantConfig,
-    data: PreparedData | None,
+    data: TrainingData | None,
     open_ledger: MerchantLedger | None,
 ) -> MerchantReply:
     if arrays_sha256(instruction.arrays) != instruction.model_in_sha256:
@@ -271,7 +274,7 @@ def _run(
     config = instruction.config
     torch.set_num_threads(merchant.threads)
     if data is None:
-        data = prepared_data(merchant.data, config.model)
+        data = training_data(merchant.data, config.model)
     merchant.state_dir.mkdir(parents=True, exist_ok=True)
     if not config.privacy.enabled:
         return _run_non_private(instruction, merchant, data)
@@ -333,7 +336,7 @@ def _release(
 
 
 def _run_non_private(
-    instruction: TrainInstruction, merchant: MerchantConfig, data: PreparedData
+    instruction: TrainInstruction, merchant: MerchantConfig, data: TrainingData
 ) -> MerchantReply:
     """A baseline round without DP: only if the merchant's own configuration allows it, and
     never recorded as a DP release (there is no epsilon to record)."""
@@ -356,30 +359,31 @@ def _run_non_private(
 def _train(
     instruction: TrainInstruction,
     merchant: MerchantConfig,
-    data: PreparedData,
+    data: TrainingData,
     plan: RoundPlan | None,
     secret: MerchantSecret,
 ) -> RoundResult:
     config = instruction.config
     stream = (instruction.run_id, "round", instruction.round)
+    unit = merchant.privacy_unit
     records = training_records(
-        data.encoded,
-        data.catalog,
-        unit=merchant.privacy_unit,
-        negatives=config.training.negatives,
-        events_per_customer=config.training.events_per_customer,
+        data.cases,
+        data.features,
+        data.items,
+        unit=unit,
+        spec=config.records,
         rng=secret.numpy_stream(*stream, "records"),
     )
     device = _device(merchant)
-    model = Recommender(config.model)
-    load_state_arrays(model, instruction.arrays)
+    model = BasketScorer(config.model)
+    load_shared_arrays(model, instruction.arrays)
     model.to(device)
     mu = config.federation.proximal_mu if config.federation.strategy.value == "fedprox" else 0.0
-    result = train_round(
+    result = train_scorer(
         model=model,
-        records=records,
+        records=RecordTensors.of(records),
         settings=LocalTraining(
-            batch_size=config.training.batch_size,
+            batch_size=config.training.batch_for(unit),
             local_epochs=config.training.local_epochs,
             learning_rate=config.training.step_size,
             proximal_mu=mu,

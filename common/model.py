@@ -19,6 +19,8 @@ from common.model_spec import ModelSpec
 
 __all__ = ["ModelSpec", "Recommender", "arrays_sha256", "load_state_arrays", "state_arrays"]
 
+from common.arrays_io import arrays_sha256
+
 
 class Recommender(nn.Module):
     """Scores candidate products for a customer given the customer's recent purchases.
@@ -111,16 +113,3 @@ def load_state_arrays(model: nn.Module, arrays: dict[str, np.ndarray]) -> None:
     model.load_state_dict(
         {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in arrays.items()}
     )
-
-
-def arrays_sha256(arrays: dict[str, np.ndarray]) -> str:
-    """Content hash of named arrays (names, dtypes, shapes, bytes), independent of order."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for name in sorted(arrays):
-        value = np.ascontiguousarray(arrays[name])
-        digest.update(name.encode("utf-8") + b"\0")
-        digest.update(str(value.dtype).encode() + b"\0" + repr(value.shape).encode() + b"\0")
-        digest.update(value.tobytes())
-    return digest.hexdigest()

@@ -49,6 +49,10 @@ SIMULATION_DIR = "simulation-dir"  # simulation only: where merchants' configura
 SERVER_LEDGER_SEQ = "server-ledger-seq"  # last seq of THIS merchant's chain the platform holds
 EVAL_TASKS = "eval-tasks"  # JSON [[part, label], ...]
 UNKNOWN_SEQ = -1  # the platform does not know yet which merchant a node is
+# evaluation labels besides the models sent: the merchant's local baselines, and a model
+# scored with the merchant's local part (client/evaluation.py)
+BASELINE_LABELS = frozenset({"p-topfreq", "g-topfreq"})
+LOCAL_SUFFIX = "+local"
 
 # status keys (merchant -> platform)
 OUTCOME = "outcome"
@@ -192,7 +196,8 @@ class EvaluateInstruction:
     simulation_dir: str | None = None
 
     def __post_init__(self) -> None:
-        unknown = sorted({label for _, label in self.tasks} - set(self.models))
+        known = set(self.models) | BASELINE_LABELS | {m + LOCAL_SUFFIX for m in self.models}
+        unknown = sorted({label for _, label in self.tasks} - known)
         if unknown:
             raise ConfigError(f"evaluation tasks name models that were not sent: {unknown}")
 

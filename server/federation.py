@@ -30,7 +30,8 @@ from common.atomic import atomic_write_bytes, atomic_write_json
 from common.config import RunConfig
 from common.errors import CheckpointError
 from common.ledger import ServerLedger
-from common.model import Recommender, arrays_sha256, state_arrays
+from common.arrays_io import arrays_sha256
+from common.nextbasket.model import BasketScorer, shared_arrays
 from common.protocol import EvalPart, EvaluateInstruction, TrainInstruction
 from common.rng import derive_seed
 from server.acceptance import AcceptedUpdate, Failure, Refusal, RoundContext, decide
@@ -42,6 +43,7 @@ from server.strategies import MerchantUpdate, build_strategy
 log = logging.getLogger(__name__)
 
 GLOBAL = "global"  # the label of the global model in evaluation instructions
+LOGGED = ("ndcg@10", "recall@10", "ndcg@20")  # the figures of the per-round log line
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,7 @@ class ServerSettings:
 def initial_model(config: RunConfig) -> dict[str, np.ndarray]:
     """The public starting point: every party can rebuild it from the run seed."""
     torch.manual_seed(derive_seed(config.seed, "initial-model") % (2**31))
-    return state_arrays(Recommender(config.model))
+    return dict(shared_arrays(BasketScorer(config.model)))
 
 
 @dataclass
@@ -317,7 +319,7 @@ class Federation:
             len(outcome.updates),
             len(outcome.refused),
             len(outcome.failed),
-            " ".join(f"{k} {v:.4f}" for k, v in overall.items()) or "no evaluation",
+            " ".join(f"{k} {overall[k]:.4f}" for k in LOGGED if k in overall) or "no evaluation",
             row["epsilon_max"],
             row["seconds"],
         )

@@ -18,7 +18,7 @@ from common.atomic import atomic_write_bytes, atomic_write_json
 from common.config import RunConfig
 from common.errors import ConfigError
 from common.ledger import ServerLedger
-from common.protocol import EvalPart
+from common.protocol import LOCAL_SUFFIX, EvalPart
 from server.federation import GLOBAL, Federation, ServerSettings, write_final_model
 from server.reporting import round_table, write_metrics, write_plots
 
@@ -69,6 +69,37 @@ def settings_from_run_config(run_config: dict[str, Any]) -> ServerSettings:
     return settings
 
 
+TEST_LABELS = (GLOBAL, GLOBAL + LOCAL_SUFFIX, "p-topfreq", "g-topfreq")
+
+
+def final_test(federation: Federation, arrays: Arrays, *, rnd: int) -> dict[str, Any]:
+    """The merchants' test of the final model: the shared model, the shared model with each
+    merchant's local part (what it serves), and the merchants' local baselines, on the same
+    cases; overall means with 95 % intervals, and each merchant's own means."""
+    test = federation.evaluate(
+        {GLOBAL: arrays}, tuple((EvalPart.TEST, label) for label in TEST_LABELS), rnd=rnd
+    )
+    methods: dict[str, Any] = {}
+    for label in TEST_LABELS:
+        overall = test.overall(EvalPart.TEST, label)
+        methods[label] = {
+            "means": overall.means(),
+            "ci95": {name: list(v.ci95()) for name, v in overall.metrics.items()},
+            "per_merchant": test.per_merchant(EvalPart.TEST, label),
+        }
+    return {
+        "test": test.means(EvalPart.TEST, GLOBAL),
+        "test_cases": test.cases(EvalPart.TEST, GLOBAL),
+        "test_per_merchant": test.per_merchant(EvalPart.TEST, GLOBAL),
+        "test_case_counts": {
+            merchant: by_part[EvalPart.TEST][GLOBAL].cases
+            for merchant, by_part in sorted(test.sums.items())
+            if EvalPart.TEST in by_part and GLOBAL in by_part[EvalPart.TEST]
+        },
+        "test_methods": methods,
+    }
+
+
 def run_platform(
     grid: Grid, settings: ServerSettings, ledger: ServerLedger | None = None
 ) -> PlatformResult:
@@ -94,10 +125,7 @@ def run_platform(
     arrays = result["arrays"] if result["completed"] else None
     if arrays is not None:
         summary["model_sha256"] = write_final_model(settings.run_dir, arrays)
-        test = federation.evaluate({GLOBAL: arrays}, ((EvalPart.TEST, GLOBAL),), rnd=len(history))
-        summary["test"] = test.means(EvalPart.TEST, GLOBAL)
-        summary["test_cases"] = test.cases(EvalPart.TEST, GLOBAL)
-        summary["test_per_merchant"] = test.per_merchant(EvalPart.TEST, GLOBAL)
+        summary.update(final_test(federation, arrays, rnd=len(history)))
     if history:
         write_metrics(settings.run_dir, history, summary)
         write_plots(settings.run_dir, history, settings.config.privacy.epsilon_cap)

@@ -18,9 +18,7 @@ SMALL = [
     "model.category_buckets=64",
     "model.embedding_dim=8",
     "model.hidden_dim=16",
-    "model.history_length=8",
     "training.batch_size=256",
-    "evaluation.max_cases_per_merchant=200",
     "federation.rounds=3",
     "federation.min_merchants=2",
 ]

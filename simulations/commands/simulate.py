@@ -148,18 +148,15 @@ def _provision(
 
 
 def _run_offline(args: argparse.Namespace, layout: RunLayout, began: float) -> int:
-    from server.reporting import round_table
+    from server.reporting import merchant_table, round_table
     from simulations.runner import simulate
 
     result = simulate(layout, stop_after_round=args.stop_after_round, verbose=args.verbose)
     summary = result.summary
     print("\n" + round_table(result.history))
-    test = summary.get("test") or {}
-    if test:
-        print(
-            f"\ntest period (federated evaluation, {summary.get('test_cases', 0):.0f} cases): "
-            + "  ".join(f"{k} {v:.4f}" for k, v in sorted(test.items()))
-        )
+    table = merchant_table(summary)
+    if table:
+        print("\n" + table)
     state = "complete" if summary["completed"] else "stopped early (resume with --resume)"
     print(f"\nrun {summary['run_id']} {state} in {time.perf_counter() - began:.0f}s: {layout.root}")
     return 0
