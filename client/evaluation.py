@@ -52,7 +52,7 @@ from common.nextbasket import baselines
 from common.nextbasket.features import history_features
 from common.nextbasket.local import LocalHead, LocalState
 from common.nextbasket.metrics import SAMPLED, case_metrics, sampled_ndcg
-from common.nextbasket.model import RecordTensors
+from common.nextbasket.model import BasketScorer, RecordTensors, load_shared_arrays
 from common.nextbasket.records import training_records
 from common.protocol import (
     BASELINE_LABELS,
@@ -264,11 +264,27 @@ def _held_parts(
     return {p: d for p, d in found.items() if len(d.heldout.cases) > 0}
 
 
+def _model_problem(instruction: EvaluateInstruction) -> str | None:
+    """Why a model sent cannot be this run's scorer (names and shapes), or None."""
+    model = BasketScorer(instruction.config.model)
+    for label, arrays in instruction.models.items():
+        try:
+            load_shared_arrays(model, arrays)
+        except FedshopError as exc:
+            return f"model {label!r}: {exc}"
+    return None
+
+
 def evaluate_at_merchant(
     instruction: EvaluateInstruction, merchant: MerchantConfig
 ) -> EvaluationReply:
     """Answer an evaluate instruction; never raises for expected failures."""
     began = time.perf_counter()
+    problem = _model_problem(instruction)
+    if problem is not None:
+        return EvaluationReply(
+            Outcome.FAILED, merchant.id, code=FailureCode.BAD_REQUEST.value, reason=problem
+        )
     try:
         torch.set_num_threads(merchant.threads)
         secret = load_merchant_secret(ensure_merchant_secret(merchant.state_dir).parent)

@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Message
 
+from common.arrays_io import arrays_sha256
 from common.config import RunConfig
 from common.errors import FedshopError, IntegrityError
 from common.keys import load_verify_key
 from common.ledger import ExpectedRelease, PrivacyRelease, ServerLedger
-from common.arrays_io import arrays_sha256
 from common.protocol import FailureCode, MerchantReply, Outcome
 from server.update_checks import RejectedUpdateError, check_update
 

@@ -25,12 +25,11 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 from common import protocol as P
-from common.arrays_io import arrays_to_npz
+from common.arrays_io import arrays_sha256, arrays_to_npz
 from common.atomic import atomic_write_bytes, atomic_write_json
 from common.config import RunConfig
 from common.errors import CheckpointError
 from common.ledger import ServerLedger
-from common.arrays_io import arrays_sha256
 from common.nextbasket.model import BasketScorer, shared_arrays
 from common.protocol import EvalPart, EvaluateInstruction, TrainInstruction
 from common.rng import derive_seed

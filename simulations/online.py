@@ -40,6 +40,8 @@ from simulations.watched_grid import watched
 
 log = logging.getLogger(__name__)
 
+HEADLINE = ("ndcg@10", "recall@10", "ndcg@20", "recall@20")  # columns of online.csv
+
 
 @dataclass(frozen=True)
 class StreamSpec:
@@ -167,7 +169,7 @@ def write_online_results(run_dir: Path, rows: list[dict[str, Any]], summary: Map
     """``online.json`` (everything) and ``online.csv`` (one line per week)."""
     atomic_write_json(run_dir / "online.json", {"summary": dict(summary), "weeks": rows})
     merchants = sorted({m for row in rows for m in row["epsilon_remaining"]})
-    metrics = sorted({k for row in rows for k in row["prequential"]})
+    metrics = list(HEADLINE)
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(
@@ -206,7 +208,7 @@ def write_online_results(run_dir: Path, rows: list[dict[str, Any]], summary: Map
 
 
 def online_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    metrics = sorted({k for row in rows for k in row["prequential"]})
+    metrics = list(HEADLINE)
     means = {
         f"mean_{k}": float(np.nanmean([r["prequential"].get(k, math.nan) for r in rows]))
         for k in metrics

@@ -323,7 +323,8 @@ def test_cli_config_file_and_flags(tmp_path):
     )
     config = config_from_args(parse(["audit", "canary", "--config", str(toml)]))
     assert (config.target_epsilon, config.delta, config.clipping_norm) == (2.5, 1e-6, 0.5)
-    assert config.seed == 11 and config.batch_size == 64 and config.spec.product_buckets == 4096
+    # the privacy settings come from the run; the audit's reference model and batch are its own
+    assert config.seed == 11 and config.batch_size == 1024 and config.spec.product_buckets == 32768
     assert config.data.value == "synthetic" and config.noise_multiplier is None
     flags = ["--noise-multiplier", "1.5", "--clipping-norm", "2", "--seed", "4"]
     config = config_from_args(parse(["audit", "canary", "--config", str(toml), *flags]))

@@ -11,16 +11,19 @@ import numpy as np
 import pytest
 import torch
 
-from client.data import prepared_data
 from client.dp_randomness import MerchantSecret, load_merchant_secret, secret_path
+from client.merchant_data import training_data
 from client.merchant_round import RoundPlan, _train, run_merchant_round
-from client.training import DPSettings, LocalTraining, train_round
+from client.nextbasket_training import train_scorer
+from client.training import DPSettings, LocalTraining
 from common.accounting import AccountantKind, MechanismStep
+from common.arrays_io import arrays_sha256
 from common.config import OptimizerKind, RunConfig
-from common.features import RecordTensors
 from common.keys import load_signing_key
 from common.ledger import LedgerEntry, MerchantLedger
-from common.model import ModelSpec, Recommender, arrays_sha256, state_arrays
+from common.nextbasket.model import BasketScorer, RecordTensors, shared_arrays
+from common.nextbasket.records import POSITIVE, RecordArrays
+from common.nextbasket.spec import ScorerSpec
 from common.protocol import Outcome, TrainInstruction
 from common.rng import numpy_stream, torch_stream
 from server.federation import initial_model
@@ -101,7 +104,7 @@ def test_platform_cannot_replay_a_release_and_the_merchant_can(small_layout, tmp
     reply = run_merchant_round(request, merchant)
     entry = _entry(merchant)
     released = arrays_sha256(reply.arrays)
-    data = prepared_data(merchant.data, request.config.model)
+    data = training_data(merchant.data, request.config.model)
     plan = _plan(entry)
 
     def replay(streams) -> str:
@@ -132,35 +135,33 @@ def test_a_restored_merchant_reproduces_its_release(small_layout, tmp_path):
 
 # -- clipping ------------------------------------------------------------------------------
 
-SPEC = ModelSpec(
-    product_buckets=64,
-    category_buckets=8,
-    department_buckets=4,
-    embedding_dim=4,
-    hidden_dim=8,
-    history_length=3,
+SPEC = ScorerSpec(
+    product_buckets=64, category_buckets=8, department_buckets=4, embedding_dim=4, hidden_dim=8
 )
 
 
 def _records(seed: int, n: int) -> RecordTensors:
+    """``n`` records of one basket each: 2 positives and 6 negatives over random products."""
     rng = np.random.default_rng(seed)
-
-    def ids(high, *shape):
-        return torch.from_numpy(rng.integers(1, high, size=shape))
-
-    return RecordTensors(
-        history=ids(64, n, 1, 3),
-        items=ids(64, n, 1, 5),
-        categories=ids(8, n, 1, 5),
-        departments=ids(4, n, 1, 5),
-        mask=torch.ones((n, 1), dtype=torch.float32),
+    candidates = 8
+    target = np.zeros((n, 1, candidates), dtype=np.int8)
+    target[..., :2] = POSITIVE
+    return RecordTensors.of(
+        RecordArrays(
+            features=rng.normal(size=(n, 1, candidates, SPEC.features)).astype(np.float32),
+            items=np.stack(
+                [rng.integers(1, b, size=(n, 1, candidates)) for b in (64, 8, 4)], axis=-1
+            ),
+            log_q=np.zeros((n, 1, candidates), dtype=np.float32),
+            target=target,
+        )
     )
 
 
 def _one_step(records: RecordTensors, *, clipping_norm: float, lr: float) -> dict:
     torch.manual_seed(0)
-    model = Recommender(SPEC)
-    train_round(
+    model = BasketScorer(SPEC)
+    train_scorer(
         model=model,
         records=records,
         settings=LocalTraining(
@@ -174,7 +175,7 @@ def _one_step(records: RecordTensors, *, clipping_norm: float, lr: float) -> dic
         sampling_generator=torch.Generator().manual_seed(1),
         noise_generator=torch.Generator().manual_seed(2),
     )
-    return state_arrays(model)
+    return dict(shared_arrays(model))
 
 
 def _distance(a: dict, b: dict) -> float:
@@ -189,11 +190,9 @@ def test_one_record_moves_a_step_by_at_most_lr_times_2c_over_b(clipping_norm):
     n, lr = 32, 0.5
     base = _records(0, n)
     extreme = _records(99, 1)
+    extreme = RecordTensors(extreme.features * 50, extreme.items, extreme.log_q, extreme.target)
     neighbour = RecordTensors(
-        *[
-            torch.cat([t[:1] * 0 + e, t[1:]])
-            for t, e in zip(base.tensors(), extreme.tensors(), strict=True)
-        ]
+        *[torch.cat([e, t[1:]]) for t, e in zip(base.tensors(), extreme.tensors(), strict=True)]
     )
     bound = lr * 2 * clipping_norm / n
     clipped = _distance(

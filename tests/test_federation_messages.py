@@ -12,6 +12,7 @@ from flwr.app import ConfigRecord
 
 from client.app import app as client_app
 from common import protocol as P
+from common.arrays_io import arrays_sha256
 from common.config import RunConfig
 from common.ledger import ServerLedger
 from common.protocol import FailureCode, MerchantReply, Outcome, RefusalCode, TrainInstruction
@@ -164,7 +165,7 @@ def test_reply_encoding_round_trip_and_acceptance_with_backlog(small_layout, tmp
             planned_rounds=settings.config.federation.rounds,
             config=settings.config,
             arrays=arrays,
-            model_in_sha256=__import__("common.model").model.arrays_sha256(arrays),
+            model_in_sha256=arrays_sha256(arrays),
             server_ledger_seq=seq,
         )
 
@@ -174,8 +175,8 @@ def test_reply_encoding_round_trip_and_acceptance_with_backlog(small_layout, tmp
     assert decoded.ledger_backlog == reply.ledger_backlog and len(decoded.ledger_backlog) == 1
     assert decoded.outcome is Outcome.TRAINED and "train-loss" not in decoded.metrics
     np.testing.assert_array_equal(
-        decoded.arrays["out.weight"],
-        reply.arrays["out.weight"],  # type: ignore[index]
+        decoded.arrays["repeat_out.weight"],
+        reply.arrays["repeat_out.weight"],  # type: ignore[index]
     )
     with ServerLedger.open(tmp_path / "server.sqlite") as ledger:
         context = RoundContext(

@@ -9,14 +9,14 @@ import shutil
 import numpy as np
 import pytest
 
-import client.data
+import client.merchant_data
 from client.dp_randomness import secret_path
 from client.merchant_round import run_merchant_round
 from common.accounting import MechanismStep, epsilon_spent
+from common.arrays_io import arrays_sha256
 from common.config import RunConfig
 from common.keys import load_signing_key
 from common.ledger import MerchantLedger
-from common.model import arrays_sha256
 from common.protocol import Outcome, RefusalCode, TrainInstruction
 from server.federation import initial_model
 
@@ -83,7 +83,8 @@ def test_restored_state_gives_identical_epsilon_and_weights(small_layout, tmp_pa
         arrays = None
         for rnd in (1, 2, 3):
             if who is other and rnd == 3:
-                client.data._CACHE.clear()  # a new process would start with nothing in memory
+                client.merchant_data._CACHE.clear()
+                client.merchant_data._TRAINING.clear()  # a new process starts empty
             reply = run_merchant_round(request(small_layout, rnd, arrays), who)
             arrays = reply.arrays
         replies[who.state_dir] = reply

@@ -292,7 +292,9 @@ def test_in_process_weeks_through_the_real_client_app(streaming):
         assert set(row["epsilon_remaining"]) == set(layout.merchant_ids())
         assert all(0 <= v < 1.0 for v in row["epsilon_remaining"].values())
     lines = (layout.root / "online.csv").read_text().splitlines()
-    assert len(lines) == 3 and lines[0].startswith("week,auc,hr@10,ndcg@10,cases,")
+    assert len(lines) == 3 and lines[0].startswith(
+        "week,ndcg@10,recall@10,ndcg@20,recall@20,cases,"
+    )
     assert not any(p.name.startswith("eval-") for p in (layout.root / "server").iterdir())
     # each merchant's serving mirror holds the version the platform serves
     from client.model_mirror import ModelMirror

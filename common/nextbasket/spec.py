@@ -39,10 +39,10 @@ class ScorerSpec:
     def __post_init__(self) -> None:
         for name in ("product_buckets", "category_buckets", "department_buckets"):
             if getattr(self, name) < 2:
-                raise ConfigError(f"{name} must be >= 2, got {getattr(self, name)}")
+                raise ConfigError(f"model.{name} must be >= 2, got {getattr(self, name)}")
         for name in ("embedding_dim", "hidden_dim"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
 
     @property
     def features(self) -> int:
@@ -67,7 +67,7 @@ class RecordSpec:
     def __post_init__(self) -> None:
         for name in ("max_positives", "baskets_per_customer"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("history_negatives", "uniform_negatives"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")

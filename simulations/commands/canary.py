@@ -102,13 +102,11 @@ def config_from_args(args: argparse.Namespace) -> CanaryConfig:
         noise_off=args.no_noise,
         score=CanaryScore(args.score),
         epochs=args.epochs,
-        batch_size=_pick(args.batch_size, run.training.batch_size),
+        batch_size=_pick(args.batch_size, CanaryConfig.batch_size),
         # The audit trains with Adam (its validated setting), whatever the run's optimiser.
         learning_rate=_pick(args.learning_rate, 3e-3),
-        negatives=run.training.negatives,
         data=CanaryData(_pick(args.data, run.data.source.value)),
         synthetic_events=run.data.synthetic_events_per_merchant,
-        spec=run.model,
         seed=_pick(args.seed, run.seed),
     )
 
