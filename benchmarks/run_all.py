@@ -12,9 +12,10 @@ ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 STEPS: list[list[str]] = [
     [PY, "benchmarks/dp_throughput.py"],
-    # The online comparison reuses the configuration and offline model of an online simulation.
+    # Frozen vs refreshed features vs online fine-tuning vs weekly retraining.
+    [PY, "benchmarks/online.py"],
+    # The serving benchmark serves the federated model of an online simulation.
     [PY, "-m", "simulations.cli", "simulate", "--online", "--out", "runs/online"],
-    [PY, "benchmarks/online.py", "--offline-run", "runs/online", "--out", "runs/bench-online"],
     [PY, "benchmarks/freshness.py"],
     # Serving latency with the online simulation's federated DP model.
     [PY, "benchmarks/serving.py", "--model-run", "runs/online"],
@@ -22,7 +23,7 @@ STEPS: list[list[str]] = [
 ]
 
 # Fresh run directories: a simulation refuses to write into a non-empty one.
-for stale in ("runs/online", "runs/bench-online"):
+for stale in ("runs/online",):
     shutil.rmtree(ROOT / stale, ignore_errors=True)
 
 for step in STEPS:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -57,6 +56,7 @@ from common.nextbasket.records import training_records
 from common.protocol import (
     BASELINE_LABELS,
     LOCAL_SUFFIX,
+    STALE_SUFFIX,
     EvalPart,
     EvaluateInstruction,
     EvaluationReply,
@@ -64,6 +64,7 @@ from common.protocol import (
     Outcome,
     RefusalCode,
 )
+from common.rng import numpy_stream
 
 log = logging.getLogger(__name__)
 
@@ -124,30 +125,35 @@ def _trained_cohorts(merchant: MerchantConfig) -> set[str]:
 
 def online_parts(
     merchant: MerchantConfig, wanted: set[EvalPart], config: RunConfig, secret: MerchantSecret
-) -> dict[EvalPart, Part]:
+) -> tuple[dict[EvalPart, Part], Part | None]:
     """``fresh`` and ``recent`` from the inbox: the newest cohort after everything before it."""
     if merchant.inbox is None:
-        return {}
+        return {}, None
     inbox = Inbox(merchant.inbox, arrival=merchant.inbox_arrival, merchant_id=merchant.id)
     inbox.scan(now=datetime.now(UTC))
     cohorts = sorted(inbox.cohorts(), key=lambda c: c.seq)
     if not cohorts:
-        return {}
+        return {}, None
     newest, older = cohorts[-1], [c.cohort_id for c in cohorts[:-1]]
     before = [read_events(merchant.data), *([inbox.load(older)] if older else [])]
     periods = period_log(
         [pd.concat(before, ignore_index=True), inbox.load([newest.cohort_id])], config.model
     )
     out: dict[EvalPart, Part] = {}
+    stale: Part | None = None
     if EvalPart.FRESH in wanted and newest.cohort_id not in _trained_cohorts(merchant):
         out[EvalPart.FRESH] = _heldout(periods, 2)
+        stale_log = period_log(
+            [read_events(merchant.data), inbox.load([newest.cohort_id])], config.model
+        )
+        stale = _heldout(stale_log, 2)
     if EvalPart.RECENT in wanted and merchant.holdout_share > 0:
         cases, _, _ = periods.heldout(2)
         customers = pd.Series(periods.log.customer_ids[cases.customer])
         rows = np.flatnonzero(held_out(customers, secret=secret, share=merchant.holdout_share))
         if len(rows):
             out[EvalPart.RECENT] = _heldout(periods, 2, rows)
-    return out
+    return out, stale
 
 
 def _local_state(
@@ -201,13 +207,36 @@ def score_part(
     instruction: EvaluateInstruction,
     merchant: MerchantConfig,
     secret: MerchantSecret,
+    stale_part: Part | None = None,
 ) -> dict[str, MetricSums]:
-    """Every label on the same cases."""
+    """Every label on the same cases, as sums."""
+    values = case_values(part, data, labels, instruction, merchant, secret, stale_part)
+    return {label: MetricSums.of(v) for label, v in values.items()}
+
+
+def case_values(
+    part: EvalPart,
+    data: Part,
+    labels: set[str],
+    instruction: EvaluateInstruction,
+    merchant: MerchantConfig,
+    secret: MerchantSecret,
+    stale_part: Part | None = None,
+) -> dict[str, dict[str, np.ndarray]]:
+    """Every label's per-case metric values on the same cases (NaN: the case does not count).
+    They never leave the merchant; benchmarks of a simulation read them for bootstrap CIs."""
     held = data.heldout
     config = instruction.config
-    out: dict[str, MetricSums] = {}
-    rng_seed = ("sampled-negatives", part.value)
+    out: dict[str, dict[str, np.ndarray]] = {}
     for label in sorted(labels):
+        if label.endswith(STALE_SUFFIX):  # the same households, histories cut at training's end
+            stale = stale_part.heldout if stale_part is not None else held
+            raw = raw_scores(
+                instruction.models[label.removesuffix(STALE_SUFFIX)], config.model, stale
+            )
+            scores = final_scores(raw, LocalHead(), stale)
+            out[label] = _values(scores, stale, config, merchant, part)
+            continue
         if label in BASELINE_LABELS:
             scores = _baseline(label, data)
         elif label.endswith(LOCAL_SUFFIX):
@@ -222,15 +251,22 @@ def score_part(
                 head = _local_state(merchant, part, shared, config, secret, instruction).head
             raw = raw_scores(instruction.models[label], config.model, held)
             scores = final_scores(raw, head, held)
-        values = dict(case_metrics(scores, held.cases))
-        values[SAMPLED_METRIC] = sampled_ndcg(
-            scores,
-            held.cases,
-            rng=secret.numpy_stream(instruction.run_id, *rng_seed),
-            negatives=config.evaluation.sampled_negatives,
-        )
-        out[label] = MetricSums.of(values)
+        out[label] = _values(scores, held, config, merchant, part)
     return out
+
+
+def _values(
+    scores: np.ndarray, held: HeldOut, config: RunConfig, merchant: MerchantConfig, part: EvalPart
+) -> dict[str, np.ndarray]:
+    values = dict(case_metrics(scores, held.cases))
+    values[SAMPLED_METRIC] = sampled_ndcg(
+        scores,
+        held.cases,
+        # public cases: the same sampled candidates for every method and run
+        rng=numpy_stream(config.seed, "sampled-negatives", merchant.id, part.value),
+        negatives=config.evaluation.sampled_negatives,
+    )
+    return values
 
 
 def _baseline(label: str, data: Part) -> np.ndarray:
@@ -257,11 +293,14 @@ def _blur(sums: MetricSums, *, std: float, rng: np.random.Generator) -> MetricSu
 
 def _held_parts(
     merchant: MerchantConfig, parts: set[EvalPart], config: RunConfig, secret: MerchantSecret
-) -> Mapping[EvalPart, Part]:
+) -> tuple[dict[EvalPart, Part], Part | None]:
+    """The parts asked that the merchant holds, and the fresh part with stale histories."""
     found: dict[EvalPart, Part] = dict(offline_parts(merchant, parts, config))
+    stale = None
     if parts & {EvalPart.FRESH, EvalPart.RECENT}:
-        found.update(online_parts(merchant, parts, config, secret))
-    return {p: d for p, d in found.items() if len(d.heldout.cases) > 0}
+        online, stale = online_parts(merchant, parts, config, secret)
+        found.update(online)
+    return {p: d for p, d in found.items() if len(d.heldout.cases) > 0}, stale
 
 
 def _model_problem(instruction: EvaluateInstruction) -> str | None:
@@ -289,7 +328,7 @@ def evaluate_at_merchant(
         torch.set_num_threads(merchant.threads)
         secret = load_merchant_secret(ensure_merchant_secret(merchant.state_dir).parent)
         parts = {part for part, _ in instruction.tasks}
-        data = _held_parts(merchant, parts, instruction.config, secret)
+        data, stale = _held_parts(merchant, parts, instruction.config, secret)
         if not data:
             raise NothingHeldOut(
                 f"merchant {merchant.id} holds no events for {sorted(p.value for p in parts)}"
@@ -297,7 +336,7 @@ def evaluate_at_merchant(
         sums: dict[EvalPart, dict[str, MetricSums]] = {}
         for part, held in data.items():
             labels = {label for p, label in instruction.tasks if p is part}
-            scored = score_part(part, held, labels, instruction, merchant, secret)
+            scored = score_part(part, held, labels, instruction, merchant, secret, stale)
             noise = secret.numpy_stream(
                 instruction.run_id, "round", instruction.round, "evaluation-noise", part.value
             )

@@ -134,6 +134,7 @@ class EvaluationConfig:
     product among ``sampled_negatives`` random catalogue products) is a secondary column."""
 
     sampled_negatives: int = 99
+    every_round: bool = True  # validation after each round (false: only the final test)
 
     def __post_init__(self) -> None:
         if self.sampled_negatives < 1:

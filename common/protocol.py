@@ -53,6 +53,7 @@ UNKNOWN_SEQ = -1  # the platform does not know yet which merchant a node is
 # scored with the merchant's local part (client/evaluation.py)
 BASELINE_LABELS = frozenset({"p-topfreq", "g-topfreq"})
 LOCAL_SUFFIX = "+local"
+STALE_SUFFIX = "@stale"  # fresh part only: histories cut at the end of the offline training data
 
 # status keys (merchant -> platform)
 OUTCOME = "outcome"
@@ -196,7 +197,12 @@ class EvaluateInstruction:
     simulation_dir: str | None = None
 
     def __post_init__(self) -> None:
-        known = set(self.models) | BASELINE_LABELS | {m + LOCAL_SUFFIX for m in self.models}
+        known = (
+            set(self.models)
+            | BASELINE_LABELS
+            | {m + LOCAL_SUFFIX for m in self.models}
+            | {m + STALE_SUFFIX for m in self.models}
+        )
         unknown = sorted({label for _, label in self.tasks} - known)
         if unknown:
             raise ConfigError(f"evaluation tasks name models that were not sent: {unknown}")

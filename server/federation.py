@@ -292,7 +292,11 @@ class Federation:
                 len(outcome.updates),
                 self.config.federation.min_merchants,
             )
-        evaluation = self.evaluate({GLOBAL: arrays}, ((EvalPart.VALIDATION, GLOBAL),), rnd=rnd)
+        evaluation = (
+            self.evaluate({GLOBAL: arrays}, ((EvalPart.VALIDATION, GLOBAL),), rnd=rnd)
+            if self.config.evaluation.every_round
+            else EvaluationOutcome()
+        )
         overall = evaluation.means(EvalPart.VALIDATION, GLOBAL)
         previous = history[-1]["epsilon"] if history else {}
         epsilon = {**previous, **outcome.epsilon}

@@ -38,7 +38,7 @@ from common.configparse import from_mapping, load_toml
 from common.errors import ConfigError, StateError
 from common.keys import generate_keypair, load_signing_key, load_verify_key
 from common.ledger import ServerLedger
-from common.protocol import EvalPart
+from common.protocol import STALE_SUFFIX, EvalPart
 from common.recommender_scorer import describe
 from server.drift import DriftConfig, decide
 from server.federated_evaluation import EvaluationOutcome
@@ -181,6 +181,7 @@ class StepResult:
     reason: str
     prequential: Mapping[str, float] = field(default_factory=dict)
     prequential_cases: float = 0.0
+    references: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     rollback: str | None = None
     candidate_metrics: Mapping[str, float] = field(default_factory=dict)
     serving_metrics: Mapping[str, float] = field(default_factory=dict)
@@ -205,8 +206,12 @@ class OnlineLoop:
         metrics: FedshopMetrics | None = None,
         events: EventLog | None = None,
         drift: DriftConfig | None = None,
+        references: Mapping[str, Arrays] | None = None,
     ) -> None:
+        """``references``: fixed models the merchants also score on every fresh cohort (with
+        current and with stale histories), e.g. the offline model as a benchmark's bar."""
         self.config = config
+        self.references = dict(references or {})
         self.settings = settings
         self.runtime = runtime
         signing_key = load_signing_key(settings.signing_key)
@@ -315,8 +320,10 @@ class OnlineLoop:
         serving, arrays = self.serving()
         serving_before = serving.id
         parent = self._rollback_parent()
-        models: dict[str, Arrays] = {SERVING: arrays}
+        models: dict[str, Arrays] = {SERVING: arrays, **self.references}
         tasks: list[tuple[EvalPart, str]] = [(EvalPart.FRESH, SERVING)]
+        for label in self.references:
+            tasks += [(EvalPart.FRESH, label), (EvalPart.FRESH, label + STALE_SUFFIX)]
         if parent is not None:
             models[PARENT] = self.registry.load_arrays(parent.id)
             tasks += [(EvalPart.RECENT, SERVING), (EvalPart.RECENT, PARENT)]
@@ -339,6 +346,10 @@ class OnlineLoop:
             "serving_before": serving_before,
             "prequential": before.means(EvalPart.FRESH, SERVING),
             "prequential_cases": before.cases(EvalPart.FRESH, SERVING),
+            "references": {
+                label: before.means(EvalPart.FRESH, label)
+                for label in [*self.references, *(r + STALE_SUFFIX for r in self.references)]
+            },
             "rollback": rollback,
             "epsilon_remaining": remaining,
             "drift": drift_reason,
@@ -466,6 +477,7 @@ def run_online(
     before_step: Callable[[int], str] | None = None,
     metrics: FedshopMetrics | None = None,
     sleep: Callable[[float], None] = time.sleep,
+    reference_offline: bool = False,
 ) -> tuple[dict[str, Any], list[StepResult]]:
     """Offline rounds (resumable), then ``rounds`` online steps (0 = forever).
 
@@ -485,6 +497,7 @@ def run_online(
                 federation, ledger, rounds_per_cohort=online.rounds_per_cohort
             ),
             metrics=metrics,
+            references={"offline": offline.arrays} if reference_offline else None,
         )
         loop.bootstrap(
             offline.arrays,

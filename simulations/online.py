@@ -231,8 +231,11 @@ def simulate_online(
     num_cpus_per_client: float = 1.0,
     merchants_in_week: Callable[[int], Iterable[str]] | None = None,
     verbose: bool = False,
+    reference_offline: bool = False,
 ) -> dict[str, Any]:
-    """Offline rounds and the weekly stream in one federation; returns the summary."""
+    """Offline rounds and the weekly stream in one federation; returns the summary.
+    ``reference_offline``: the merchants also score the offline model every week (as it is,
+    with refreshed and with stale histories)."""
     settings = server_settings(layout)
     enable_inboxes(layout, spec)
     events = load_events(settings.config)
@@ -256,6 +259,7 @@ def simulate_online(
                 online_settings_for(layout, spec),
                 rounds=len(weeks),
                 before_step=before_step,
+                reference_offline=reference_offline,
             )
         rows = [week_row(week, step) for week, step in zip(weeks, steps, strict=True)]
         for row in rows:

@@ -278,7 +278,9 @@ def test_in_process_weeks_through_the_real_client_app(streaming):
     """Offline rounds and two streamed weeks through the production round loop, acceptance and
     federated evaluation (only the transport is in-process)."""
     layout, _config, spec, _merchants, _stream = streaming
-    summary = simulate_online(layout, spec, transport=Transport.IN_PROCESS)
+    summary = simulate_online(
+        layout, spec, transport=Transport.IN_PROCESS, reference_offline=True
+    )
     assert summary["weeks"] == 2 and summary["candidates"] == 2
     import json
 
@@ -287,6 +289,9 @@ def test_in_process_weeks_through_the_real_client_app(streaming):
     for row in rows:
         # prequential figures come from the merchants, on every event of the new week
         assert row["prequential_cases"] > 50 and 0.0 < row["prequential"]["ndcg@10"] < 1.0
+        # the offline model scored on the same week, with refreshed and with stale histories
+        assert set(row["references"]) == {"offline", "offline@stale"}
+        assert all(0.0 < r["ndcg@10"] < 1.0 for r in row["references"].values())
         assert len(row["trained"]) == 3 and row["candidate"] is not None
         assert row["candidate_metrics"] and row["serving_metrics"]
         assert set(row["epsilon_remaining"]) == set(layout.merchant_ids())
