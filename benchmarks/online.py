@@ -167,13 +167,13 @@ def main() -> int:
             results = [f.result() for f in retrains]
             online_result = online.result()
     seconds = time.perf_counter() - began
-    text = report(online_result, results, seconds)
     args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(args.out / "results_online.md", text.encode())
     payload = {"online": online_result, "retrained": results, "seconds": seconds}
-    atomic_write_bytes(
+    atomic_write_bytes(  # the raw figures first: the report can be redone from them
         args.out / "results_online.json", json.dumps(payload, indent=1, default=str).encode()
     )
+    text = report(online_result, results, seconds)
+    atomic_write_bytes(args.out / "results_online.md", text.encode())
     print(text)
     return 0
 

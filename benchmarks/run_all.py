@@ -1,4 +1,4 @@
-"""`make bench`: every benchmark that writes figures into docs/, in one go (about 2 hours on
+"""`make bench`: every benchmark that writes figures into docs/, in one go (about 3 hours on
 2 cores). Each step is one command; a failing step stops the run with its exit code."""
 
 from __future__ import annotations
@@ -11,6 +11,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 STEPS: list[list[str]] = [
+    # Every recommender (baselines, centralised, local-only, federated, DP at two units) on the
+    # same full-ranking cases: docs/results.md. Finished jobs are kept under runs/quality-jobs.
+    [PY, "benchmarks/quality.py"],
     [PY, "benchmarks/dp_throughput.py"],
     # Frozen vs refreshed features vs online fine-tuning vs weekly retraining.
     [PY, "benchmarks/online.py"],

@@ -7,6 +7,7 @@ simulations; it returns everything it produced, so callers never read its files 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,7 @@ def final_test(federation: Federation, arrays: Arrays, *, rnd: int) -> dict[str,
     """The merchants' test of the final model: the shared model, the shared model with each
     merchant's local part (what it serves), and the merchants' local baselines, on the same
     cases; overall means with 95 % intervals, and each merchant's own means."""
+    began = time.perf_counter()
     test = federation.evaluate(
         {GLOBAL: arrays}, tuple((EvalPart.TEST, label) for label in TEST_LABELS), rnd=rnd
     )
@@ -97,6 +99,7 @@ def final_test(federation: Federation, arrays: Arrays, *, rnd: int) -> dict[str,
             if EvalPart.TEST in by_part and GLOBAL in by_part[EvalPart.TEST]
         },
         "test_methods": methods,
+        "test_seconds": round(time.perf_counter() - began, 2),
     }
 
 

@@ -52,7 +52,11 @@ def merchant_table(summary: dict[str, Any]) -> str:
     if not ours or not alone:
         return ""
     head = f"{'merchant':<14} {'cases':>6} {'federated':>10} {'P-TopFreq':>10} {'change':>8}"
-    lines = ["test weeks, NDCG@10 (full catalogue), each merchant on its own households", head]
+    lines = [
+        "test period (federated evaluation), NDCG@10 over the full catalogue, "
+        "each merchant on its own households",
+        head,
+    ]
     lines.append("-" * len(head))
     cases = summary.get("test_case_counts", {})
     wins = 0
@@ -134,10 +138,10 @@ def write_plots(run_dir: Path, history: list[dict[str, Any]], epsilon_cap: float
     rounds = [row["round"] for row in history]
     paths = []
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for key in ("auc", "ndcg@10", "hr@10"):
+    for key in ("ndcg@10", "recall@10", "ndcg@20"):
         axes[0].plot(rounds, [row["metrics"].get(key) for row in history], marker="o", label=key)
     axes[0].set_xlabel("round")
-    axes[0].set_title("global model on held-out weeks")
+    axes[0].set_title("shared model, validation weeks, full catalogue")
     axes[0].legend()
     merchants = sorted({m for row in history for m in row["epsilon"]})
     for merchant in merchants:

@@ -43,7 +43,6 @@ def _federation(tmp_path: Path, rounds: int) -> Federation:
             "data": {"source": "synthetic", "top_n": 3, "synthetic_events_per_merchant": 600},
             # a round that hangs fails the test in minutes, not at pytest's timeout
             "federation": {"rounds": rounds, "min_merchants": 3, "round_timeout_s": 300},
-            "evaluation": {"max_cases_per_merchant": 50},
         },
     )
 

@@ -1,4 +1,4 @@
-"""Full-ranking next-basket metrics against hand-computed cases (docs/research_nextbasket.md)."""
+"""Full-ranking next-basket metrics against hand-computed cases (docs/evaluation.md)."""
 
 from __future__ import annotations
 

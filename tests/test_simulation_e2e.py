@@ -51,7 +51,12 @@ def test_simulation_trains_records_and_reports(tmp_path, small_overrides):
     metrics = json.loads((run / "metrics.json").read_text())["rounds"]
     assert summary["completed"] and len(metrics) == 3
     assert all(len(row["trained"]) == 3 and row["aggregated"] for row in metrics)
-    assert 0.5 < summary["test"]["auc"] <= 1.0
+    methods = summary["test_methods"]
+    assert set(methods) >= {"global", "global+local", "p-topfreq", "g-topfreq"}
+    ours = methods["global+local"]
+    low, high = ours["ci95"]["ndcg@10"]
+    assert 0.0 < low <= ours["means"]["ndcg@10"] <= high <= 1.0
+    assert set(ours["per_merchant"]) == set(RunLayout(run).merchant_ids())
     cap = 3.0
     layout = RunLayout(run)
     for merchant_id in layout.merchant_ids():

@@ -1,5 +1,5 @@
 """Next-basket recommendation at one merchant: baskets, cases, features, metrics, baselines.
 
 Everything here except :mod:`common.nextbasket.model` is torch-free, so that evaluation and the
-local baselines run without the training stack. Protocol: docs/research_nextbasket.md.
+local baselines run without the training stack. Protocol: docs/evaluation.md.
 """

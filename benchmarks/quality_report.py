@@ -1,4 +1,4 @@
-"""The report of benchmarks/nextbasket_research.py: tables, targets, the epsilon plot, JSON."""
+"""The report of benchmarks/quality.py: tables, targets, the epsilon plot, JSON."""
 
 from __future__ import annotations
 
@@ -263,16 +263,16 @@ def _timing_lines(report: Report) -> list[str]:
 def write_report(report: Report, out: Path, *, paired: Callable[..., dict[str, float]]) -> None:
     found = targets(report, paired)
     size = sizes(report.spec)
-    plotted = _plot(report, out / "research_nextbasket.png")
+    plotted = _plot(report, out / "results_ndcg.png")
     lines = [
         "# Next-basket recommendation: baselines, the two-part model, federation and DP",
         "",
-        "Produced by `python benchmarks/nextbasket_research.py` in one run "
+        "Produced by `make bench` (`python benchmarks/quality.py`) in one run "
         f"({report.seconds / 60:.0f} minutes on this 2-core machine"
         f"{', quick mode: one seed, eps 3, event unit only' if report.quick else ''}). "
         "Data: the 10 busiest Complete Journey stores; train weeks 1-40, validation 41-44, "
         "test 45-53. Protocol (cases, catalogue, ties, new products): "
-        "[nextbasket_protocol.md](nextbasket_protocol.md). "
+        "[evaluation.md](evaluation.md). "
         "Mean over test households; 95% intervals from a bootstrap over households "
         "(stratified by merchant overall); trained methods average each case over their seeds.",
         "",
@@ -294,7 +294,7 @@ def write_report(report: Report, out: Path, *, paired: Callable[..., dict[str, f
             else []
         ),
         *(
-            ["## NDCG@10 against epsilon", "", "![NDCG@10 vs epsilon](research_nextbasket.png)", ""]
+            ["## NDCG@10 against epsilon", "", "![NDCG@10 vs epsilon](results_ndcg.png)", ""]
             if plotted
             else []
         ),
@@ -306,7 +306,7 @@ def write_report(report: Report, out: Path, *, paired: Callable[..., dict[str, f
         "",
         f"Schedule: {asdict(report.schedule)}; scorer: {asdict(report.spec)}.",
         "",
-        "Raw figures: [research_nextbasket.json](research_nextbasket.json).",
+        "Raw figures: [results.json](results.json).",
     ]
     payload = {
         "summaries": report.summaries,
@@ -320,10 +320,10 @@ def write_report(report: Report, out: Path, *, paired: Callable[..., dict[str, f
         "cases": report.cases,
     }
     atomic_write_bytes(
-        out / "research_nextbasket.json",
+        out / "results.json",
         json.dumps(payload, indent=1, default=_plain).encode(),
     )
-    atomic_write_bytes(out / "research_nextbasket.md", ("\n".join(lines) + "\n").encode())
+    atomic_write_bytes(out / "results.md", ("\n".join(lines) + "\n").encode())
 
 
 def _plain(value: Any) -> Any:

@@ -2,33 +2,36 @@
 two-part scorer (centralised, local-only, federated; non-private and DP at epsilon 1, 3, 8 for
 both privacy units; with and without the merchant-local part), on the same full-ranking cases.
 
-Protocol: docs/research_nextbasket.md. Federated training is an in-process FedAvg loop (local
+Protocol: docs/evaluation.md. Federated training is an in-process FedAvg loop (local
 DP-SGD rounds, averaged by record counts), the same arithmetic the Flower strategy performs.
-Writes docs/research_nextbasket.md, docs/research_nextbasket.json and
-docs/research_nextbasket.png.
+Writes docs/results.md, docs/results.json and docs/results_ndcg.png (part of `make bench`).
 
-Usage: python benchmarks/nextbasket_research.py [--seeds 3] [--rounds 5] [--quick]
+Usage: python benchmarks/quality.py [--seeds 3] [--workers 2] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import multiprocessing
+import pickle
 import sys
 import time
 import warnings
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from nextbasket_report import Report, write_report
+from quality_report import Report, write_report
 
 from client.nextbasket_local import HeldOut, fit_local_state, raw_scores, scores_with
 from client.nextbasket_training import train_scorer
 from client.training import DPSettings, LocalTraining, steps_per_round
 from common.accounting import MechanismStep, PrivacyUnit, epsilon_spent, noise_for_target
+from common.atomic import atomic_write_bytes
 from common.completejourney import load_merchants
 from common.config import OptimizerKind
 from common.nextbasket import baselines
@@ -505,7 +508,7 @@ class Grid:
             kept = sum(1 for s in states.values() if s.personal)
             full.extra.setdefault("merchants keeping personal weights", []).append(kept)
 
-    def run_seed(self, seed: int, epsilons: tuple[float, ...], units: tuple[PrivacyUnit, ...]):
+    def run_central(self, seed: int) -> None:
         names = list(self.data)
         began = time.perf_counter()
         central = train_central(self.data, self.spec, self.record_spec, self.schedule, seed)
@@ -515,36 +518,111 @@ class Grid:
             dict.fromkeys(names, central), seed, took, None, personalise=True,
         )  # fmt: skip
         self.log(f"seed {seed}: centralised {took:.0f}s")
-        for privacy in [Privacy(None)] + [Privacy(e, u) for u in units for e in epsilons]:
-            label = _label(privacy)
-            began = time.perf_counter()
-            local, spent = train_local(
-                self.data, self.spec, self.record_spec, privacy, self.schedule, seed
-            )
-            took = time.perf_counter() - began
-            self.add_variants(
-                f"model, local-only, {label}", "local-only", local, seed, took, privacy,
-                personalise=False,
-            )  # fmt: skip
-            self.log(f"seed {seed}: local-only {label} {took:.0f}s")
-            began = time.perf_counter()
-            timings: dict[str, list[float]] = {}
-            kept: list[int] = []
-            fed, spent = train_federated(
-                self.data, self.spec, self.record_spec, privacy, self.schedule, seed, timings, kept
-            )
-            took = time.perf_counter() - began
-            for name, values in timings.items():
-                self.timings.setdefault(f"{label}|{name}", []).extend(values)
-            self.add_variants(
-                f"model, federated, {label}", "federated", dict.fromkeys(names, fed), seed,
-                took, privacy, personalise=True,
-            )  # fmt: skip
-            method = self.methods[f"model, federated, {label}"]
-            method.extra.setdefault("round kept", []).extend(kept)
-            if privacy.epsilon is not None:
-                method.extra.setdefault("epsilon per merchant", []).append(spent)
-            self.log(f"seed {seed}: federated {label} {took:.0f}s")
+
+    def run_privacy(self, seed: int, privacy: Privacy) -> None:
+        """Local-only and federated training at one privacy setting, with their variants."""
+        names = list(self.data)
+        label = _label(privacy)
+        began = time.perf_counter()
+        local, spent = train_local(
+            self.data, self.spec, self.record_spec, privacy, self.schedule, seed
+        )
+        took = time.perf_counter() - began
+        self.add_variants(
+            f"model, local-only, {label}", "local-only", local, seed, took, privacy,
+            personalise=False,
+        )  # fmt: skip
+        self.log(f"seed {seed}: local-only {label} {took:.0f}s")
+        began = time.perf_counter()
+        timings: dict[str, list[float]] = {}
+        kept: list[int] = []
+        fed, spent = train_federated(
+            self.data, self.spec, self.record_spec, privacy, self.schedule, seed, timings, kept
+        )
+        took = time.perf_counter() - began
+        for name, values in timings.items():
+            self.timings.setdefault(f"{label}|{name}", []).extend(values)
+        self.add_variants(
+            f"model, federated, {label}", "federated", dict.fromkeys(names, fed), seed,
+            took, privacy, personalise=True,
+        )  # fmt: skip
+        method = self.methods[f"model, federated, {label}"]
+        method.extra.setdefault("round kept", []).extend(kept)
+        if privacy.epsilon is not None:
+            method.extra.setdefault("epsilon per merchant", []).append(spent)
+        self.log(f"seed {seed}: federated {label} {took:.0f}s")
+
+    def merge(self, methods: dict[str, Method], timings: dict[str, list[float]]) -> None:
+        """Fold one job's methods (other seeds or settings) into this grid."""
+        for name, part in methods.items():
+            into = self.methods.setdefault(name, part)
+            if into is part:
+                continue
+            into.seeds.extend(part.seeds)
+            into.sampled.extend(part.sampled)
+            into.seconds += part.seconds
+            for key, value in part.extra.items():
+                if isinstance(value, list):
+                    into.extra.setdefault(key, []).extend(value)
+                else:
+                    into.extra[key] = value
+        for key, values in timings.items():
+            self.timings.setdefault(key, []).extend(values)
+
+
+# ----------------------------------------------------------------------------- jobs
+
+Job = tuple[str, int, "Privacy | None"]
+_WORKER: dict[str, object] = {}
+
+
+def _start_worker(merchants: int, rounds: int, seeds: int, threads: int) -> None:
+    torch.set_num_threads(threads)
+    spec = ScorerSpec()
+    data = dict(list(prepare(spec).items())[:merchants])
+    _WORKER["grid"] = (data, spec, Schedule(rounds=rounds), seeds)
+
+
+def _run_job(job: Job) -> tuple[dict[str, Method], dict[str, list[float]], float]:
+    """One unit of the grid in a worker process: baselines, a seed's centralised model, or
+    one seed's local-only and federated training at one privacy setting."""
+    data, spec, schedule, seeds = _WORKER["grid"]  # type: ignore[misc]
+    began = time.perf_counter()
+    grid = Grid(data, spec, RecordSpec(), schedule, seeds, log=lambda s: print(s, flush=True))
+    kind, seed, privacy = job
+    if kind == "baselines":
+        for method in run_baselines(data, seeds):
+            grid.methods[method.name] = method
+        print(f"baselines {time.perf_counter() - began:.0f}s", flush=True)
+    elif kind == "central":
+        grid.run_central(seed)
+    else:
+        assert privacy is not None
+        grid.run_privacy(seed, privacy)
+    return grid.methods, grid.timings, time.perf_counter() - began
+
+
+def job_key(job: Job) -> str:
+    kind, seed, privacy = job
+    label = "" if privacy is None else "-" + _label(privacy).replace(" ", "_")
+    return f"{kind}-seed{seed}{label}"
+
+
+def plan_jobs(seeds: int, epsilons: tuple[float, ...], units: tuple[PrivacyUnit, ...]) -> list[Job]:
+    """Every seed of what the targets rest on first (centralised, non-private, the default
+    epsilon 3 at the event unit), then epsilon 3 at the customer unit, then the other
+    epsilons: a run cut short still reports its headline on every seed."""
+    headline = [Privacy(None), Privacy(3.0, PrivacyUnit.EVENT)]
+    tiers = [
+        [p for p in headline if p.epsilon is None or (p.epsilon in epsilons and p.unit in units)],
+        [Privacy(3.0, u) for u in units if u is not PrivacyUnit.EVENT and 3.0 in epsilons],
+        [Privacy(e, u) for u in units for e in epsilons if e != 3.0],
+    ]
+    jobs: list[Job] = [("baselines", 0, None)]
+    jobs.extend(("central", seed, None) for seed in range(seeds))
+    for tier in tiers:
+        jobs.extend(("privacy", seed, p) for seed in range(seeds) for p in tier)
+    return jobs
 
 
 def _label(privacy: Privacy) -> str:
@@ -622,22 +700,57 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=Schedule.rounds)
     parser.add_argument("--quick", action="store_true", help="eps 3, event unit, one seed")
     parser.add_argument("--merchants", type=int, default=10, help="first N stores (exploring)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared box)")
+    parser.add_argument("--workers", type=int, default=2, help="processes (one torch thread each)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=ROOT / "runs" / "quality-jobs",
+        help="finished jobs are kept here; a rerun skips them (delete it to start afresh)",
+    )
+    parser.add_argument(
+        "--report-only", action="store_true", help="write the report from the finished jobs"
+    )
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(1)
     began = time.perf_counter()
     spec, record_spec = ScorerSpec(), RecordSpec()
     schedule = Schedule(rounds=args.rounds)
     data = dict(list(prepare(spec).items())[: args.merchants])
     print(f"prepared {len(data)} merchants in {time.perf_counter() - began:.0f}s", flush=True)
-    grid = Grid(data, spec, record_spec, schedule, args.seeds, log=lambda s: print(s, flush=True))
-    for method in run_baselines(data, args.seeds):
-        grid.methods[method.name] = method
-    print(f"baselines done at {time.perf_counter() - began:.0f}s", flush=True)
+    seeds = 1 if args.quick else args.seeds
     epsilons, units = ((3.0,), (PrivacyUnit.EVENT,)) if args.quick else (EPSILONS, UNITS)
-    for seed in range(1 if args.quick else args.seeds):
-        grid.run_seed(seed, epsilons, units)
+    jobs = plan_jobs(seeds, epsilons, units)
+    grid = Grid(data, spec, record_spec, schedule, seeds, log=lambda s: print(s, flush=True))
+    cache = args.cache / f"{args.merchants}-merchants-{args.rounds}-rounds"
+    cache.mkdir(parents=True, exist_ok=True)
+    todo = []
+    for job in jobs:
+        saved = cache / f"{job_key(job)}.pkl"
+        if saved.exists():
+            methods, timings, _ = pickle.loads(saved.read_bytes())
+            grid.merge(methods, timings)
+        else:
+            todo.append(job)
+    print(f"{len(jobs) - len(todo)} of {len(jobs)} jobs already in {cache}", flush=True)
+    if todo and not args.report_only:
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(
+            max_workers=max(1, args.workers),
+            mp_context=context,
+            initializer=_start_worker,
+            initargs=(args.merchants, args.rounds, seeds, 1),
+        ) as pool:
+            futures = {pool.submit(_run_job, job): job for job in todo}
+            for done, future in enumerate(as_completed(futures), start=1):
+                result = future.result()
+                atomic_write_bytes(cache / f"{job_key(futures[future])}.pkl", pickle.dumps(result))
+                grid.merge(result[0], result[1])
+                at = time.perf_counter() - began
+                print(f"[{done}/{len(todo)}] {result[2]:.0f}s (at {at:.0f}s)", flush=True)
+    missing = [job_key(j) for j in jobs if not (cache / f"{job_key(j)}.pkl").exists()]
+    if missing:
+        print(f"report from the finished jobs only; missing: {', '.join(missing)}", flush=True)
     report = Report(
         methods=grid.methods,
         summaries={
@@ -652,6 +765,7 @@ def main(argv: list[str] | None = None) -> int:
         seconds=time.perf_counter() - began,
         quick=args.quick,
     )
+    args.out.mkdir(parents=True, exist_ok=True)
     write_report(report, args.out, paired=paired)
     return 0
 
