@@ -1,7 +1,7 @@
 """The real fedshop apps over TLS: one SuperLink and three merchant SuperNodes as processes.
 
-Skipped (with the reason) until the app's pyproject declares the run-config keys the
-ServerApp needs in deployment; from then on they must pass.
+An app whose pyproject lacks a run-config key the ServerApp needs in deployment fails these
+tests (it would fail every real deployment), naming the key.
 """
 
 from __future__ import annotations
@@ -26,11 +26,11 @@ import deploy_harness as h
 RUN_KEYS = ["fedshop-config", "run-dir", "keys-dir", "server-ledger"]
 
 
-def _skip_unless_app_ready() -> None:
+def _require_app_ready() -> None:
     try:
         check_app_config_keys(h.REPO, RUN_KEYS)
     except DeploymentError as exc:
-        pytest.skip(str(exc))
+        pytest.fail(f"the fedshop app is not deployable: {exc}")
 
 
 Federation = h.FedshopDeployment
@@ -111,7 +111,7 @@ def test_merchants_run_only_their_pinned_app_behind_a_closed_control_port(tmp_pa
     its node key, is refused every Control and Runtime API call on the merchant-facing port."""
     from simulations.deployment.runner import REFUSAL_MARK
 
-    _skip_unless_app_ready()
+    _require_app_ready()
     fed = _federation(tmp_path, rounds=2)
     server = h.start_fedshop(fed.serve_args(), tmp_path / "server.log", cwd=tmp_path)
     clients: list[subprocess.Popen[bytes]] = []
@@ -167,7 +167,7 @@ def test_merchant_killed_mid_round_rejoins_in_the_next_round_with_an_intact_ledg
     dead session off, is activated again within seconds, and is asked in the first round that
     starts after it is back (from the SuperLink's own record of messages and activations);
     its ledger keeps every release."""
-    _skip_unless_app_ready()
+    _require_app_ready()
     fed = _federation(tmp_path, rounds=4)
     victim = fed.merchants[0]
     server = h.start_fedshop(fed.server_args(), tmp_path / "server.log", cwd=tmp_path)
@@ -226,7 +226,7 @@ def _node_id(client_log: Path) -> int:
 def test_platform_killed_mid_run_resumes_from_its_checkpoint(tmp_path: Path) -> None:
     """kill -9 of the whole platform after round 1's checkpoint; the restarted platform
     resumes at round 2 with the same run id and the merchants' ledgers stay consistent."""
-    _skip_unless_app_ready()
+    _require_app_ready()
     fed = _federation(tmp_path, rounds=3)
     checkpoint = fed.layout.root / "checkpoints" / "round-0001.json"
     server = h.start_fedshop(fed.server_args(), tmp_path / "server.log", cwd=tmp_path)
@@ -268,7 +268,7 @@ def test_online_platform_promotes_a_version_trained_on_new_inbox_files(tmp_path:
     from simulations.deployment.process import free_port
     from simulations.online import drop_file
 
-    _skip_unless_app_ready()
+    _require_app_ready()
     fed = _federation(tmp_path, rounds=1)
     h.enable_inboxes(fed)
     monitoring = free_port()
