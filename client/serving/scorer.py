@@ -40,7 +40,12 @@ from client.merchant_data import TRAINING_PERIOD, period_log
 from client.nextbasket_local import HeldOut, final_scores, model_scores, scorer_model
 from common.errors import CheckpointError
 from common.nextbasket.baskets import BasketLog, CaseSet, catalogue
-from common.nextbasket.features import history_features, merchant_popularity
+from common.nextbasket.features import (
+    ProductCodes,
+    history_features,
+    merchant_popularity,
+    product_codes,
+)
 from common.nextbasket.local import LocalState
 from common.nextbasket.spec import ScorerSpec
 
@@ -83,6 +88,7 @@ class ServingEvents:
     popularity: np.ndarray  # [C] baskets containing each product, all customers
     day: float  # the scoring moment: the newest event, in days since 1970-01-01 UTC
     customer_codes: Mapping[str, int]
+    codes: ProductCodes  # computed once per snapshot instead of once per request
 
     @classmethod
     def of(cls, events: pd.DataFrame, spec: ScorerSpec) -> ServingEvents:
@@ -94,7 +100,8 @@ class ServingEvents:
         shop = catalogue(log, period)
         popularity = merchant_popularity(log, before_week=TRAINING_PERIOD + 1)[shop]
         codes = {str(c): i for i, c in enumerate(log.customer_ids)}
-        return cls(log, periods.items, shop, popularity, float(log.day.max()), codes)
+        day = float(log.day.max())
+        return cls(log, periods.items, shop, popularity, day, codes, product_codes(log))
 
     @property
     def product_ids(self) -> np.ndarray:
@@ -133,7 +140,8 @@ class ServingEvents:
     def held_out(self, customer_ids: Sequence[str], at: float | None = None) -> HeldOut:
         """What the production scoring functions take, for these customers."""
         cases = self.cases(customer_ids, at)
-        return HeldOut(cases, history_features(self.log, cases), self.popularity, self.items)
+        features = history_features(self.log, cases, self.codes)
+        return HeldOut(cases, features, self.popularity, self.items)
 
 
 class NextBasketScorer:
