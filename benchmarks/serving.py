@@ -1,10 +1,11 @@
 """Serving latency and throughput at a merchant: ``fedshop serve`` under a bounded open-loop load.
 
 One Complete Journey store (by default the busiest-catalogue store of the top 10) is the
-merchant; its weeks 1-40 are its events (histories and catalogue). The model is the federated
-model of a run directory (``--model-run``, e.g. ``runs/default`` after ``make run``) or, without
-one, the same model trained on the store's own weeks 1-40 (non-private, 2 epochs). Versions reach
-the merchant's mirror through the publish handler, as in a deployment.
+merchant; its weeks 1-40 are its events (histories and catalogue). The model is the next-basket
+scorer: the federated model of a run directory (``--model-run``, e.g. ``runs/default`` after
+``make run``) or, without one, the same scorer trained on the store's own weeks 1-40
+(non-private, 2 epochs) with the store's local part fitted on weeks 41-45. Versions reach the
+merchant's mirror through the publish handler, as in a deployment.
 
 Phases, each at ``--rate`` requests/s for ``--seconds`` s on loopback (a fixed number of requests
 sent on a fixed schedule by 16 threads with keep-alive connections; latency counts from the
@@ -119,39 +120,59 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def train_locally(events, spec, seed: int):  # type: ignore[no-untyped-def]
-    """The model trained on the store's own events (non-private), when no run is given."""
+def train_locally(events, valid, spec, seed: int):  # type: ignore[no-untyped-def]
+    """The next-basket scorer trained on the store's own weeks 1-40 (non-private), when no run
+    is given; the store's local part fitted on weeks 41-45 as client/evaluation.py does."""
     import torch
 
-    from client.training import LocalTraining, train_round
+    from client.merchant_data import TrainingData, period_log
+    from client.nextbasket_local import HeldOut, fit_local_state
+    from client.nextbasket_training import train_scorer
+    from client.training import LocalTraining
     from common.accounting import PrivacyUnit
-    from common.features import build_catalog, encode_events, training_records
-    from common.model import Recommender
+    from common.nextbasket.model import BasketScorer, RecordTensors
+    from common.nextbasket.records import training_records
+    from common.nextbasket.spec import RecordSpec
     from common.rng import numpy_stream
 
     torch.manual_seed(seed)
-    model = Recommender(spec)
-    records = training_records(
-        encode_events(events, spec),
-        build_catalog(events, spec),
-        unit=PrivacyUnit.EVENT,
-        negatives=4,
-        events_per_customer=32,
-        rng=numpy_stream(seed, "serving-benchmark"),
+    train = TrainingData.of(period_log([events], spec))
+    records = RecordTensors.of(
+        training_records(
+            train.cases,
+            train.features,
+            train.items,
+            unit=PrivacyUnit.EVENT,
+            spec=RecordSpec(),
+            rng=numpy_stream(seed, "serving-benchmark"),
+        )
     )
     generator = torch.Generator().manual_seed(seed)
-    result = train_round(
-        model=model,
+    result = train_scorer(
+        model=BasketScorer(spec),
         records=records,
         settings=LocalTraining(batch_size=512, local_epochs=2),
         dp=None,
         sampling_generator=generator,
         noise_generator=generator,
     )
-    return (
-        result.arrays,
-        f"trained on the store's weeks 1-40 (non-private, 2 epochs, loss {result.mean_loss:.3f})",
+    periods = period_log([events, valid], spec)
+    cases, features, popularity = periods.heldout(2)
+    local = fit_local_state(
+        merchant_id=str(events["merchant_id"].iloc[0]),
+        shared=result.arrays,
+        spec=spec,
+        records=records,
+        validation=HeldOut(cases, features, popularity[cases.catalogue], periods.items),
+        generator=torch.Generator().manual_seed(seed + 1),
     )
+    note = (
+        f"the next-basket scorer trained on the store's weeks 1-40 (non-private, 2 epochs, loss "
+        f"{result.mean_loss:.3f}), with the store's local part fitted on weeks 41-45 "
+        f"(blend {local.head.popularity_weight:g}, "
+        f"{'personal weights' if local.personal else 'no personal weights'})"
+    )
+    return result.arrays, local, note
 
 
 def model_from_run(run: Path):  # type: ignore[no-untyped-def]
@@ -160,7 +181,7 @@ def model_from_run(run: Path):  # type: ignore[no-untyped-def]
 
     config = RunConfig.from_toml(run / "config.toml")
     arrays = npz_to_arrays((run / "model" / "final.npz").read_bytes())
-    return arrays, config.model, f"the federated DP model of {run}"
+    return arrays, config.model, f"the federated DP model of {run} (no local part)"
 
 
 def perturbed(arrays: dict, seed: int) -> dict:
@@ -198,29 +219,33 @@ def main() -> int:
 
     from report_section import write_section
 
+    from client.evaluation import local_state_path
     from client.merchant import MerchantConfig
     from client.serving.config import ServingConfig
     from common.completejourney import load_merchants
     from common.events import REQUIRED_COLUMNS, write_events
-    from common.model_spec import ModelSpec
+    from common.nextbasket.spec import ScorerSpec
     from simulations.serving import deliver, platform_registry, publisher_for
 
     root = Path(tempfile.mkdtemp(prefix="fedshop-serving-"))
-    frame = load_merchants(top_n=10, min_rows=10_000)
-    frame = frame[frame["week"] <= 40]
+    every = load_merchants(top_n=10, min_rows=10_000)
+    frame = every[every["week"] <= 40]
     sizes = frame.groupby("merchant_id")["product_id"].nunique()
     store = args.store or str(sizes.idxmax())
     events = frame[frame["merchant_id"] == store][list(REQUIRED_COLUMNS)].reset_index(drop=True)
+    later = every[(every["merchant_id"] == store) & every["week"].between(41, 45)]
+    valid = later[list(REQUIRED_COLUMNS)].reset_index(drop=True)
     home = root / store
     home.mkdir()
     write_events(events, home / "events.parquet")
 
     began = time.perf_counter()
+    local = None
     if args.model_run is not None:
         arrays, spec, model_note = model_from_run(args.model_run)
     else:
-        spec = ModelSpec()
-        arrays, model_note = train_locally(events, spec, seed=1)
+        spec = ScorerSpec()
+        arrays, local, model_note = train_locally(events, valid, spec, seed=1)
     print(f"model: {model_note} ({time.perf_counter() - began:.0f} s)", flush=True)
 
     registry, public = platform_registry(root / "platform" / "registry", keys=root / "platform")
@@ -239,6 +264,8 @@ def main() -> int:
     )
     config_path = home / "merchant.toml"
     config_path.write_text(merchant.to_toml())
+    if local is not None:
+        local.save(local_state_path(merchant))
 
     def publish(version: int, reason: str) -> float:
         registry.promote(version, reason=reason)

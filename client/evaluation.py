@@ -40,7 +40,13 @@ from client.holdout import held_out
 from client.inbox import Inbox
 from client.merchant import MerchantConfig
 from client.merchant_data import PeriodLog, period_log, period_log_of_files, training_data
-from client.nextbasket_local import HeldOut, final_scores, fit_local_state, raw_scores
+from client.nextbasket_local import (
+    HeldOut,
+    final_scores,
+    fit_local_state,
+    raw_scores,
+    scores_with,
+)
 from common.config import RunConfig
 from common.errors import CheckpointError, FedshopError, IntegrityError
 from common.events import read_events
@@ -242,8 +248,7 @@ def case_values(
         elif label.endswith(LOCAL_SUFFIX):
             shared = instruction.models[label.removesuffix(LOCAL_SUFFIX)]
             state = _local_state(merchant, part, shared, config, secret, instruction)
-            weights = state.personal or shared
-            scores = final_scores(raw_scores(weights, config.model, held), state.head, held)
+            scores = scores_with(state, shared, config.model, held)
         else:
             head = LocalHead()
             if part in (EvalPart.FRESH, EvalPart.RECENT):  # online: the blend it serves with

@@ -20,6 +20,7 @@ import torch
 
 from client.nextbasket_training import personalise
 from client.training import LocalTraining
+from common.arrays_io import arrays_sha256
 from common.nextbasket.baselines import break_ties
 from common.nextbasket.baskets import CaseSet
 from common.nextbasket.features import HistoryFeatures
@@ -48,11 +49,21 @@ class HeldOut:
     items: np.ndarray  # [products, 3] hashed ids (records.item_ids)
 
 
-def raw_scores(arrays: dict[str, np.ndarray], spec: ScorerSpec, data: HeldOut) -> np.ndarray:
-    """[cases, catalogue] scores of the weights ``arrays`` (shared or personal)."""
+def scorer_model(arrays: dict[str, np.ndarray], spec: ScorerSpec) -> BasketScorer:
+    """A scorer holding the weights ``arrays`` (shared or personal); names and shapes must fit."""
     model = BasketScorer(spec)
     load_shared_arrays(model, arrays)
+    return model.eval()
+
+
+def model_scores(model: BasketScorer, data: HeldOut) -> np.ndarray:
+    """[cases, catalogue] scores of a loaded scorer (serving keeps one per version)."""
     return score_catalogue(model, data.features, data.cases, data.items)
+
+
+def raw_scores(arrays: dict[str, np.ndarray], spec: ScorerSpec, data: HeldOut) -> np.ndarray:
+    """[cases, catalogue] scores of the weights ``arrays`` (shared or personal)."""
+    return model_scores(scorer_model(arrays, spec), data)
 
 
 def final_scores(raw: np.ndarray, head: LocalHead, data: HeldOut) -> np.ndarray:
@@ -63,9 +74,9 @@ def final_scores(raw: np.ndarray, head: LocalHead, data: HeldOut) -> np.ndarray:
 def scores_with(
     state: LocalState, shared: dict[str, np.ndarray], spec: ScorerSpec, data: HeldOut
 ) -> np.ndarray:
-    """What the merchant serves: personal weights if it kept some, else the shared ones."""
-    weights = state.personal if state.personal else shared
-    return final_scores(raw_scores(weights, spec, data), state.head, data)
+    """What the merchant serves: its personal weights if they were fitted from ``shared``,
+    else ``shared``, then its blend."""
+    return final_scores(raw_scores(state.weights_for(shared), spec, data), state.head, data)
 
 
 def _best_head(raw: np.ndarray, data: HeldOut) -> tuple[LocalHead, float]:
@@ -89,8 +100,9 @@ def fit_local_state(
 ) -> LocalState:
     """Choose the local part on the validation cases; ``records`` None = no personalisation
     (only the blend is chosen)."""
+    base = arrays_sha256(shared)
     head, value = _best_head(raw_scores(shared, spec, validation), validation)
-    state = LocalState(merchant_id, head)
+    state = LocalState(merchant_id, head, shared_sha256=base)
     if records is None:
         return state
     for prox in PROX_STRENGTHS:
@@ -105,5 +117,6 @@ def fit_local_state(
         )
         candidate_head, candidate = _best_head(raw_scores(personal, spec, validation), validation)
         if candidate > value + 1e-12:
-            state, value = LocalState(merchant_id, candidate_head, prox, personal), candidate
+            state = LocalState(merchant_id, candidate_head, prox, personal, shared_sha256=base)
+            value = candidate
     return state

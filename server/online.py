@@ -38,8 +38,8 @@ from common.configparse import from_mapping, load_toml
 from common.errors import ConfigError, StateError
 from common.keys import generate_keypair, load_signing_key, load_verify_key
 from common.ledger import ServerLedger
+from common.nextbasket.spec import describe
 from common.protocol import STALE_SUFFIX, EvalPart
-from common.recommender_scorer import describe
 from server.drift import DriftConfig, decide
 from server.federated_evaluation import EvaluationOutcome
 from server.federation import Federation, RoundOutcome, ServerSettings

@@ -18,8 +18,7 @@ from client.merchant import MerchantConfig
 from client.publish import publication_reply
 from common import protocol as P
 from common.keys import load_signing_key
-from common.model_spec import ModelSpec
-from common.recommender_scorer import describe
+from common.nextbasket.spec import ScorerSpec, describe
 from server.online import platform_keys
 from server.publish import Publisher, PublishReport, SignedPublication, record_answer
 from server.registry import ModelRegistry
@@ -33,7 +32,7 @@ def platform_registry(root: Path, *, keys: Path) -> tuple[ModelRegistry, Path]:
     return ModelRegistry(root, signing_key=key, verify_key=key.public_key()), public
 
 
-def publisher_for(registry: ModelRegistry, keys: Path, spec: ModelSpec) -> Publisher:
+def publisher_for(registry: ModelRegistry, keys: Path, spec: ScorerSpec) -> Publisher:
     return Publisher(registry, load_signing_key(keys / "platform.key"), model=describe(spec))
 
 

@@ -20,7 +20,7 @@ from client.serving.history import load_events
 from common.arrays_io import npz_to_arrays
 from common.config import RunConfig
 from common.keys import load_signing_key
-from common.recommender_scorer import describe
+from common.nextbasket.spec import describe
 from server.publish import Publisher
 from server.registry import ModelRegistry
 from simulations.provision import RunLayout

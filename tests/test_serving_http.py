@@ -9,14 +9,18 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from client.evaluation import local_state_path
 from client.serving.http import create_app
 from client.serving.runtime import ServingRuntime
 from client.serving.store import ServingStore
+from common.events import write_events
 from common.metrics_store import MetricsStore, MetricType
+from common.nextbasket.local import LocalHead, LocalState
 
 sys.path.insert(0, str(Path(__file__).parent / "support"))
 from serving_world import World, make_world
@@ -220,3 +224,23 @@ def test_a_fault_of_the_service_is_a_counted_one_line_500(
     }
     text = client.get("/metrics").text
     assert 'fedshop_serving_errors_total{endpoint="/recommendations",kind="server"} 1' in text
+
+
+def test_recommendations_follow_new_purchases_and_the_local_part_without_a_restart(
+    world: World, runtime: ServingRuntime
+) -> None:
+    world.publish(serving=world.register(1))
+    assert runtime.refresh()
+    assert not runtime.recommend("newbie", 5).known  # cold start
+    extra = world.events.head(12).assign(customer_id="newbie")
+    write_events(pd.concat([world.events, extra], ignore_index=True), world.merchant.data)
+    assert runtime.refresh()  # new events: histories re-indexed
+    assert runtime.recommend("newbie", 5).known
+    before = runtime.state
+    assert before is not None and before.control.head == LocalHead()
+    LocalState(world.merchant.id, LocalHead(2.0)).save(local_state_path(world.merchant))
+    assert runtime.refresh()  # a new local part: the same version, scored with it
+    after = runtime.state
+    assert after is not None and after.control.head == LocalHead(2.0)
+    assert after.control.version_id == before.control.version_id
+    assert not runtime.refresh()  # nothing changed since

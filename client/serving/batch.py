@@ -1,7 +1,8 @@
 """Top-K for many customers at once (``fedshop recommend``), from the merchant's mirror.
 
-The serving version of the publication in force (or a version the mirror holds, by id), the
-merchant's own events for histories and catalogue, one row per (customer, rank) with the score
+The serving version of the publication in force (or a version the mirror holds, by id) with the
+merchant's local part, the merchant's own events for histories and catalogue (scored as
+client/serving/scorer.py describes), one row per (customer, rank) with the score
 and the model version. Batch lists are not A/B tested and not logged as impressions: they go to
 whatever channel the merchant sends them through, which the service cannot observe.
 """
@@ -19,10 +20,11 @@ import pandas as pd
 from client.merchant import MerchantConfig
 from client.publish import open_mirror
 from client.serving.history import load_events
+from client.serving.scorer import NextBasketScorer, ServingEvents, load_local_state
 from common.atomic import atomic_write_bytes
 from common.errors import ConfigError, DataValidationError
 from common.events import CUSTOMER_ID
-from common.scoring import MerchantView, Scorer, build_scorer
+from common.nextbasket.spec import spec_of
 
 COLUMNS = ("customer_id", "rank", "product_id", "score", "model_version", "known_customer")
 CHUNK = 256
@@ -39,7 +41,7 @@ class BatchResult:
         return self.customers / self.scoring_seconds if self.scoring_seconds > 0 else float("inf")
 
 
-def load_scorer(merchant: MerchantConfig, version: int | None = None) -> Scorer:
+def load_scorer(merchant: MerchantConfig, version: int | None = None) -> NextBasketScorer:
     """A scorer for ``version`` (default: the serving version of the publication in force)."""
     mirror = open_mirror(merchant)
     publication = mirror.publication()
@@ -48,12 +50,13 @@ def load_scorer(merchant: MerchantConfig, version: int | None = None) -> Scorer:
             f"no model has been published to merchant {merchant.id} yet ({mirror.root} is empty)"
         )
     version_id = publication.serving if version is None else version
+    spec = spec_of(publication.model, version_id=version_id)
     arrays = mirror.load(version_id).arrays
-    view = MerchantView(load_events(merchant).events, merchant.state_dir)
-    return build_scorer(version_id, publication.model, arrays, view)
+    events = ServingEvents.of(load_events(merchant).events, spec)
+    return NextBasketScorer(version_id, spec, arrays, load_local_state(merchant), events)
 
 
-def recommend_batch(scorer: Scorer, customers: Sequence[str], k: int) -> BatchResult:
+def recommend_batch(scorer: NextBasketScorer, customers: Sequence[str], k: int) -> BatchResult:
     if k < 1:
         raise ConfigError(f"-k must be >= 1, got {k}")
     frames = []

@@ -1,9 +1,11 @@
 """The serving state at the merchant and its hot swap.
 
 :class:`ServingRuntime` holds one immutable :class:`ServingState` (the publication in force and a
-scorer per arm). A watcher thread looks at the mirror's publication file and at the merchant's
-events every ``reload_interval_s``; when either changed it builds the new state off the request
-path (each version's signature and weights hash are checked again as it is loaded) and then
+scorer per arm, client/serving/scorer.py). A watcher thread looks at the mirror's publication
+file, the merchant's events (data file, accepted inbox cohorts) and its local part
+(``nextbasket-local.npz``) every ``reload_interval_s``; when any changed it builds the new state
+off the request path (each version's signature and weights hash are checked again as it is
+loaded; new events re-index the households' histories and the catalogue) and then
 replaces the reference in one assignment. A request reads the reference once, so it is answered
 entirely by the old state or entirely by the new one: no request fails during a swap. A
 publication or version that fails verification is refused (logged, counted, reported by
@@ -26,10 +28,17 @@ from client.serving.ab import Arm, ArmAssigner, ensure_assignment_key, experimen
 from client.serving.feedback import attribute_new_cohorts
 from client.serving.history import MerchantEvents, Signature, load_events, signature
 from client.serving.metrics import ServingMetrics
+from client.serving.scorer import (
+    NextBasketScorer,
+    ServingEvents,
+    load_local_state,
+    local_signature,
+)
 from client.serving.store import Impression, ImpressionWriter, ServingStore
 from common.errors import FedshopError, StateError
+from common.nextbasket.local import LocalState
+from common.nextbasket.spec import ScorerSpec, spec_of
 from common.publication import ModelDescriptor, Publication
-from common.scoring import MerchantView, Scorer, build_scorer
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +48,10 @@ PRUNE_EVERY_S = 3600.0
 @dataclass(frozen=True)
 class ServingState:
     publication: Publication
-    control: Scorer
-    candidate: Scorer | None  # set only while an A/B test runs (candidate published, share > 0)
+    control: NextBasketScorer
+    candidate: (
+        NextBasketScorer | None
+    )  # set only while an A/B test runs (candidate published, share > 0)
     events: Signature
 
 
@@ -77,9 +88,12 @@ class ServingRuntime:
         self.last_error = ""
         self._clock_ns = clock_ns
         self._state: ServingState | None = None
-        self._seen: tuple[object, Signature] | None = None  # (mirror token, events) last tried
+        # (mirror token, events, local part) last tried
+        self._seen: tuple[object, Signature, tuple[int, int] | None] | None = None
         self._events: MerchantEvents | None = None
-        self._scorers: dict[int, Scorer] = {}
+        self._indexed: dict[ScorerSpec, ServingEvents] = {}
+        self._local: tuple[tuple[int, int] | None, LocalState] | None = None
+        self._scorers: dict[int, NextBasketScorer] = {}
         self._refresh_lock = threading.Lock()
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
@@ -93,7 +107,11 @@ class ServingRuntime:
         """Load a new publication or new events if there are any; True if the state changed."""
         with self._refresh_lock:
             try:
-                seen = (self.mirror.token(), signature(self.merchant))
+                seen = (
+                    self.mirror.token(),
+                    signature(self.merchant),
+                    local_signature(self.merchant),
+                )
                 if seen == self._seen:
                     return False
                 self._seen = seen
@@ -142,6 +160,11 @@ class ServingRuntime:
         current = signature(self.merchant)
         if self._events is None or self._events.signature != current:
             self._events = load_events(self.merchant)
+            self._indexed = {}
+            self._scorers = {}
+        local = local_signature(self.merchant)
+        if self._local is None or self._local[0] != local:
+            self._local = (local, load_local_state(self.merchant))
             self._scorers = {}
         control = self._scorer(publication.serving, publication.model)
         candidate = None
@@ -153,13 +176,16 @@ class ServingRuntime:
         self._scorers = {v: s for v, s in self._scorers.items() if v in keep}
         return ServingState(publication, control, candidate, self._events.signature)
 
-    def _scorer(self, version_id: int, model: ModelDescriptor) -> Scorer:
+    def _scorer(self, version_id: int, model: ModelDescriptor) -> NextBasketScorer:
         scorer = self._scorers.get(version_id)
         if scorer is None:
-            assert self._events is not None
+            assert self._events is not None and self._local is not None
+            spec = spec_of(model, version_id=version_id)
             version = self.mirror.load(version_id)  # signature and weights hash, again
-            view = MerchantView(self._events.events, self.merchant.state_dir)
-            scorer = build_scorer(version_id, model, version.arrays, view)
+            indexed = self._indexed.get(spec)
+            if indexed is None:
+                indexed = self._indexed[spec] = ServingEvents.of(self._events.events, spec)
+            scorer = NextBasketScorer(version_id, spec, version.arrays, self._local[1], indexed)
             self._scorers[version_id] = scorer
         return scorer
 

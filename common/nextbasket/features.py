@@ -148,8 +148,27 @@ def _group_reduce(values: np.ndarray, starts: np.ndarray, op: np.ufunc) -> np.nd
     return op.reduceat(values, starts) if len(values) else values[:0]
 
 
-def history_features(log: BasketLog, cases: CaseSet) -> HistoryFeatures:
-    """Features of every case's history (see the module docstring)."""
+@dataclass(frozen=True)
+class ProductCodes:
+    """Each product's local category and department code in a log (a function of the log
+    only: a caller that scores the same log many times computes it once)."""
+
+    category: np.ndarray  # [P] int64
+    department: np.ndarray  # [P] int64
+
+
+def product_codes(log: BasketLog) -> ProductCodes:
+    return ProductCodes(
+        category=pd.factorize(log.categories)[0].astype(np.int64),
+        department=pd.factorize(log.departments)[0].astype(np.int64),
+    )
+
+
+def history_features(
+    log: BasketLog, cases: CaseSet, codes: ProductCodes | None = None
+) -> HistoryFeatures:
+    """Features of every case's history (see the module docstring); ``codes`` is
+    :func:`product_codes` of ``log`` if the caller has it."""
     n = len(cases)
     events = concatenated_ranges(cases.history_start, cases.history_end)
     pair_case = np.repeat(np.arange(n), cases.history_end - cases.history_start)
@@ -188,8 +207,8 @@ def history_features(log: BasketLog, cases: CaseSet) -> HistoryFeatures:
     repeat = np.stack(columns, axis=1).astype(np.float32)
 
     distinct = np.bincount(group_case, minlength=n)
-    category = pd.factorize(log.categories)[0].astype(np.int64)
-    department = pd.factorize(log.departments)[0].astype(np.int64)
+    codes = codes or product_codes(log)
+    category, department = codes.category, codes.department
     decay = np.exp2(-age / AFFINITY_HALF_LIFE_DAYS)
     return HistoryFeatures(
         n_products=log.n_products,

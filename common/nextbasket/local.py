@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.arrays_io import arrays_to_npz, npz_to_arrays
+from common.arrays_io import arrays_sha256, arrays_to_npz, npz_to_arrays
 from common.atomic import atomic_write_bytes
 from common.errors import CheckpointError, ConfigError
 
@@ -42,12 +42,17 @@ class LocalHead:
 @dataclass(frozen=True)
 class LocalState:
     """A merchant's local part: the head, and Ditto weights if personalisation won on its
-    validation weeks (``prox`` is the strength that won; ``personal`` is empty otherwise)."""
+    validation weeks (``prox`` is the strength that won; ``personal`` is empty otherwise).
+
+    ``shared_sha256`` is :func:`common.arrays_io.arrays_sha256` of the shared weights it was
+    fitted from ("" if unknown): personal weights replace those shared weights only, never a
+    later version's (see :meth:`weights_for`)."""
 
     merchant_id: str
     head: LocalHead = field(default_factory=LocalHead)
     prox: float | None = None
     personal: dict[str, np.ndarray] = field(default_factory=dict)
+    shared_sha256: str = ""
 
     def __post_init__(self) -> None:
         if (self.prox is None) != (not self.personal):
@@ -59,6 +64,7 @@ class LocalState:
             "merchant_id": self.merchant_id,
             "popularity_weight": self.head.popularity_weight,
             "prox": self.prox,
+            "shared_sha256": self.shared_sha256,
         }
         encoded = np.frombuffer(json.dumps(meta, sort_keys=True).encode(), dtype=np.uint8)
         atomic_write_bytes(path, arrays_to_npz({**self.personal, _META: encoded}))
@@ -80,4 +86,12 @@ class LocalState:
             head=LocalHead(float(meta["popularity_weight"])),
             prox=None if meta["prox"] is None else float(meta["prox"]),
             personal=arrays,
+            shared_sha256=str(meta.get("shared_sha256", "")),
         )
+
+    def weights_for(self, shared: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The weights to score with on top of ``shared``: the personal ones if they were fitted
+        from exactly these shared weights, else ``shared`` (the head applies either way)."""
+        if self.personal and self.shared_sha256 and self.shared_sha256 == arrays_sha256(shared):
+            return self.personal
+        return shared

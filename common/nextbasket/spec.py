@@ -2,11 +2,15 @@
 
 The shared part's shape must be identical at every merchant and on the platform; product,
 category and department ids are hashed into fixed vocabularies (the same SipHash scheme as
-:func:`common.features.stable_hash`) so that no catalogue is ever exchanged.
+:func:`common.hashing.stable_hash`) so that no catalogue is ever exchanged.
+
+:func:`describe` is what a serving publication says about the model (its kind and shape), and
+:func:`spec_of` is how a merchant reads it back before it builds a scorer.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,8 +18,11 @@ import pandas as pd
 
 from common.errors import ConfigError
 from common.nextbasket.features import FEATURES
+from common.publication import ModelDescriptor
 
-_HASH_KEY = "fedshop-v1-hash!"  # the key of common.features.stable_hash
+MODEL_KIND = "fedshop-nextbasket/1"
+
+_HASH_KEY = "fedshop-v1-hash!"  # the key of common.hashing.stable_hash
 
 
 def hashed_ids(values: np.ndarray, buckets: int) -> np.ndarray:
@@ -77,3 +84,22 @@ class RecordSpec:
     @property
     def candidates(self) -> int:
         return self.max_positives + self.history_negatives + self.uniform_negatives
+
+
+def describe(spec: ScorerSpec) -> ModelDescriptor:
+    """What a publication says about the shared scorer, so a merchant can build it."""
+    return ModelDescriptor(MODEL_KIND, dataclasses.asdict(spec))
+
+
+def spec_of(model: ModelDescriptor, *, version_id: int) -> ScorerSpec:
+    """The scorer shape a publication names; another kind or a bad shape is a clear error."""
+    if model.kind != MODEL_KIND:
+        raise ConfigError(
+            f"model kind {model.kind!r} of version {version_id} cannot be served by this "
+            f"installation (it serves {MODEL_KIND!r}); install the fedshop release the "
+            "platform runs"
+        )
+    try:
+        return ScorerSpec(**dict(model.spec))
+    except TypeError as exc:
+        raise ConfigError(f"model spec {dict(model.spec)!r} is not valid: {exc}") from None

@@ -121,10 +121,12 @@ def _merchant(args: argparse.Namespace) -> MerchantConfig:
 
 
 def _one_blas_thread() -> None:
-    """Scoring is one small matrix product per customer: BLAS threads only contend (measured
-    1.4 ms per top-10 single-threaded against 9.7 ms with OpenBLAS's default on 2 cores)."""
+    """Scoring one customer is a few small products over the catalogue: intra-op threads only
+    contend with the other requests being answered, so torch and BLAS get one thread each."""
+    import torch
     from threadpoolctl import threadpool_limits
 
+    torch.set_num_threads(1)
     threadpool_limits(limits=1, user_api="blas")
 
 

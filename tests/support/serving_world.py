@@ -1,7 +1,8 @@
 """A platform registry and one merchant with synthetic events, for the serving tests.
 
-Versions are random arrays of the real model's shapes (no torch needed); they are published
-to the merchant through the same handler its ClientApp runs.
+Versions are the next-basket scorer's shared weights with random values (the shapes of
+:class:`~common.nextbasket.model.BasketScorer`); they are published to the merchant through the
+same handler its ClientApp runs.
 """
 
 from __future__ import annotations
@@ -15,28 +16,22 @@ import pandas as pd
 from client.merchant import MerchantConfig
 from client.serving.config import ServingConfig
 from common.events import REQUIRED_COLUMNS, write_events
-from common.model_spec import ModelSpec
-from common.recommender_scorer import array_shapes
+from common.nextbasket.model import BasketScorer, shared_arrays
+from common.nextbasket.spec import ScorerSpec
 from common.synthetic import SyntheticSpec, generate_events
 from server.publish import Publisher, PublishReport
 from server.registry import ModelRegistry
 from simulations.serving import deliver, platform_registry, publisher_for
 
-SPEC = ModelSpec(
-    product_buckets=2048,
-    category_buckets=64,
-    department_buckets=16,
-    embedding_dim=8,
-    hidden_dim=16,
-    history_length=8,
-)
+SPEC = ScorerSpec(product_buckets=2048, category_buckets=64, department_buckets=16, embedding_dim=4)
 
 
-def random_arrays(seed: int, spec: ModelSpec = SPEC) -> dict[str, np.ndarray]:
+def random_arrays(seed: int, spec: ScorerSpec = SPEC) -> dict[str, np.ndarray]:
+    """Every shared array of the scorer, drawn at random (so that every part of it matters)."""
     rng = np.random.default_rng(seed)
     return {
-        name: rng.normal(scale=0.3, size=shape).astype(np.float32)
-        for name, shape in array_shapes(spec).items()
+        name: rng.normal(scale=0.3, size=value.shape).astype(np.float32)
+        for name, value in shared_arrays(BasketScorer(spec)).items()
     }
 
 
