@@ -177,7 +177,7 @@ class ScriptedRuntime:
             for part, label in tasks:
                 score = 1.0 - abs(float(models[label]["w"].mean()) - self.target[0])
                 sums.setdefault(part, {})[label] = MetricSums.of(
-                    {"ndcg@10": [score] * 10, "auc": [0.5] * 10}
+                    {"ndcg@10": [score] * 10, "recall@10": [0.5] * 10}
                 )
             outcome.sums[merchant] = sums
         return outcome
