@@ -278,9 +278,7 @@ def test_in_process_weeks_through_the_real_client_app(streaming):
     """Offline rounds and two streamed weeks through the production round loop, acceptance and
     federated evaluation (only the transport is in-process)."""
     layout, _config, spec, _merchants, _stream = streaming
-    summary = simulate_online(
-        layout, spec, transport=Transport.IN_PROCESS, reference_offline=True
-    )
+    summary = simulate_online(layout, spec, transport=Transport.IN_PROCESS, reference_offline=True)
     assert summary["weeks"] == 2 and summary["candidates"] == 2
     import json
 
