@@ -33,9 +33,9 @@ class EvaluationOutcome:
     failed: dict[str, str] = field(default_factory=dict)
 
     def overall(self, part: EvalPart, label: str) -> MetricSums:
-        return combine(
+        return combine(  # in merchant order, not arrival order: the same sum in every run
             by_part[part][label]
-            for by_part in self.sums.values()
+            for _merchant, by_part in sorted(self.sums.items())
             if part in by_part and label in by_part[part]
         )
 
