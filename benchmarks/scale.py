@@ -1,0 +1,381 @@
+"""Scale: 10, 100 and 1,000 synthetic merchants, 2 rounds each, through Flower's simulation engine.
+
+For each federation size, three child processes (so that one size's memory cannot colour the
+next): provisioning; the run, where the platform is this process (the ServerApp's round loop,
+acceptance, ledger and streamed aggregation, and Flower's simulation engine with its in-memory
+message store) and the merchants' ClientApps are Ray actor processes; and an audit of every
+ledger. Measured:
+
+- wall time per merchant-round: the training rounds' seconds / (merchants x rounds);
+- platform peak memory: the peak resident set (VmHWM) of the platform process during the run,
+  reset when the ServerApp starts (``/proc/self/clear_refs``), so start-up and provisioning are
+  not in it; Ray's actors, raylet and GCS are other processes and are not counted (they are the
+  merchants and the transport); also the growth of that peak over the resident set at the
+  ServerApp's start;
+- bytes sent and received per merchant per training round: each message's Flower protobuf
+  size (what a deployment puts on the wire before TLS), counted at the platform's grid;
+- ledger time: the platform's acceptance of each reply (signature, chain, epsilon recomputed
+  from the merchant's history, append to the server ledger), per merchant-round;
+- audit time: ``fedshop audit verify`` and budgets in process over every merchant ledger and
+  the server ledger.
+
+The model is the production next-basket scorer, kept small for these runs (2,048 product
+buckets, 8-dimensional embeddings); evaluation runs once, as the final test, not every round.
+Writes docs/scale.json, docs/scale.png and docs/scale.md.
+Usage: python benchmarks/scale.py [--merchants 10,100,1000] [--rounds 2] [--work DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DOCS = ROOT / "docs"
+SCALE_OVERRIDES = [
+    "data.source=synthetic",
+    "data.synthetic_events_per_merchant=3000",
+    "model.product_buckets=2048",
+    "model.category_buckets=64",
+    "model.embedding_dim=8",
+    "model.hidden_dim=16",
+    "federation.min_merchants=2",
+    "evaluation.every_round=false",
+]
+TARGET_RATIO = 1.5
+
+
+def _status_kib(field: str) -> int:
+    match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+    return int(match.group(1)) if match else 0
+
+
+# -- child: provision ------------------------------------------------------------------
+def provision_child(merchants: int, rounds: int, out: Path) -> dict[str, Any]:
+    from common.config import RunConfig
+    from common.configparse import apply_overrides
+    from simulations.provision import provision
+
+    began = time.perf_counter()
+    overrides = [*SCALE_OVERRIDES, f"data.top_n={merchants}", f"federation.rounds={rounds}"]
+    layout = provision(RunConfig.from_dict(apply_overrides({}, overrides)), out)
+    return {"merchants": len(layout.merchant_ids()), "seconds": time.perf_counter() - began}
+
+
+# -- child: the run --------------------------------------------------------------------
+class CountingGrid:
+    """A Grid that counts the protobuf bytes of what the platform sends and receives, per
+    message type (the first part of it: ``train``, ``evaluate``)."""
+
+    def __init__(self, inner: Any) -> None:
+        from flwr.common.serde import message_to_proto
+
+        self._inner = inner
+        self._size = lambda message: message_to_proto(message).ByteSize()
+        self.sent: dict[str, int] = {}
+        self.received: dict[str, int] = {}
+        self.messages: dict[str, int] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def push_messages(self, messages: Any) -> Any:
+        batch = list(messages)
+        ids = self._inner.push_messages(batch)
+        for message in batch:
+            kind = message.metadata.message_type.split(".")[0]
+            self.sent[kind] = self.sent.get(kind, 0) + self._size(message)
+            self.messages[kind] = self.messages.get(kind, 0) + 1
+        return ids
+
+    def pull_messages(self, message_ids: Any) -> Any:
+        replies = list(self._inner.pull_messages(message_ids))
+        for reply in replies:
+            kind = reply.metadata.message_type.split(".")[0]
+            self.received[kind] = self.received.get(kind, 0) + self._size(reply)
+        return replies
+
+
+def run_child(run_dir: Path) -> dict[str, Any]:
+    from flwr.serverapp import Grid
+
+    import server.federation as federation_module
+    from server.platform import run_platform
+    from simulations.console import configure_output
+    from simulations.provision import RunLayout
+    from simulations.runner import Transport, run_server_app, server_settings
+
+    configure_output(verbose=False)
+    layout = RunLayout(run_dir)
+    settings = server_settings(layout)
+    figures: dict[str, Any] = {}
+    acceptance = {"seconds": 0.0, "replies": 0}
+    decide = federation_module.decide
+
+    def timed_decide(*args: Any, **kwargs: Any) -> Any:
+        began = time.perf_counter()
+        try:
+            return decide(*args, **kwargs)
+        finally:
+            acceptance["seconds"] += time.perf_counter() - began
+            acceptance["replies"] += 1
+
+    federation_module.decide = timed_decide  # type: ignore[assignment]
+
+    def main(grid: Grid) -> None:
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current resident set
+        figures["rss_at_start_mib"] = _status_kib("VmRSS") / 1024
+        counting = CountingGrid(grid)
+        began = time.perf_counter()
+        result = run_platform(counting, settings)  # type: ignore[arg-type]
+        figures["platform_seconds"] = time.perf_counter() - began
+        figures["peak_rss_mib"] = _status_kib("VmHWM") / 1024
+        figures["history"] = [
+            {"round": row["round"], "seconds": row["seconds"], "trained": len(row["trained"])}
+            for row in result.history
+        ]
+        figures["completed"] = result.completed
+        figures["bytes_sent"], figures["bytes_received"] = counting.sent, counting.received
+        figures["messages"] = counting.messages
+
+    began = time.perf_counter()
+    run_server_app(layout, main, transport=Transport.FLOWER)
+    figures["wall_seconds"] = time.perf_counter() - began
+    figures["acceptance"] = acceptance
+    return figures
+
+
+# -- child: audit ----------------------------------------------------------------------
+def audit_child(run_dir: Path) -> dict[str, Any]:
+    from common.audit.budgets import budget_rows
+    from common.audit.verify import audit_ledgers
+    from simulations.provision import RunLayout
+
+    layout = RunLayout(run_dir)
+    ledgers = [layout.merchant_config(m).ledger_path for m in layout.merchant_ids()]
+    began = time.perf_counter()
+    result = audit_ledgers(
+        ledgers, keys_dir=layout.keys, server_ledger=layout.server / "ledger.sqlite"
+    )
+    result.raise_if_bad()
+    rows = budget_rows(result.chains)
+    return {"seconds": time.perf_counter() - began, "entries": result.entries, "rows": len(rows)}
+
+
+# -- parent ----------------------------------------------------------------------------
+def _child(*args: str) -> dict[str, Any]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    out = subprocess.run(
+        [sys.executable, __file__, *args], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    if out.returncode != 0:
+        raise SystemExit(f"{' '.join(args)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}")
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def measure(merchants: int, rounds: int, work: Path) -> dict[str, Any]:
+    run_dir = work / f"m{merchants}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    print(f"== {merchants} merchants: provisioning", flush=True)
+    provisioned = _child("provision", str(merchants), str(rounds), str(run_dir))
+    print(f"== {merchants} merchants: run ({provisioned['seconds']:.0f}s provisioning)", flush=True)
+    ran = _child("run", str(run_dir))
+    audited = _child("audit", str(run_dir))
+    n = int(provisioned["merchants"])
+    train_rounds = list(ran["history"])
+    merchant_rounds = sum(row["trained"] for row in train_rounds) or 1
+    figures = {
+        "merchants": n,
+        "rounds": len(train_rounds),
+        "completed": ran["completed"],
+        "provision_seconds": provisioned["seconds"],
+        "wall_seconds": ran["wall_seconds"],
+        "round_seconds": [row["seconds"] for row in train_rounds],
+        "seconds_per_merchant_round": sum(row["seconds"] for row in train_rounds)
+        / (n * len(train_rounds)),
+        "trained_per_round": [row["trained"] for row in train_rounds],
+        "peak_rss_mib": ran["peak_rss_mib"],
+        "rss_at_start_mib": ran["rss_at_start_mib"],
+        "peak_growth_mib": ran["peak_rss_mib"] - ran["rss_at_start_mib"],
+        "sent_bytes_per_merchant_round": ran["bytes_sent"].get("train", 0) / merchant_rounds,
+        "received_bytes_per_merchant_round": ran["bytes_received"].get("train", 0)
+        / merchant_rounds,
+        "evaluation_sent_bytes_per_merchant": ran["bytes_sent"].get("evaluate", 0) / n,
+        "evaluation_received_bytes_per_merchant": ran["bytes_received"].get("evaluate", 0) / n,
+        "ledger_ms_per_merchant_round": 1000 * ran["acceptance"]["seconds"] / merchant_rounds,
+        "audit_seconds": audited["seconds"],
+        "audit_ms_per_entry": 1000 * audited["seconds"] / max(1, audited["entries"]),
+        "ledger_entries": audited["entries"],
+    }
+    print(json.dumps({k: v for k, v in figures.items() if not isinstance(v, list)}), flush=True)
+    return figures
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = [r["merchants"] for r in rows]
+    panels = [
+        ("wall time per merchant-round (s)", [("rounds", "seconds_per_merchant_round")]),
+        (
+            "platform peak memory (MiB)",
+            [("peak RSS", "peak_rss_mib"), ("growth over start", "peak_growth_mib")],
+        ),
+        (
+            "bytes per merchant per round (KiB)",
+            [
+                ("sent", "sent_bytes_per_merchant_round"),
+                ("received", "received_bytes_per_merchant_round"),
+            ],
+        ),
+        (
+            "ledger and audit time (ms)",
+            [
+                ("acceptance per merchant-round", "ledger_ms_per_merchant_round"),
+                ("audit per ledger entry", "audit_ms_per_entry"),
+            ],
+        ),
+    ]
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    for ax, (title, series) in zip(axes, panels, strict=True):
+        for label, key in series:
+            scale = 1 / 1024 if "bytes" in key else 1.0
+            ax.plot(n, [r[key] * scale for r in rows], marker="o", label=label)
+        ax.set_xscale("log")
+        ax.set_xlabel("merchants")
+        ax.set_title(title, fontsize=10)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        if len(series) > 1:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report(rows: list[dict[str, Any]], context: dict[str, Any]) -> str:
+    first, last = rows[0], rows[-1]
+    memory_ratio = last["peak_rss_mib"] / first["peak_rss_mib"]
+    time_ratio = last["seconds_per_merchant_round"] / first["seconds_per_merchant_round"]
+    verdict = lambda ok: "met" if ok else "NOT met"  # noqa: E731
+    lines = [
+        "# Scale: the platform from 10 to 1,000 merchants",
+        "",
+        "`python benchmarks/scale.py` (part of `make bench`) runs synthetic federations of "
+        f"{', '.join(str(r['merchants']) for r in rows)} merchants, {first['rounds']} rounds "
+        "each, in one run, through Flower's simulation engine (Ray actors for the merchants' "
+        "ClientApps, the platform's ServerApp in the benchmark's process). How each figure is "
+        "taken is in the module docstring of benchmarks/scale.py; in short: the platform's "
+        "memory is the peak resident set of the platform process during the run (the ServerApp "
+        "and Flower's engine with its message store; the merchants' Ray actors are other "
+        "processes and not counted), bytes are Flower protobuf sizes counted at the platform's "
+        "grid.",
+        "",
+        "The model is the production next-basket scorer kept small for these runs (2,048 product "
+        "buckets, 64 category buckets, 8-dimensional embeddings, hidden size 16; 3,000 synthetic "
+        "events per merchant); DP-SGD is on; evaluation runs once at the end (the final test), "
+        "not every round.",
+        "",
+        "![scale](scale.png)",
+        "",
+        "| merchants | s per merchant-round | round seconds | platform peak MiB "
+        "| growth over start MiB | sent KiB / merchant-round | received KiB / merchant-round "
+        "| acceptance ms / merchant-round | audit s (entries) | run wall s | provisioning s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['merchants']} | {r['seconds_per_merchant_round']:.3f} | "
+            f"{' / '.join(f'{s:.0f}' for s in r['round_seconds'])} | {r['peak_rss_mib']:.0f} | "
+            f"{r['peak_growth_mib']:.0f} | {r['sent_bytes_per_merchant_round'] / 1024:.1f} | "
+            f"{r['received_bytes_per_merchant_round'] / 1024:.1f} | "
+            f"{r['ledger_ms_per_merchant_round']:.1f} | "
+            f"{r['audit_seconds']:.2f} ({r['ledger_entries']}) | "
+            f"{r['wall_seconds']:.0f} | {r['provision_seconds']:.0f} |"
+        )
+    lines += [
+        "",
+        "## Targets",
+        "",
+        f"- Platform peak memory within {TARGET_RATIO}x from {first['merchants']} to "
+        f"{last['merchants']} merchants: {first['peak_rss_mib']:.0f} MiB -> "
+        f"{last['peak_rss_mib']:.0f} MiB, {memory_ratio:.2f}x: "
+        f"**{verdict(memory_ratio <= TARGET_RATIO)}**.",
+        f"- Time per merchant-round flat within {TARGET_RATIO}x: "
+        f"{first['seconds_per_merchant_round']:.3f} s -> "
+        f"{last['seconds_per_merchant_round']:.3f} s, "
+        f"{time_ratio:.2f}x: **{verdict(time_ratio <= TARGET_RATIO)}**.",
+        "",
+        "## Machine",
+        "",
+        f"{context['machine']}; load average before the run {context['load_before']}, after "
+        f"{context['load_after']}. {context['other_jobs']}",
+        "",
+        "Figures: docs/scale.json.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] in ("provision", "run", "audit"):
+        command, *rest = sys.argv[1:]
+        if command == "provision":
+            result = provision_child(int(rest[0]), int(rest[1]), Path(rest[2]))
+        elif command == "run":
+            result = run_child(Path(rest[0]))
+        else:
+            result = audit_child(Path(rest[0]))
+        print(json.dumps(result), flush=True)
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--merchants", default="10,100,1000")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--work", type=Path, help="run directories (default: a temp dir)")
+    parser.add_argument("--keep", action="store_true", help="keep the run directories")
+    args = parser.parse_args()
+    busy = Path("/work/notes/CPU_BUSY")
+    other = busy.read_text().strip() if busy.exists() else ""
+    work = args.work or Path(tempfile.mkdtemp(prefix="fedshop-scale-"))
+    load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    rows = []
+    try:
+        for merchants in (int(m) for m in args.merchants.split(",")):
+            rows.append(measure(merchants, args.rounds, work))
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    context = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}",
+        "load_before": load_before,
+        "load_after": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "other_jobs": f"Other work on the machine when the run started: {other}." if other else "",
+    }
+    DOCS.mkdir(exist_ok=True)
+    (DOCS / "scale.json").write_text(
+        json.dumps({"context": context, "rows": rows}, indent=1) + "\n"
+    )
+    plot(rows, DOCS / "scale.png")
+    (DOCS / "scale.md").write_text(report(rows, context))
+    print(f"wrote {DOCS / 'scale.md'}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
