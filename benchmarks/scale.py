@@ -56,6 +56,7 @@ SCALE_OVERRIDES = [
     "model.embedding_dim=8",
     "model.hidden_dim=16",
     "federation.min_merchants=2",
+    "federation.round_timeout_s=14400",  # 1,000 merchants on 2 cores: no one times out
     "evaluation.every_round=false",
 ]
 TARGET_RATIO = 1.5
