@@ -358,6 +358,9 @@ def report(rows: list[dict[str, Any]], context: dict[str, Any]) -> str:
 
 
 def main() -> int:
+    from common.flower_env import quiet_flower_environment
+
+    quiet_flower_environment()  # inherited by the children, Flower's engine and Ray's actors
     if len(sys.argv) > 1 and sys.argv[1] in ("provision", "run", "audit"):
         command, *rest = sys.argv[1:]
         if command == "provision":
