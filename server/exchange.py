@@ -20,6 +20,7 @@ from flwr.serverapp import Grid
 
 FIRST_POLL_S = 0.05
 MAX_POLL_S = 1.0
+PUSH_BATCH = 32  # messages built and pushed at once
 
 
 @dataclass
@@ -69,24 +70,29 @@ def stream_exchange(
     sleep: Callable[[float], None] = time.sleep,
 ) -> Exchange:
     """Like :func:`exchange`, but each reply goes to ``on_reply`` as it is pulled and is not
-    kept, and at most ``max_in_flight`` messages (None: all) are out at once: ``messages`` is
-    read lazily, so a generator keeps only that many instructions (each a copy of the model)
-    alive, here and in the grid's message store. The returned Exchange has no replies."""
+    kept. ``messages`` is read lazily and pushed ``PUSH_BATCH`` at a time, so a generator keeps
+    only that many instructions (each a copy of the model) alive here; ``max_in_flight``
+    (None: no limit) also bounds the messages pushed and not yet answered, for a grid that
+    keeps them in this process (Flower's simulation engine). The returned Exchange has no
+    replies."""
     seen = activations(grid)
     deadline = clock() + timeout_s
     source = iter(messages)
+    exhausted = False
     result = Exchange()
     pending: dict[str, int] = {}  # message id -> destination node
     wait = FIRST_POLL_S
     while True:
-        room = None if max_in_flight is None else max(0, max_in_flight - len(pending))
-        batch = list(itertools.islice(source, room))
+        room = PUSH_BATCH if max_in_flight is None else max(0, max_in_flight - len(pending))
+        take = min(room, PUSH_BATCH)
+        batch = [] if exhausted else list(itertools.islice(source, take))
+        exhausted = exhausted or len(batch) < take
         if batch:
             _push(grid, batch, pending, result)
         if not pending:
-            if batch:
-                continue
-            break
+            if exhausted:
+                break
+            continue
         arrived = 0
         for reply in grid.pull_messages(list(pending)):
             if pending.pop(reply.metadata.reply_to_message_id, None) is not None:
@@ -100,8 +106,9 @@ def stream_exchange(
                 del pending[msg_id]
         if clock() >= deadline:
             break
-        if arrived and max_in_flight is not None:
-            wait = FIRST_POLL_S  # slots freed: refill them at once
+        can_push = not exhausted and (max_in_flight is None or len(pending) < max_in_flight)
+        if can_push:
+            wait = FIRST_POLL_S  # more to send now: no sleep
         elif pending:
             sleep(wait)
             wait = min(wait * 2, MAX_POLL_S)

@@ -57,9 +57,10 @@ class ServerSettings:
     simulation_dir: Path | None = None
     stop_after_round: int | None = None  # stop early (to exercise --resume)
     node_wait_s: float = 120.0
-    # Messages out at once: each holds a copy of the model until its reply is folded in, so
-    # the platform's memory is bounded by this, not by the number of merchants.
-    max_in_flight: int = 32
+    # Messages pushed and not yet answered (None: no limit). A deployment's SuperLink keeps
+    # them in its own database; Flower's simulation engine keeps them in the platform's
+    # process, each with a copy of the model, so simulations bound them (simulations/runner.py).
+    max_in_flight: int | None = None
 
     @property
     def checkpoints(self) -> Path:

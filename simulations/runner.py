@@ -28,6 +28,12 @@ class Transport(Enum):
     IN_PROCESS = "in-process"  # the same ClientApp called in this process (benchmarks, tests)
 
 
+# Flower's simulation engine keeps pushed messages (each a copy of the model) in this process
+# until a ClientApp actor takes them: enough to keep every actor of a large cluster busy, and
+# a bound on memory whatever the number of merchants.
+SIMULATION_IN_FLIGHT = 32
+
+
 def server_settings(layout: RunLayout, *, stop_after_round: int | None = None) -> ServerSettings:
     config = RunConfig.from_toml(layout.config)
     run_id_file = layout.root / "run-id"
@@ -39,6 +45,7 @@ def server_settings(layout: RunLayout, *, stop_after_round: int | None = None) -
         ledger_path=layout.server / "ledger.sqlite",
         simulation_dir=layout.root,
         stop_after_round=stop_after_round,
+        max_in_flight=SIMULATION_IN_FLIGHT,
     )
     return replace(settings, run_id=run_id)
 

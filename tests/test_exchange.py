@@ -155,3 +155,21 @@ def test_a_window_reports_messages_never_sent_before_the_timeout_as_unanswered()
         sleep=clock.sleep,
     )
     assert sorted(out.unanswered) == [1, 2, 3] and list(grid.sent.values()) == [1, 2]
+
+
+def test_without_a_window_every_message_goes_out_at_once_a_batch_at_a_time() -> None:
+    from server.exchange import PUSH_BATCH
+
+    nodes = list(range(1, 2 * PUSH_BATCH + 6))
+    grid = ScriptedGrid(answers_at={node: 2 for node in nodes})
+    pushes: list[int] = []
+    push = grid.push_messages
+
+    def counted(messages: list[Any]) -> list[str]:
+        pushes.append(len(messages))
+        return push(messages)
+
+    grid.push_messages = counted  # type: ignore[method-assign]
+    out, waited = _run(grid)
+    assert _answered(out) == nodes and pushes == [PUSH_BATCH, PUSH_BATCH, 5]
+    assert waited == 0.0  # no wait between batches
