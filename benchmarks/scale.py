@@ -193,6 +193,8 @@ def _child(*args: str) -> dict[str, Any]:
 def measure(merchants: int, rounds: int, work: Path) -> dict[str, Any]:
     run_dir = work / f"m{merchants}"
     shutil.rmtree(run_dir, ignore_errors=True)
+    load_before = os.getloadavg()[0]
+    others = other_jobs()
     print(f"== {merchants} merchants: provisioning", flush=True)
     provisioned = _child("provision", str(merchants), str(rounds), str(run_dir))
     print(f"== {merchants} merchants: run ({provisioned['seconds']:.0f}s provisioning)", flush=True)
@@ -225,9 +227,30 @@ def measure(merchants: int, rounds: int, work: Path) -> dict[str, Any]:
         "audit_seconds": audited["seconds"],
         "audit_ms_per_entry": 1000 * audited["seconds"] / max(1, audited["entries"]),
         "ledger_entries": audited["entries"],
+        "load_average_1min": [load_before, os.getloadavg()[0]],
+        "other_jobs": others,
     }
     print(json.dumps({k: v for k, v in figures.items() if not isinstance(v, list)}), flush=True)
     return figures
+
+
+def with_load(row: dict[str, Any], context: dict[str, Any]) -> dict[str, Any]:
+    """A row measured before loads were kept per size: the load of its whole run instead."""
+    if "load_average_1min" in row:
+        return row
+    first = [float(context[k].split()[0]) for k in ("load_before", "load_after")]
+    other = str(context.get("other_jobs", "")).removeprefix(
+        "Other work on the machine when the run started: "
+    )
+    kept = "; ".join(line for line in other.rstrip(".").splitlines() if "scale.py" not in line)
+    return {**row, "load_average_1min": first, "other_jobs": kept}
+
+
+def other_jobs() -> str:
+    """What else /work/notes/CPU_BUSY says runs on the machine (this benchmark's own line aside)."""
+    busy = Path("/work/notes/CPU_BUSY")
+    lines = busy.read_text().splitlines() if busy.exists() else []
+    return "; ".join(line for line in lines if line.strip() and "scale.py" not in line)
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -348,8 +371,14 @@ def report(rows: list[dict[str, Any]], context: dict[str, Any]) -> str:
         "",
         "## Machine",
         "",
-        f"{context['machine']}; load average before the run {context['load_before']}, after "
-        f"{context['load_after']}. {context['other_jobs']}",
+        f"{context['machine']}. The machine is shared: 1-minute load average before and after "
+        "each size, and what else was running then:",
+        "",
+        *(
+            f"- {r['merchants']} merchants: load {r['load_average_1min'][0]:.1f} -> "
+            f"{r['load_average_1min'][1]:.1f}; {r['other_jobs'] or 'nothing else recorded'}"
+            for r in rows
+        ),
         "",
         "Figures: docs/scale.json.",
         "",
@@ -376,16 +405,24 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--work", type=Path, help="run directories (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the run directories")
+    parser.add_argument(
+        "--add",
+        action="store_true",
+        help="add these sizes to the rows already in docs/scale.json (a size measured again "
+        "replaces its row) instead of starting afresh",
+    )
     args = parser.parse_args()
-    busy = Path("/work/notes/CPU_BUSY")
-    other = busy.read_text().strip() if busy.exists() else ""
     work = args.work or Path(tempfile.mkdtemp(prefix="fedshop-scale-"))
-    load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
     rows: list[dict[str, Any]] = []
+    if args.add and (DOCS / "scale.json").exists():
+        earlier = json.loads((DOCS / "scale.json").read_text())
+        rows = [with_load(row, earlier["context"]) for row in earlier["rows"]]
     try:
         for merchants in (int(m) for m in args.merchants.split(",")):
+            rows = [r for r in rows if r["merchants"] != merchants]
             rows.append(measure(merchants, args.rounds, work))
-            write_docs(rows, other, load_before)  # each size as soon as it is measured
+            rows.sort(key=lambda r: int(r["merchants"]))
+            write_docs(rows)  # each size as soon as it is measured
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -393,13 +430,10 @@ def main() -> int:
     return 0
 
 
-def write_docs(rows: list[dict[str, Any]], other: str, load_before: str) -> None:
+def write_docs(rows: list[dict[str, Any]]) -> None:
     context = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"Python {platform.python_version()}",
-        "load_before": load_before,
-        "load_after": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-        "other_jobs": f"Other work on the machine when the run started: {other}." if other else "",
     }
     DOCS.mkdir(exist_ok=True)
     (DOCS / "scale.json").write_text(
