@@ -338,6 +338,14 @@ def report(rows: list[dict[str, Any]], context: dict[str, Any]) -> str:
         "",
         "![scale](scale.png)",
         "",
+        "What keeps the platform's memory independent of the number of merchants: each "
+        "reply passes the acceptance checks (server/acceptance.py) and its update is folded "
+        "at once into one exact running weighted sum (`RunningSum`, server/strategies.py: "
+        "fixed-point integer digits, so the mean does not depend on arrival order), then "
+        "dropped; instructions are built lazily, and a simulation keeps at most 32 messages "
+        "in flight (Flower's engine stores pushed messages in the platform's process); "
+        "evaluation replies are folded into metric sums the same way.",
+        "",
         "| merchants | s per merchant-round (warm) | round seconds | platform peak MiB "
         "| growth over start MiB | sent KiB / merchant-round | received KiB / merchant-round "
         "| acceptance ms / merchant-round | audit s (entries) | run wall s | provisioning s |",
