@@ -103,16 +103,27 @@ class RunningSum:
 
 
 def _fold(digits: np.ndarray, products: np.ndarray) -> None:
-    """Add the exact float64 ``products`` into the fixed-point ``digits`` (every step exact)."""
+    """Add the exact float64 ``products`` into the fixed-point ``digits`` (every step exact:
+    scaling by a power of two, flooring, and taking off the digit's part of a magnitude)."""
     magnitude = np.abs(products)
-    if magnitude.size and float(magnitude.max()) >= _TOP:
+    largest = float(magnitude.max()) if magnitude.size else 0.0
+    if largest >= _TOP:
         raise TrainingError(f"a weighted update value exceeds {_TOP:g}: cannot aggregate")
-    sign = np.where(products < 0, -1, 1).astype(np.int64)
+    negative = products < 0
+    digit = np.empty_like(magnitude)
     for k in range(_DIGITS - 1, -1, -1):
         scale = 2.0 ** (_LOWEST + _DIGIT_BITS * k)
-        digit = np.floor(magnitude / scale)
+        if largest < scale:  # this digit is zero everywhere
+            continue
+        np.multiply(magnitude, 1.0 / scale, out=digit)
+        np.floor(digit, out=digit)
         magnitude -= digit * scale
-        digits[k] += sign * digit.astype(np.int64)
+        whole = digit.astype(np.int64)
+        np.negative(whole, out=whole, where=negative)
+        digits[k] += whole
+        largest = float(magnitude.max())
+        if largest == 0.0:  # nothing left below
+            break
 
 
 def _value(digits: np.ndarray) -> np.ndarray:
