@@ -376,6 +376,7 @@ def report(rows: list[dict[str, Any]], context: dict[str, Any]) -> str:
         "warm rounds only: "
         f"{first[warm]:.3f} s -> {last[warm]:.3f} s, {warm_ratio:.2f}x: "
         f"**{verdict(warm_ratio <= TARGET_RATIO)}**.",
+        *(["", context["note"]] if context.get("note") else []),
         "",
         "## Machine",
         "",
@@ -419,6 +420,7 @@ def main() -> int:
         help="add these sizes to the rows already in docs/scale.json (a size measured again "
         "replaces its row) instead of starting afresh",
     )
+    parser.add_argument("--note", default="", help="a sentence to print under the targets")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="fedshop-scale-"))
     rows: list[dict[str, Any]] = []
@@ -430,7 +432,7 @@ def main() -> int:
             rows = [r for r in rows if r["merchants"] != merchants]
             rows.append(measure(merchants, args.rounds, work))
             rows.sort(key=lambda r: int(r["merchants"]))
-            write_docs(rows)  # each size as soon as it is measured
+            write_docs(rows, args.note)  # each size as soon as it is measured
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -438,10 +440,11 @@ def main() -> int:
     return 0
 
 
-def write_docs(rows: list[dict[str, Any]]) -> None:
+def write_docs(rows: list[dict[str, Any]], note: str = "") -> None:
     context = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"Python {platform.python_version()}",
+        "note": note,
     }
     DOCS.mkdir(exist_ok=True)
     (DOCS / "scale.json").write_text(
