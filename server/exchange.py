@@ -21,6 +21,9 @@ from flwr.serverapp import Grid
 FIRST_POLL_S = 0.05
 MAX_POLL_S = 1.0
 PUSH_BATCH = 32  # messages built and pushed at once
+# How often to look for restarted nodes: listing nodes costs O(merchants) (Flower's
+# simulation grid deep-copies every node's record), so not on every poll.
+RESTART_CHECK_S = 1.0
 
 
 @dataclass
@@ -79,6 +82,7 @@ def stream_exchange(
     deadline = clock() + timeout_s
     source = iter(messages)
     exhausted = False
+    checked = clock()
     result = Exchange()
     pending: dict[str, int] = {}  # message id -> destination node
     wait = FIRST_POLL_S
@@ -93,17 +97,17 @@ def stream_exchange(
             if exhausted:
                 break
             continue
-        arrived = 0
         for reply in grid.pull_messages(list(pending)):
             if pending.pop(reply.metadata.reply_to_message_id, None) is not None:
                 on_reply(reply)
-                arrived += 1
-        now_active = activations(grid)
-        for msg_id, node in list(pending.items()):
-            current = now_active.get(node)
-            if current and current != seen.get(node, ""):
-                result.restarted.append(node)
-                del pending[msg_id]
+        if pending and clock() - checked >= RESTART_CHECK_S:
+            checked = clock()
+            now_active = activations(grid)
+            for msg_id, node in list(pending.items()):
+                current = now_active.get(node)
+                if current and current != seen.get(node, ""):
+                    result.restarted.append(node)
+                    del pending[msg_id]
         if clock() >= deadline:
             break
         can_push = not exhausted and (max_in_flight is None or len(pending) < max_in_flight)

@@ -173,3 +173,14 @@ def test_without_a_window_every_message_goes_out_at_once_a_batch_at_a_time() -> 
     out, waited = _run(grid)
     assert _answered(out) == nodes and pushes == [PUSH_BATCH, PUSH_BATCH, 5]
     assert waited == 0.0  # no wait between batches
+
+
+def test_nodes_are_listed_for_restarts_at_most_once_a_second() -> None:
+    """Listing nodes costs O(merchants) in Flower's simulation grid: not on every poll."""
+    grid = ScriptedGrid(answers_at={1: 1, 2: 10**9})
+    listed = []
+    get_nodes = grid.get_nodes
+    grid.get_nodes = lambda: listed.append(grid.polls) or get_nodes()  # type: ignore[method-assign]
+    out, waited = _run(grid, timeout_s=30.0)
+    assert out.unanswered == [2] and grid.polls > 30
+    assert len(listed) <= 2 + waited
