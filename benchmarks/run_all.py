@@ -23,6 +23,8 @@ STEPS: list[list[str]] = [
     # Serving latency with the online simulation's federated DP model.
     [PY, "benchmarks/serving.py", "--model-run", "runs/online"],
     [PY, "benchmarks/ledger_scale.py"],
+    # 10, 100 and 1,000 synthetic merchants: time, platform memory, bytes, ledger and audit.
+    [PY, "benchmarks/scale.py"],
 ]
 
 # Fresh run directories: a simulation refuses to write into a non-empty one.

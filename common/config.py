@@ -1,8 +1,9 @@
 """The run configuration: one TOML file, parsed once into frozen dataclasses.
 
 Sections: ``[federation]``, ``[training]``, ``[privacy]``, ``[model]``, ``[evaluation]``,
-``[data]`` plus a top-level ``seed``. ``[privacy]`` is what the platform *requests*; each
-merchant's own configuration caps it (a merchant may spend less, never more).
+``[data]``, ``[simulation]`` (where a simulation runs) plus a top-level ``seed``. ``[privacy]``
+is what the platform *requests*; each merchant's own configuration caps it (a merchant may
+spend less, never more).
 """
 
 from __future__ import annotations
@@ -256,6 +257,30 @@ class DataConfig:
             )
 
 
+def check_ray_address(value: str, *, field: str = "simulation.ray_address") -> str:
+    """``HOST:PORT`` of a running Ray cluster's head node (IPv6 hosts in brackets)."""
+    host, sep, port = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or "/" in value or any(c.isspace() for c in value):
+        raise ConfigError(f"{field}: {value!r} is not HOST:PORT (e.g. 10.0.0.5:6379)")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{field}: port {port!r} of {value!r} is not in 1..65535")
+    return value
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    """Where Flower's simulation engine runs. It does not change what is trained, so it is
+    left out of ``config_sha256``: a run may move onto a Ray cluster when it is resumed."""
+
+    ray_address: str = ""  # HOST:PORT of a running Ray cluster (empty: start Ray locally)
+
+    def __post_init__(self) -> None:
+        if self.ray_address:
+            check_ray_address(self.ray_address)
+
+
 @dataclass(frozen=True)
 class RunConfig:
     seed: int = 20261123
@@ -266,6 +291,7 @@ class RunConfig:
     records: RecordSpec = field(default_factory=RecordSpec)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
@@ -282,11 +308,15 @@ class RunConfig:
         plain: dict[str, Any] = as_plain_dict(self)
         if plain["privacy"]["noise_multiplier"] is None:
             del plain["privacy"]["noise_multiplier"]
+        if plain["simulation"] == as_plain_dict(SimulationConfig()):
+            del plain["simulation"]  # the defaults: configurations read as they always did
         return plain
 
     def sha256(self) -> str:
-        """What a signed release cites as ``config_sha256``."""
-        return hashlib.sha256(canonical_json(self.to_dict())).hexdigest()
+        """What a signed release cites as ``config_sha256``: everything but ``[simulation]``."""
+        plain = self.to_dict()
+        plain.pop("simulation", None)
+        return hashlib.sha256(canonical_json(plain)).hexdigest()
 
 
 def dump_toml(data: Mapping[str, Any]) -> str:

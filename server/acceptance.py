@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -65,7 +66,7 @@ class RoundContext:
     arrays: Arrays
     keys_dir: Path  # merchants' Ed25519 public keys: <merchant-id>.pub
 
-    @property
+    @cached_property  # once per round, not once per reply
     def model_sha256(self) -> str:
         return arrays_sha256(self.arrays)
 

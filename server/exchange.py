@@ -10,8 +10,9 @@ message: it is reported as restarted and the round goes on without it.
 
 from __future__ import annotations
 
+import itertools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from flwr.app import Message
@@ -19,6 +20,10 @@ from flwr.serverapp import Grid
 
 FIRST_POLL_S = 0.05
 MAX_POLL_S = 1.0
+PUSH_BATCH = 32  # messages built and pushed at once
+# How often to look for restarted nodes: listing nodes costs O(merchants) (Flower's
+# simulation grid deep-copies every node's record), so not on every poll.
+RESTART_CHECK_S = 1.0
 
 
 @dataclass
@@ -43,32 +48,87 @@ def exchange(
 ) -> Exchange:
     """Push ``messages`` and pull their replies until all are in, a destination restarted, or
     ``timeout_s`` passed. Polls quickly at first and backs off to once a second."""
+    result = Exchange()
+    gone = stream_exchange(
+        grid,
+        messages,
+        on_reply=result.replies.append,
+        timeout_s=timeout_s,
+        max_in_flight=None,
+        clock=clock,
+        sleep=sleep,
+    )
+    result.restarted, result.unanswered = gone.restarted, gone.unanswered
+    return result
+
+
+def stream_exchange(
+    grid: Grid,
+    messages: Iterable[Message],
+    *,
+    on_reply: Callable[[Message], None],
+    timeout_s: float,
+    max_in_flight: int | None,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Exchange:
+    """Like :func:`exchange`, but each reply goes to ``on_reply`` as it is pulled and is not
+    kept. ``messages`` is read lazily and pushed ``PUSH_BATCH`` at a time, so a generator keeps
+    only that many instructions (each a copy of the model) alive here; ``max_in_flight``
+    (None: no limit) also bounds the messages pushed and not yet answered, for a grid that
+    keeps them in this process (Flower's simulation engine). The returned Exchange has no
+    replies."""
     seen = activations(grid)
-    ids = list(grid.push_messages(messages))
-    nodes = [message.metadata.dst_node_id for message in messages]
-    if len(ids) != len(nodes):  # Flower returns nothing when the whole push was refused
-        return Exchange(unanswered=nodes)
-    sent = list(zip(ids, nodes, strict=True))
-    # and no id for a single message it could not push
-    result = Exchange(unanswered=[node for msg_id, node in sent if not msg_id])
-    pending = {msg_id: node for msg_id, node in sent if msg_id}
     deadline = clock() + timeout_s
+    source = iter(messages)
+    exhausted = False
+    checked = clock()
+    result = Exchange()
+    pending: dict[str, int] = {}  # message id -> destination node
     wait = FIRST_POLL_S
-    while pending:
+    while True:
+        room = PUSH_BATCH if max_in_flight is None else max(0, max_in_flight - len(pending))
+        take = min(room, PUSH_BATCH)
+        batch = [] if exhausted else list(itertools.islice(source, take))
+        exhausted = exhausted or len(batch) < take
+        if batch:
+            _push(grid, batch, pending, result)
+        if not pending:
+            if exhausted:
+                break
+            continue
         for reply in grid.pull_messages(list(pending)):
             if pending.pop(reply.metadata.reply_to_message_id, None) is not None:
-                result.replies.append(reply)
-        if not pending:
+                on_reply(reply)
+        if pending and clock() - checked >= RESTART_CHECK_S:
+            checked = clock()
+            now_active = activations(grid)
+            for msg_id, node in list(pending.items()):
+                current = now_active.get(node)
+                if current and current != seen.get(node, ""):
+                    result.restarted.append(node)
+                    del pending[msg_id]
+        if clock() >= deadline:
             break
-        now_active = activations(grid)
-        for msg_id, node in list(pending.items()):
-            current = now_active.get(node)
-            if current and current != seen.get(node, ""):
-                result.restarted.append(node)
-                del pending[msg_id]
-        if not pending or clock() >= deadline:
-            break
-        sleep(wait)
-        wait = min(wait * 2, MAX_POLL_S)
+        can_push = not exhausted and (max_in_flight is None or len(pending) < max_in_flight)
+        if can_push:
+            wait = FIRST_POLL_S  # more to send now: no sleep
+        elif pending:
+            sleep(wait)
+            wait = min(wait * 2, MAX_POLL_S)
     result.unanswered.extend(pending.values())
+    result.unanswered.extend(message.metadata.dst_node_id for message in source)
     return result
+
+
+def _push(grid: Grid, batch: list[Message], pending: dict[str, int], result: Exchange) -> None:
+    ids = list(grid.push_messages(batch))
+    nodes = [message.metadata.dst_node_id for message in batch]
+    if len(ids) != len(nodes):  # Flower returns nothing when the whole push was refused
+        result.unanswered.extend(nodes)
+        return
+    for msg_id, node in zip(ids, nodes, strict=True):
+        if msg_id:
+            pending[msg_id] = node
+        else:  # and no id for a single message it could not push
+            result.unanswered.append(node)

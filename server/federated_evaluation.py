@@ -19,7 +19,7 @@ from common.errors import IntegrityError
 from common.metric_sums import MetricSums, combine
 from common.protocol import EVALUATE, EvalPart, EvaluateInstruction, EvaluationReply, Outcome
 from server.acceptance import short_reason
-from server.exchange import exchange
+from server.exchange import stream_exchange
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +33,9 @@ class EvaluationOutcome:
     failed: dict[str, str] = field(default_factory=dict)
 
     def overall(self, part: EvalPart, label: str) -> MetricSums:
-        return combine(
+        return combine(  # in merchant order, not arrival order: the same sum in every run
             by_part[part][label]
-            for by_part in self.sums.values()
+            for _merchant, by_part in sorted(self.sums.items())
             if part in by_part and label in by_part[part]
         )
 
@@ -61,30 +61,36 @@ def federated_evaluate(
     *,
     timeout_s: float,
     name_of: Callable[[int], str],
+    max_in_flight: int | None = None,
 ) -> EvaluationOutcome:
-    """Ask ``nodes`` to score ``instruction``'s models; combine what comes back."""
-    messages = [
-        Message(content=instruction.to_content(), message_type=EVALUATE, dst_node_id=n)
-        for n in nodes
-    ]
-    sent = exchange(grid, messages, timeout_s=timeout_s)
+    """Ask ``nodes`` to score ``instruction``'s models, at most ``max_in_flight`` at a time
+    (None: all at once); combine the (small) sums as they come back."""
     outcome = EvaluationOutcome()
-    for message in sent.replies:
+
+    def record(message: Message) -> None:
         sender = name_of(message.metadata.src_node_id)
         if message.has_error():
             outcome.failed[sender] = short_reason(str(message.error.reason))
-            continue
+            return
         try:
             reply = EvaluationReply.from_content(message.content, instruction.tasks)
         except IntegrityError as exc:
             outcome.failed[sender] = f"unreadable evaluation reply: {exc.one_line()}"
-            continue
+            return
         if reply.outcome is Outcome.TRAINED:
             outcome.sums[reply.merchant_id] = reply.sums
         elif reply.outcome is Outcome.REFUSED:
             outcome.refused[reply.merchant_id] = reply.reason
         else:
             outcome.failed[reply.merchant_id] = reply.reason
+
+    messages = (  # built as the window opens: each holds a copy of the models
+        Message(content=instruction.to_content(), message_type=EVALUATE, dst_node_id=n)
+        for n in nodes
+    )
+    sent = stream_exchange(
+        grid, messages, on_reply=record, timeout_s=timeout_s, max_in_flight=max_in_flight
+    )
     for node in [*sent.restarted, *sent.unanswered]:
         outcome.failed[name_of(node)] = "no evaluation reply"
     for merchant, reason in sorted(outcome.failed.items()):

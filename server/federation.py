@@ -1,7 +1,9 @@
 """The platform's round loop on top of Flower's Grid (Message API).
 
-Per round: send the global model to every connected merchant, sort the replies through the
-acceptance policy (server/acceptance.py) into updates, refusals and failures, aggregate,
+Per round: send the global model to every connected merchant, a bounded window of messages at
+a time, pass each reply through the acceptance policy (server/acceptance.py) as it arrives and
+fold an accepted update into the running weighted sum at once (server/strategies.py), so the
+platform's memory does not grow with the number of merchants; then aggregate,
 have the merchants evaluate the new model on their own held-out events (federated
 evaluation), checkpoint. The round goes on while enough merchants remain.
 
@@ -35,9 +37,9 @@ from common.protocol import EvalPart, EvaluateInstruction, TrainInstruction
 from common.rng import derive_seed
 from server.acceptance import AcceptedUpdate, Failure, Refusal, RoundContext, decide
 from server.checkpoint import Checkpoint, load_latest, save_checkpoint
-from server.exchange import exchange
+from server.exchange import stream_exchange
 from server.federated_evaluation import EvaluationOutcome, federated_evaluate
-from server.strategies import MerchantUpdate, build_strategy
+from server.strategies import MerchantUpdate, RunningSum, build_strategy
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,10 @@ class ServerSettings:
     simulation_dir: Path | None = None
     stop_after_round: int | None = None  # stop early (to exercise --resume)
     node_wait_s: float = 120.0
+    # Messages pushed and not yet answered (None: no limit). A deployment's SuperLink keeps
+    # them in its own database; Flower's simulation engine keeps them in the platform's
+    # process, each with a copy of the model, so simulations bound them (simulations/runner.py).
+    max_in_flight: int | None = None
 
     @property
     def checkpoints(self) -> Path:
@@ -69,7 +75,10 @@ def initial_model(config: RunConfig) -> dict[str, np.ndarray]:
 
 @dataclass
 class RoundOutcome:
-    updates: list[MerchantUpdate] = field(default_factory=list)
+    """A round's decisions. Accepted updates are folded into ``updates`` (a running weighted
+    sum) as they arrive, so the outcome holds no merchant's arrays."""
+
+    updates: RunningSum = field(default_factory=RunningSum)
     epsilon: dict[str, float] = field(default_factory=dict)
     refused: dict[str, str] = field(default_factory=dict)
     refusal_codes: dict[str, str] = field(default_factory=dict)
@@ -78,9 +87,7 @@ class RoundOutcome:
 
     def add(self, decision: AcceptedUpdate | Refusal | Failure) -> None:
         if isinstance(decision, AcceptedUpdate):
-            self.updates.append(
-                MerchantUpdate(decision.merchant_id, decision.arrays, decision.weight)
-            )
+            self.updates.add(MerchantUpdate(decision.merchant_id, decision.arrays, decision.weight))
             if decision.epsilon is not None:
                 self.epsilon[decision.merchant_id] = decision.epsilon
         elif isinstance(decision, Refusal):
@@ -137,16 +144,16 @@ class Federation:
 
     # -- one training round --------------------------------------------------------
     def _instruction(
-        self, arrays: dict[str, np.ndarray], rnd: int, node: int, ledger: ServerLedger, planned: int
+        self, context: RoundContext, node: int, ledger: ServerLedger, planned: int
     ) -> TrainInstruction:
         merchant = self.merchant_of.get(node)
         return TrainInstruction(
             run_id=self.settings.run_id,
-            round=rnd,
+            round=context.round,
             planned_rounds=planned,
             config=self.config,
-            arrays=arrays,
-            model_in_sha256=arrays_sha256(arrays),
+            arrays=context.arrays,
+            model_in_sha256=context.model_sha256,
             server_ledger_seq=ledger.last_seq(merchant) if merchant else P.UNKNOWN_SEQ,
             simulation_dir=None
             if self.settings.simulation_dir is None
@@ -167,16 +174,6 @@ class Federation:
         and failures."""
         nodes = self.nodes()
         planned = planned_rounds or self.config.federation.rounds
-        messages = [
-            Message(
-                content=self._instruction(arrays, rnd, node, ledger, planned).to_content(),
-                message_type=message_type,
-                dst_node_id=node,
-            )
-            for node in nodes
-        ]
-        sent = exchange(self.grid, messages, timeout_s=self.config.federation.round_timeout_s)
-        self._learn(sent.replies)
         context = RoundContext(
             config=self.config,
             run_id=self.settings.run_id,
@@ -185,9 +182,28 @@ class Federation:
             keys_dir=self.settings.keys_dir,
         )
         outcome = RoundOutcome()
-        for reply in sorted(sent.replies, key=lambda m: self.name_of(m.metadata.src_node_id)):
+
+        def decide_and_fold(reply: Message) -> None:
+            # checked (acceptance policy) before its arrays are folded in, then dropped
+            self._learn([reply])
             sender = self.name_of(reply.metadata.src_node_id)
             outcome.add(decide(reply, context, ledger, sender=sender))
+
+        messages = (  # built as the window opens: one model copy per message in flight
+            Message(
+                content=self._instruction(context, node, ledger, planned).to_content(),
+                message_type=message_type,
+                dst_node_id=node,
+            )
+            for node in nodes
+        )
+        sent = stream_exchange(
+            self.grid,
+            messages,
+            on_reply=decide_and_fold,
+            timeout_s=self.config.federation.round_timeout_s,
+            max_in_flight=self.settings.max_in_flight,
+        )
         for node in sent.restarted:
             outcome.add(
                 Failure(
@@ -235,6 +251,7 @@ class Federation:
             instruction,
             timeout_s=self.config.federation.round_timeout_s,
             name_of=self.name_of,
+            max_in_flight=self.settings.max_in_flight,
         )
 
     # -- the run -----------------------------------------------------------------
@@ -299,15 +316,15 @@ class Federation:
         )
         overall = evaluation.means(EvalPart.VALIDATION, GLOBAL)
         previous = history[-1]["epsilon"] if history else {}
-        epsilon = {**previous, **outcome.epsilon}
+        epsilon = dict(sorted({**previous, **outcome.epsilon}.items()))
         row = {
             "round": rnd,
             "aggregated": aggregated,
             "trained": sorted(u.merchant_id for u in outcome.updates),
-            "refused": outcome.refused,
-            "refusal_codes": outcome.refusal_codes,
-            "failed": outcome.failed,
-            "failure_codes": outcome.failure_codes,
+            "refused": dict(sorted(outcome.refused.items())),
+            "refusal_codes": dict(sorted(outcome.refusal_codes.items())),
+            "failed": dict(sorted(outcome.failed.items())),
+            "failure_codes": dict(sorted(outcome.failure_codes.items())),
             "metrics": overall,
             "evaluation_cases": evaluation.cases(EvalPart.VALIDATION, GLOBAL),
             "merchant_metrics": evaluation.per_merchant(EvalPart.VALIDATION, GLOBAL),

@@ -232,8 +232,10 @@ def simulate_online(
     merchants_in_week: Callable[[int], Iterable[str]] | None = None,
     verbose: bool = False,
     reference_offline: bool = False,
+    ray_address: str | None = None,
 ) -> dict[str, Any]:
     """Offline rounds and the weekly stream in one federation; returns the summary.
+    ``ray_address`` (default: ``simulation.ray_address``) runs it on a running Ray cluster.
     ``reference_offline``: the merchants also score the offline model every week (as it is,
     with refreshed and with stale histories)."""
     settings = server_settings(layout)
@@ -283,6 +285,7 @@ def simulate_online(
         transport=transport,
         num_cpus_per_client=num_cpus_per_client,
         verbose=verbose,
+        ray_address=settings.config.simulation.ray_address if ray_address is None else ray_address,
     )
     if not result:
         raise TrainingError(f"the online simulation ended without results in {layout.root}")

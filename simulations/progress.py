@@ -61,20 +61,30 @@ class RoundProgress:
         self.rounds: TaskID = display.add_task("rounds", total=rounds, completed=first_round - 1)
         self.merchants: TaskID | None = None
         self.in_flight: int | None = None
-        self.asked = self.answered = 0
+        self.asked = self.answered = self.pushed = 0
+        self._key: tuple[str, int | None] | None = None
 
-    def sent(self, messages: Sequence[Message]) -> None:
+    def sent(self, messages: Sequence[Message], *, expected: int = 0) -> None:
+        """A batch of messages went out; the platform pushes a round's messages in batches,
+        so a batch of the same kind and round adds to the round in flight. ``expected``: how
+        many the round will send (the connected nodes), when known."""
         if not messages:
             return
-        self._finish_round()
         kind = messages[0].metadata.message_type
-        self.in_flight = _round_of(messages[0])
-        self.asked, self.answered = len(messages), 0
-        label = f"round {self.in_flight} {kind}" if self.in_flight else kind
-        if self.merchants is None:
-            self.merchants = self.display.add_task(label, total=len(messages))
-        else:
-            self.display.reset(self.merchants, total=len(messages), description=label)
+        key = (kind, _round_of(messages[0]))
+        if key != self._key:
+            self._finish_round()
+            self._key, self.in_flight = key, key[1]
+            self.asked, self.answered, self.pushed = max(expected, len(messages)), 0, 0
+            label = f"round {self.in_flight} {kind}" if self.in_flight else kind
+            if self.merchants is None:
+                self.merchants = self.display.add_task(label, total=self.asked)
+            else:
+                self.display.reset(self.merchants, total=self.asked, description=label)
+        self.pushed += len(messages)
+        if self.pushed > self.asked and self.merchants is not None:
+            self.asked = self.pushed
+            self.display.update(self.merchants, total=self.asked)
 
     def received(self, replies: int) -> None:
         if self.merchants is None or not replies:

@@ -10,8 +10,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from common.config import RunConfig
-from common.errors import CheckpointError, TrainingError
+from common.config import RunConfig, check_ray_address
+from common.errors import CheckpointError, ConfigError, TrainingError
 from server.federation import ServerSettings
 from server.platform import PlatformResult
 from simulations.console import quiet_flower, ray_init_args
@@ -28,6 +28,12 @@ class Transport(Enum):
     IN_PROCESS = "in-process"  # the same ClientApp called in this process (benchmarks, tests)
 
 
+# Flower's simulation engine keeps pushed messages (each a copy of the model) in this process
+# until a ClientApp actor takes them: enough to keep every actor of a large cluster busy, and
+# a bound on memory whatever the number of merchants.
+SIMULATION_IN_FLIGHT = 32
+
+
 def server_settings(layout: RunLayout, *, stop_after_round: int | None = None) -> ServerSettings:
     config = RunConfig.from_toml(layout.config)
     run_id_file = layout.root / "run-id"
@@ -39,15 +45,30 @@ def server_settings(layout: RunLayout, *, stop_after_round: int | None = None) -
         ledger_path=layout.server / "ledger.sqlite",
         simulation_dir=layout.root,
         stop_after_round=stop_after_round,
+        max_in_flight=SIMULATION_IN_FLIGHT,
     )
     return replace(settings, run_id=run_id)
 
 
-def backend_config(*, num_cpus_per_client: float, verbose: bool) -> dict[str, Any]:
-    """Flower's simulation back-end options: one CPU per merchant, quiet Ray unless verbose."""
+def backend_config(
+    *, num_cpus_per_client: float, verbose: bool, ray_address: str = ""
+) -> dict[str, Any]:
+    """Flower's simulation back-end options: one CPU per merchant, quiet Ray unless verbose.
+
+    Flower's Ray back-end passes ``init_args`` to ``ray.init`` as they are
+    (flwr/server/superlink/fleet/vce/backend/raybackend.py, ``RayBackend.init_ray``): with
+    ``address`` the driver joins that running cluster instead of starting a local one, and
+    the actor pool is sized from every node's CPUs (``pool_size_from_resources``). Ray refuses
+    ``num_cpus`` when joining a cluster: the cluster's nodes declared theirs at ``ray start``.
+    """
+    init_args: dict[str, Any] = dict(ray_init_args(verbose=verbose))
+    if ray_address:
+        init_args["address"] = check_ray_address(ray_address, field="--ray-address")
+    else:
+        init_args["num_cpus"] = os.cpu_count() or 2
     return {
         "client_resources": {"num_cpus": num_cpus_per_client, "num_gpus": 0.0},
-        "init_args": {"num_cpus": os.cpu_count() or 2, **ray_init_args(verbose=verbose)},
+        "init_args": init_args,
     }
 
 
@@ -58,8 +79,10 @@ def run_server_app(
     transport: Transport = Transport.FLOWER,
     num_cpus_per_client: float = 1.0,
     verbose: bool = False,
+    ray_address: str = "",
 ) -> None:
-    """Run ``main(grid)`` as the ServerApp of a simulation of ``layout``'s merchants."""
+    """Run ``main(grid)`` as the ServerApp of a simulation of ``layout``'s merchants, on a
+    local Ray or, with ``ray_address``, on that running Ray cluster."""
     from flwr.app import Context
     from flwr.serverapp import Grid, ServerApp
 
@@ -67,6 +90,8 @@ def run_server_app(
 
     merchants = len(layout.merchant_ids())
     if transport is Transport.IN_PROCESS:
+        if ray_address:
+            raise ConfigError("a Ray address needs Flower's simulation engine, not in-process")
         from simulations.inprocess import simulation_grid
 
         main(simulation_grid(client_app, merchants))
@@ -84,7 +109,9 @@ def run_server_app(
         server_app=server_app,
         client_app=client_app,
         num_supernodes=merchants,
-        backend_config=backend_config(num_cpus_per_client=num_cpus_per_client, verbose=verbose),
+        backend_config=backend_config(
+            num_cpus_per_client=num_cpus_per_client, verbose=verbose, ray_address=ray_address
+        ),
     )
 
 
@@ -95,8 +122,11 @@ def simulate(
     num_cpus_per_client: float = 1.0,
     transport: Transport = Transport.FLOWER,
     verbose: bool = False,
+    ray_address: str | None = None,
 ) -> PlatformResult:
-    """Run (or resume) the federation of ``layout``; returns the platform's result."""
+    """Run (or resume) the federation of ``layout``; returns the platform's result.
+    ``ray_address`` (default: the run configuration's ``simulation.ray_address``) attaches
+    the simulation to a running Ray cluster."""
     from server.checkpoint import load_latest
     from server.platform import run_platform
 
@@ -116,6 +146,7 @@ def simulate(
         transport=transport,
         num_cpus_per_client=num_cpus_per_client,
         verbose=verbose,
+        ray_address=settings.config.simulation.ray_address if ray_address is None else ray_address,
     )
     if not results:
         raise TrainingError(f"the simulation ended without a result in {layout.root}; see the log")

@@ -38,7 +38,7 @@ class WatchedGrid(Grid):
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         batch = list(messages)
         ids = self._inner.push_messages(batch)
-        self._progress.sent(batch)
+        self._progress.sent(batch, expected=len(list(self._inner.get_node_ids())))
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:

@@ -106,6 +106,19 @@ def test_round_progress_follows_messages() -> None:
     assert shown(display) == {"rounds": (3, 3), "round 3 train": (2, 4)}
 
 
+def test_a_round_pushed_in_batches_is_one_round() -> None:
+    display = Progress(console=Console(file=io.StringIO(), force_terminal=True))
+    progress = RoundProgress(display, rounds=2)
+    progress.sent([message(1)] * 2, expected=5)
+    progress.received(2)
+    assert shown(display) == {"rounds": (0, 2), "round 1 train": (2, 5)}
+    progress.sent([message(1)] * 3, expected=5)
+    progress.received(3)
+    assert shown(display) == {"rounds": (1, 2), "round 1 train": (5, 5)}
+    progress.sent([message(1, "evaluate")] * 5, expected=5)
+    assert shown(display)["round 1 evaluate"] == (0, 5)
+
+
 def test_no_bars_when_output_is_not_a_terminal(capsys: pytest.CaptureFixture[str]) -> None:
     assert progress_display().disable  # pytest captures stderr: not a terminal
     assert list(tracked(["a", "b"], "ledgers")) == ["a", "b"]

@@ -189,3 +189,35 @@ def test_dump_toml_reads_back_equal(tmp_path, overrides):
     path = tmp_path / "config.toml"
     path.write_text(dump_toml(config.to_dict()), encoding="utf-8")
     assert RunConfig.from_toml(path) == config
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:6379", "head.example:10001", "[::1]:6379"])
+def test_ray_address_is_host_and_port_and_not_part_of_the_config_hash(address: str) -> None:
+
+    attached = RunConfig.from_dict({"simulation": {"ray_address": address}})
+    assert attached.simulation.ray_address == address
+    assert attached.sha256() == RunConfig().sha256()  # where it runs is not what is trained
+    assert attached.to_dict()["simulation"] == {"ray_address": address}
+    assert "simulation" not in RunConfig().to_dict()
+    assert RunConfig.from_dict(attached.to_dict()) == attached
+
+
+@pytest.mark.parametrize(
+    "address", ["6379", "localhost", ":6379", "ray://head:10001", "head:0", "head:70000", "h:p"]
+)
+def test_a_bad_ray_address_is_refused_naming_the_key(address: str) -> None:
+
+    with pytest.raises(ConfigError, match=r"simulation\.ray_address"):
+        RunConfig.from_dict({"simulation": {"ray_address": address}})
+
+
+def test_ray_address_reaches_flower_init_args_without_local_cpus() -> None:
+    from simulations.runner import backend_config
+
+    attached = backend_config(num_cpus_per_client=1.0, verbose=False, ray_address="10.0.0.5:6379")
+    assert attached["init_args"]["address"] == "10.0.0.5:6379"
+    assert "num_cpus" not in attached["init_args"]  # Ray refuses it when joining a cluster
+    local = backend_config(num_cpus_per_client=1.0, verbose=False)
+    assert "address" not in local["init_args"] and local["init_args"]["num_cpus"] >= 1
+    with pytest.raises(ConfigError, match="--ray-address"):
+        backend_config(num_cpus_per_client=1.0, verbose=False, ray_address="nohost")

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
-from server.exchange import exchange
+from server.exchange import exchange, stream_exchange
 
 
 @dataclass
@@ -35,9 +35,10 @@ class ScriptedGrid:
         if self.refuse_push:
             return []
         ids = []
-        for i, message in enumerate(messages):
-            ids.append(f"m{i}")
-            self.sent[f"m{i}"] = message.metadata.dst_node_id
+        for message in messages:
+            msg_id = f"m{len(self.sent)}"
+            ids.append(msg_id)
+            self.sent[msg_id] = message.metadata.dst_node_id
         return ids
 
     def pull_messages(self, ids: list[str]) -> list[Any]:
@@ -111,3 +112,75 @@ def test_silent_nodes_are_reported_at_the_timeout() -> None:
 def test_a_refused_push_reports_every_node_unanswered_without_waiting() -> None:
     out, waited = _run(ScriptedGrid(answers_at={1: 1, 2: 1}, refuse_push=True))
     assert out.replies == [] and out.unanswered == [1, 2] and waited == 0.0
+
+
+def test_a_window_keeps_at_most_that_many_messages_out_and_builds_them_lazily() -> None:
+    grid = ScriptedGrid(answers_at={node: node for node in range(1, 8)} | {8: 10**9})
+    built: list[int] = []
+    replied: list[int] = []
+    most_alive = 0
+
+    def messages():
+        nonlocal most_alive
+        for node in sorted(grid.answers_at):
+            built.append(node)
+            most_alive = max(most_alive, len(built) - len(replied))
+            yield _stub(dst_node_id=node)
+
+    clock = FakeClock()
+    out = stream_exchange(
+        grid,  # type: ignore[arg-type]
+        messages(),
+        on_reply=lambda reply: replied.append(reply.metadata.node),
+        timeout_s=30.0,
+        max_in_flight=3,
+        clock=clock,
+        sleep=clock.sleep,
+    )
+    assert sorted(replied) == list(range(1, 8)) and out.replies == []  # handed on, not kept
+    assert out.unanswered == [8] and 30.0 <= clock.now <= 31.0
+    assert most_alive <= 3 and built == list(range(1, 9))
+
+
+def test_a_window_reports_messages_never_sent_before_the_timeout_as_unanswered() -> None:
+    grid = ScriptedGrid(answers_at={1: 10**9, 2: 10**9, 3: 1})
+    clock = FakeClock()
+    out = stream_exchange(
+        grid,  # type: ignore[arg-type]
+        _messages([1, 2, 3]),
+        on_reply=lambda reply: None,
+        timeout_s=5.0,
+        max_in_flight=2,
+        clock=clock,
+        sleep=clock.sleep,
+    )
+    assert sorted(out.unanswered) == [1, 2, 3] and list(grid.sent.values()) == [1, 2]
+
+
+def test_without_a_window_every_message_goes_out_at_once_a_batch_at_a_time() -> None:
+    from server.exchange import PUSH_BATCH
+
+    nodes = list(range(1, 2 * PUSH_BATCH + 6))
+    grid = ScriptedGrid(answers_at={node: 2 for node in nodes})
+    pushes: list[int] = []
+    push = grid.push_messages
+
+    def counted(messages: list[Any]) -> list[str]:
+        pushes.append(len(messages))
+        return push(messages)
+
+    grid.push_messages = counted  # type: ignore[method-assign]
+    out, waited = _run(grid)
+    assert _answered(out) == nodes and pushes == [PUSH_BATCH, PUSH_BATCH, 5]
+    assert waited == 0.0  # no wait between batches
+
+
+def test_nodes_are_listed_for_restarts_at_most_once_a_second() -> None:
+    """Listing nodes costs O(merchants) in Flower's simulation grid: not on every poll."""
+    grid = ScriptedGrid(answers_at={1: 1, 2: 10**9})
+    listed = []
+    get_nodes = grid.get_nodes
+    grid.get_nodes = lambda: listed.append(grid.polls) or get_nodes()  # type: ignore[method-assign]
+    out, waited = _run(grid, timeout_s=30.0)
+    assert out.unanswered == [2] and grid.polls > 30
+    assert len(listed) <= 2 + waited

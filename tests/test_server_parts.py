@@ -41,6 +41,8 @@ def test_fedadam_moves_towards_mean_and_state_round_trips():
 
 def test_strategy_failures_are_fedshop_errors():
     with pytest.raises(TrainingError, match="no examples"):
+        weighted_average([])
+    with pytest.raises(TrainingError, match="update weight 0"):
         weighted_average([MerchantUpdate("a", arrays(1.0), 0)])
     with pytest.raises(CheckpointError, match="another strategy"):
         build_strategy(FederationConfig()).load_state({"m/w": np.zeros((2, 3), np.float32)})

@@ -66,6 +66,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "(default: every slice after training); writes online.csv and online.json",
     )
     parser.add_argument(
+        "--ray-address",
+        metavar="HOST:PORT",
+        help="run the merchants' ClientApps on this running Ray cluster (its head node, as "
+        "printed by `ray start --head`) instead of a local Ray; the run directory must be at "
+        "the same path on every node (docs/deployment.md). Overrides simulation.ray_address",
+    )
+    parser.add_argument(
         "--stop-after-round",
         type=int,
         metavar="N",
@@ -97,6 +104,10 @@ def run(args: argparse.Namespace) -> int:
     from simulations.runner import resume_layout
 
     began = time.perf_counter()
+    if args.ray_address:
+        from common.config import check_ray_address
+
+        check_ray_address(args.ray_address, field="--ray-address")
     if args.resume:
         if args.config or args.overrides or args.data or args.map or args.online is not None:
             from common.errors import ConfigError
@@ -112,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
         config, args.out, online=args.online is not None, requested=requested
     )
     if stream is not None:
-        return _run_online(layout, stream, began, verbose=args.verbose)
+        return _run_online(layout, stream, began, verbose=args.verbose, ray=args.ray_address)
     return _run_offline(args, layout, began)
 
 
@@ -151,7 +162,12 @@ def _run_offline(args: argparse.Namespace, layout: RunLayout, began: float) -> i
     from server.reporting import merchant_table, round_table
     from simulations.runner import simulate
 
-    result = simulate(layout, stop_after_round=args.stop_after_round, verbose=args.verbose)
+    result = simulate(
+        layout,
+        stop_after_round=args.stop_after_round,
+        verbose=args.verbose,
+        ray_address=args.ray_address,
+    )
     summary = result.summary
     print("\n" + round_table(result.history))
     table = merchant_table(summary)
@@ -162,10 +178,12 @@ def _run_offline(args: argparse.Namespace, layout: RunLayout, began: float) -> i
     return 0
 
 
-def _run_online(layout: RunLayout, spec: StreamSpec, began: float, *, verbose: bool) -> int:
+def _run_online(
+    layout: RunLayout, spec: StreamSpec, began: float, *, verbose: bool, ray: str | None
+) -> int:
     from simulations.online import simulate_online
 
-    summary = simulate_online(layout, spec, verbose=verbose)
+    summary = simulate_online(layout, spec, verbose=verbose, ray_address=ray)
     means = "  ".join(
         f"mean {k[5:]} {v:.4f}" for k, v in sorted(summary.items()) if k.startswith("mean_")
     )
