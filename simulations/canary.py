@@ -265,9 +265,10 @@ def make_canaries(
 ) -> RecordArrays:
     """``count`` event records (target baskets) that differ only in their positive products.
 
-    One real record with at least ``items_per_canary`` positives is drawn as the template: its
-    household features, its negatives and its first ``items_per_canary`` positives' features
-    and category and department are shared by every canary (its other positives are dropped).
+    One real record with at least ``items_per_canary`` positives (and a negative) is drawn as
+    the template: its household features, its negatives and its first ``items_per_canary``
+    positives' features, category and department are shared by every canary (its other
+    positives are dropped).
     Each canary's positives are distinct product buckets that no product of the merchant
     hashes to, so their product biases move only if that canary is trained on. Any variation
     in what is shared would move included and excluded canaries' scores alike and only blur
@@ -285,11 +286,12 @@ def make_canaries(
             "model.product_buckets"
         )
     positives = (records.target[:, 0] == POSITIVE).sum(axis=1)
-    eligible = np.flatnonzero(positives >= items_per_canary)
+    negatives = (records.target[:, 0] == NEGATIVE).sum(axis=1)
+    eligible = np.flatnonzero((positives >= items_per_canary) & (negatives > 0))
     if len(eligible) == 0:
         raise ConfigError(
-            f"no real basket has {items_per_canary} rankable items to model a canary on: "
-            "lower items_per_canary"
+            f"no real basket has {items_per_canary} rankable items and a negative to model a "
+            "canary on: lower items_per_canary"
         )
     template = int(eligible[rng.integers(len(eligible))])
     features = records.features[template].copy()

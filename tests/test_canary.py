@@ -223,6 +223,13 @@ def test_too_many_canaries_for_the_free_buckets_is_refused():
         make_canaries(
             real_of([1, 3, 5]), TINY, count=2, items_per_canary=5, rng=np.random.default_rng(0)
         )
+    without_negatives = real_of([1, 3, 5])
+    target = without_negatives.records.target
+    target[target == NEGATIVE] = PADDING
+    with pytest.raises(ConfigError, match="a negative"):
+        make_canaries(
+            without_negatives, TINY, count=2, items_per_canary=1, rng=np.random.default_rng(0)
+        )
 
 
 def test_bias_shift_reads_each_positive_row():
