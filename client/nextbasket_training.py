@@ -1,10 +1,11 @@
 """Local training of the next-basket scorer: DP-SGD for the shared part, Ditto for the local one.
 
-:func:`train_scorer` runs one merchant round exactly like :func:`client.training.train_round`
-does for the older model: Poisson sampling, ghost clipping, Gaussian noise from an explicit
-generator, and a noise-only step for an empty Poisson batch. :func:`personalise` fine-tunes a
-private copy of the shared weights on the merchant's own records without DP (it is never
-sent), pulled towards the shared weights with strength ``prox`` (Ditto, Li et al. 2021).
+:func:`train_scorer` runs one merchant round: Poisson sampling, ghost clipping (per-record
+gradient norms without per-sample gradients of the embedding tables), Gaussian noise from an
+explicit generator, and a noise-only step for an empty Poisson batch. :func:`personalise`
+fine-tunes a private copy of the shared weights on the merchant's own records without DP (it
+is never sent), pulled towards the shared weights with strength ``prox`` (Ditto, Li et al.
+2021).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from client.training import (
     DPSettings,
     LocalTraining,
     RoundResult,
-    _noise_only_step,
+    noise_only_step,
     steps_per_round,
 )
 from common.accounting import MechanismStep
@@ -113,7 +114,7 @@ def _epochs(
             for features, items, log_q, target in loader:
                 if features.shape[0] == 0:
                     if dp is not None:
-                        _noise_only_step(optimizer, dp, noise_generator)
+                        noise_only_step(optimizer, dp, noise_generator)
                     continue
                 optimizer.zero_grad(set_to_none=True)
                 logits = module(features.to(device), items.to(device))

@@ -2,10 +2,11 @@
 
 Steinke, Nasr and Jagielski (NeurIPS 2023, "Privacy Auditing with One (1) Training Run"): insert
 ``m`` canary records, each independently with probability 1/2, train ONE model with the
-merchants' own trainer, guess from the model which canaries were in, and turn the number of
-correct guesses into the largest epsilon that the result still refutes at confidence
-``1 - beta``. A bound above the accountant's claim means the trainer leaks more than it says
-(noise off, clipping bypassed, wrong sample rate); a bound below it proves nothing more.
+merchants' own trainer (one DP-SGD round of the shared next-basket scorer), guess from the
+model which canaries were in, and turn the number of correct guesses into the largest epsilon
+that the result still refutes at confidence ``1 - beta``. A bound above the accountant's claim
+means the trainer leaks more than it says (noise off, clipping bypassed, wrong sample rate); a
+bound below it proves nothing more.
 """
 
 from __future__ import annotations
@@ -25,13 +26,21 @@ import numpy as np
 import pandas as pd
 import torch
 
-from client.training import DPSettings, LocalTraining, steps_per_round, train_round
+from client.merchant_data import TrainingData, period_log
+from client.nextbasket_training import train_scorer
+from client.training import DPSettings, LocalTraining, steps_per_round
 from common.accounting import MechanismStep, PrivacyUnit, epsilon_spent, noise_for_target
 from common.atomic import atomic_write_json
 from common.errors import ConfigError
-from common.features import Catalog, RecordTensors, build_catalog, encode_events, training_records
-from common.model import Recommender, load_state_arrays, state_arrays
-from common.model_spec import ModelSpec
+from common.nextbasket.model import BasketScorer, RecordTensors, load_shared_arrays, shared_arrays
+from common.nextbasket.records import (
+    NEGATIVE,
+    PADDING,
+    POSITIVE,
+    RecordArrays,
+    training_records,
+)
+from common.nextbasket.spec import RecordSpec, ScorerSpec
 from common.rng import derive_seed, numpy_stream, torch_stream
 
 # --------------------------------------------------------------------------------------------
@@ -129,10 +138,12 @@ def epsilon_lower_bound(
 class CanaryScore(Enum):
     """How a canary is scored; fixed before training.
 
-    ``bias-shift``: how far training moved the bias of the canary's positive product from its
-    seeded initial value (white box: merchants release weights, so the platform sees them).
-    ``margin``: the positive's logit minus the log-sum-exp of its negatives' (black box: what
-    someone querying the model sees). Both are valid; bias-shift is much stronger.
+    ``bias-shift``: how far training moved the product bias of the canary's positives from
+    its seeded initial value (white box: merchants release the shared weights, so the
+    platform sees them). ``margin``: the trained scorer's score of each positive minus the
+    log-sum-exp of the record's (corrected) negative scores, averaged over the positives: minus
+    the canary record's loss before the softplus (black box: what someone querying the model
+    sees). Both are valid.
     """
 
     BIAS_SHIFT = "bias-shift"
@@ -162,10 +173,11 @@ class CanaryConfig:
     epochs: int = 5
     batch_size: int = 1024
     learning_rate: float = 3e-3
-    negatives: int = 4
+    items_per_canary: int = 1  # positives of a canary's target basket
     data: CanaryData = CanaryData.SYNTHETIC
     synthetic_events: int = 6000
-    spec: ModelSpec = field(default_factory=ModelSpec)
+    spec: ScorerSpec = field(default_factory=ScorerSpec)
+    records: RecordSpec = field(default_factory=RecordSpec)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -187,9 +199,14 @@ class CanaryConfig:
             raise ConfigError(f"delta must be in (0, 1), got {self.delta!r}")
         if not 0 < self.confidence < 1:
             raise ConfigError(f"confidence must be in (0, 1), got {self.confidence!r}")
-        for name in ("epochs", "negatives", "synthetic_events"):
+        for name in ("epochs", "items_per_canary", "synthetic_events"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.items_per_canary > self.records.max_positives:
+            raise ConfigError(
+                f"items_per_canary must be <= records.max_positives "
+                f"({self.records.max_positives}), got {self.items_per_canary!r}"
+            )
         DPSettings(noise_multiplier=0.0, clipping_norm=self.clipping_norm)  # validates C
         LocalTraining(batch_size=self.batch_size, learning_rate=self.learning_rate)
 
@@ -214,62 +231,101 @@ def load_events(config: CanaryConfig) -> pd.DataFrame:
     return generate_events(spec)
 
 
-def real_records(events: pd.DataFrame, config: CanaryConfig) -> tuple[RecordTensors, Catalog]:
-    """Event-level training records exactly as a merchant builds them."""
-    catalog = build_catalog(events, config.spec)
+@dataclass(frozen=True)
+class RealRecords:
+    """A merchant's event-level training records and the product buckets its products use."""
+
+    records: RecordArrays
+    used_buckets: np.ndarray  # sorted hashed product ids of every product in the merchant's log
+
+
+def real_records(events: pd.DataFrame, config: CanaryConfig) -> RealRecords:
+    """Event-level training records exactly as a merchant builds them (client.merchant_data)."""
+    data = TrainingData.of(period_log([events], config.spec))
     records = training_records(
-        encode_events(events, config.spec),
-        catalog,
+        data.cases,
+        data.features,
+        data.items,
         unit=PrivacyUnit.EVENT,
-        negatives=config.negatives,
-        events_per_customer=1,
-        rng=numpy_stream(config.seed, "canary", "real-negatives"),
+        spec=config.records,
+        rng=numpy_stream(config.seed, "canary", "real-records"),
     )
-    return records, catalog
+    if len(records) == 0:
+        raise ConfigError("the merchant's events give no training records to hide canaries in")
+    return RealRecords(records, np.unique(data.items[:, 0]))
 
 
 def make_canaries(
-    catalog: Catalog, spec: ModelSpec, *, count: int, negatives: int, rng: np.random.Generator
-) -> RecordTensors:
-    """``count`` event records that differ only in their positive product.
+    real: RealRecords,
+    spec: ScorerSpec,
+    *,
+    count: int,
+    items_per_canary: int,
+    rng: np.random.Generator,
+) -> RecordArrays:
+    """``count`` event records (target baskets) that differ only in their positive products.
 
-    Each positive is a distinct product bucket that no real product hashes to, so its
-    embedding row and bias move only if its canary is trained on. Everything else (a random
-    history of real products, the negatives, the positive's category and department) is drawn
-    once and shared: any variation there would move in- and out-canaries' scores alike and
-    only blur the guesses.
+    One real record with at least ``items_per_canary`` positives (and a negative) is drawn as
+    the template: its household features, its negatives and its first ``items_per_canary``
+    positives' features, category and department are shared by every canary (its other
+    positives are dropped).
+    Each canary's positives are distinct product buckets that no product of the merchant
+    hashes to, so their product biases move only if that canary is trained on. Any variation
+    in what is shared would move included and excluded canaries' scores alike and only blur
+    the guesses; the canaries are exchangeable, so inclusion is independent of everything else.
     """
-    free = np.setdiff1d(np.arange(1, spec.product_buckets), catalog.items)
-    if len(free) < count:
+    records = real.records
+    if records.target.shape[1] != 1:
+        raise ConfigError("canaries hide among event-level records (one basket per record)")
+    free = np.setdiff1d(np.arange(1, spec.product_buckets), real.used_buckets)
+    needed = count * items_per_canary
+    if len(free) < needed:
         raise ConfigError(
-            f"only {len(free)} product buckets are unused by the catalogue, fewer than "
-            f"{count} canaries: lower the canary count or raise model.product_buckets"
+            f"only {len(free)} product buckets are unused by the merchant's products, fewer "
+            f"than the {needed} canary products: lower the canary count or raise "
+            "model.product_buckets"
         )
-    positive = rng.choice(free, size=count, replace=False)
-    history = catalog.items[rng.integers(0, len(catalog), size=spec.history_length)]
-    sampled = rng.integers(0, len(catalog), size=negatives)
-    category = rng.integers(1, spec.category_buckets)
-    department = rng.integers(1, spec.department_buckets)
-    items = np.concatenate([positive[:, None], np.tile(catalog.items[sampled], (count, 1))], 1)
-    categories = np.tile(np.r_[category, catalog.categories[sampled]], (count, 1))
-    departments = np.tile(np.r_[department, catalog.departments[sampled]], (count, 1))
-    return RecordTensors(
-        history=torch.from_numpy(np.tile(history, (count, 1))[:, None, :].astype(np.int64)),
-        items=torch.from_numpy(items[:, None, :].astype(np.int64)),
-        categories=torch.from_numpy(categories[:, None, :].astype(np.int64)),
-        departments=torch.from_numpy(departments[:, None, :].astype(np.int64)),
-        mask=torch.ones((count, 1), dtype=torch.float32),
+    positives = (records.target[:, 0] == POSITIVE).sum(axis=1)
+    negatives = (records.target[:, 0] == NEGATIVE).sum(axis=1)
+    eligible = np.flatnonzero((positives >= items_per_canary) & (negatives > 0))
+    if len(eligible) == 0:
+        raise ConfigError(
+            f"no real basket has {items_per_canary} rankable items and a negative to model a "
+            "canary on: lower items_per_canary"
+        )
+    template = int(eligible[rng.integers(len(eligible))])
+    features = records.features[template].copy()
+    items = records.items[template].copy()
+    log_q = records.log_q[template].copy()
+    target = records.target[template].copy()
+    slots = np.flatnonzero(target[0] == POSITIVE)
+    keep, drop = slots[:items_per_canary], slots[items_per_canary:]
+    target[0, drop] = PADDING
+    features[0, drop], items[0, drop], log_q[0, drop] = 0.0, 0, 0.0
+    tiled = RecordArrays(
+        features=np.repeat(features[None], count, axis=0),
+        items=np.repeat(items[None], count, axis=0),
+        log_q=np.repeat(log_q[None], count, axis=0),
+        target=np.repeat(target[None], count, axis=0),
+    )
+    buckets = rng.choice(free, size=needed, replace=False).reshape(count, items_per_canary)
+    tiled.items[:, 0, keep, 0] = buckets
+    return tiled
+
+
+def _select(records: RecordArrays, rows: np.ndarray) -> RecordArrays:
+    index = np.flatnonzero(rows)
+    return RecordArrays(
+        records.features[index], records.items[index], records.log_q[index], records.target[index]
     )
 
 
-def _select(records: RecordTensors, rows: np.ndarray) -> RecordTensors:
-    index = torch.from_numpy(np.flatnonzero(rows))
-    return RecordTensors(*(t[index] for t in records.tensors()))
-
-
-def _concat(first: RecordTensors, second: RecordTensors) -> RecordTensors:
-    return RecordTensors(
-        *(torch.cat([a, b]) for a, b in zip(first.tensors(), second.tensors(), strict=True))
+def _concat(first: RecordArrays, second: RecordArrays) -> RecordArrays:
+    return RecordArrays(
+        *(
+            np.concatenate([getattr(first, name), getattr(second, name)])
+            for name in ("features", "items", "log_q", "target")
+        )
     )
 
 
@@ -278,31 +334,44 @@ def _concat(first: RecordTensors, second: RecordTensors) -> RecordTensors:
 # --------------------------------------------------------------------------------------------
 
 
+def canary_products(canaries: RecordArrays) -> np.ndarray:
+    """[canaries, items_per_canary] the hashed positive products of each canary."""
+    target = canaries.target[:, 0]
+    per = int((target[0] == POSITIVE).sum())
+    return canaries.items[:, 0, :, 0][target == POSITIVE].reshape(len(canaries), per)
+
+
 def bias_shifts(
-    initial: dict[str, np.ndarray], trained: dict[str, np.ndarray], canaries: RecordTensors
+    initial: dict[str, np.ndarray], trained: dict[str, np.ndarray], canaries: RecordArrays
 ) -> np.ndarray:
-    """Trained minus initial bias of each canary's positive: only its own canary pushes it up."""
-    rows = canaries.items[:, 0, 0].numpy()
-    key = "item_bias.weight"
-    return (trained[key][rows, 0] - initial[key][rows, 0]).astype(np.float64)
+    """Trained minus initial product bias of each canary's positives (their mean): only its own
+    canary pushes them."""
+    rows = canary_products(canaries)
+    key = "product_bias.weight"
+    shift = trained[key][rows, 0].astype(np.float64) - initial[key][rows, 0].astype(np.float64)
+    return shift.mean(axis=1)
 
 
-def canary_margins(model: Recommender, canaries: RecordTensors, *, batch: int = 4096) -> np.ndarray:
-    """Each canary's positive logit minus the log-sum-exp of its negatives' logits.
+def canary_margins(model: BasketScorer, canaries: RecordArrays, *, batch: int = 1024) -> np.ndarray:
+    """Each canary's positive scores minus the log-sum-exp of its log_q-corrected negative
+    scores, averaged over its positives: high means memorised.
 
-    High means memorised. This is minus the logit of the canary's loss, which saturates to
-    0 (and ties) once the model is confident; the margin keeps ranking.
+    The record's loss is the softplus of minus this, which saturates to 0 (and ties) once the
+    model is confident; the margin keeps ranking.
     """
+    tensors = RecordTensors.of(canaries)
     model.eval()
     out: list[np.ndarray] = []
     with torch.no_grad():
-        for start in range(0, len(canaries), batch):
-            history, items, categories, departments, _ = (
-                t[start : start + batch] for t in canaries.tensors()
-            )
-            logits = model(history, items, categories, departments).to(torch.float64)
-            margin = logits[..., 0] - torch.logsumexp(logits[..., 1:], dim=-1)
-            out.append(margin.mean(1).numpy())
+        for start in range(0, len(tensors), batch):
+            features, items, log_q, target = (t[start : start + batch] for t in tensors.tensors())
+            scores = model(features, items).to(torch.float64).reshape(target.shape)
+            negative = target == NEGATIVE
+            masked = torch.where(negative, scores + log_q, torch.full_like(scores, -torch.inf))
+            partition = torch.logsumexp(masked, dim=-1, keepdim=True)
+            positive = (target == POSITIVE).to(scores.dtype)
+            margin = ((scores - partition) * positive).sum(-1) / positive.sum(-1)
+            out.append(margin[:, 0].numpy())
     return np.concatenate(out)
 
 
@@ -382,13 +451,14 @@ def _noise_multiplier(config: CanaryConfig, sample_rate: float, steps: int) -> f
 
 @dataclass(frozen=True)
 class _Trained:
-    model: Recommender
+    model: BasketScorer
     initial: dict[str, np.ndarray]
     trained: dict[str, np.ndarray]
     mechanism: MechanismStep
 
 
-def _train(config: CanaryConfig, records: RecordTensors, sigma: float) -> _Trained:
+def _train(config: CanaryConfig, records: RecordArrays, sigma: float) -> _Trained:
+    """One DP round of the merchants' trainer (client.nextbasket_training.train_scorer)."""
     settings = LocalTraining(
         batch_size=config.batch_size,
         local_epochs=config.epochs,
@@ -396,20 +466,20 @@ def _train(config: CanaryConfig, records: RecordTensors, sigma: float) -> _Train
     )
     with torch.random.fork_rng(devices=[]):  # model initialisation only; global state restored
         torch.manual_seed(derive_seed(config.seed, "canary", "init"))
-        model = Recommender(config.spec)
-    initial = state_arrays(model)
+        model = BasketScorer(config.spec)
+    initial = dict(shared_arrays(model))
     with _quiet_opacus():
-        result = train_round(
+        result = train_scorer(
             model=model,
-            records=records,
+            records=RecordTensors.of(records),
             settings=settings,
             dp=DPSettings(noise_multiplier=sigma, clipping_norm=config.clipping_norm),
             sampling_generator=torch_stream(config.seed, "canary", "sampling"),
             noise_generator=torch_stream(config.seed, "canary", "noise"),
         )
     assert result.mechanism is not None
-    trained = Recommender(config.spec)
-    load_state_arrays(trained, result.arrays)
+    trained = BasketScorer(config.spec)  # the released weights, as anyone holding them sees them
+    load_shared_arrays(trained, result.arrays)
     return _Trained(trained, initial, dict(result.arrays), result.mechanism)
 
 
@@ -419,16 +489,16 @@ def run_canary_audit(config: CanaryConfig, *, events: pd.DataFrame | None = None
     ``events`` overrides the data source (a canonical event table of one merchant).
     """
     began = time.perf_counter()
-    real, catalog = real_records(load_events(config) if events is None else events, config)
+    real = real_records(load_events(config) if events is None else events, config)
     canaries = make_canaries(
-        catalog,
+        real,
         config.spec,
         count=config.canaries,
-        negatives=config.negatives,
+        items_per_canary=config.items_per_canary,
         rng=numpy_stream(config.seed, "canary", "canaries"),
     )
     included = numpy_stream(config.seed, "canary", "inclusion").random(config.canaries) < 0.5
-    train = _concat(real, _select(canaries, included))
+    train = _concat(real.records, _select(canaries, included))
     q, steps = steps_per_round(
         len(train), LocalTraining(batch_size=config.batch_size, local_epochs=config.epochs)
     )
@@ -458,7 +528,7 @@ def run_canary_audit(config: CanaryConfig, *, events: pd.DataFrame | None = None
     return CanaryReport(
         data="events" if events is not None else config.data.value,
         score=config.score.value,
-        real_records=len(real),
+        real_records=len(real.records),
         canaries=config.canaries,
         included=int(included.sum()),
         guesses=r,

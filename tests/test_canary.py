@@ -14,20 +14,26 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
 from common.accounting import MechanismStep, epsilon_spent
 from common.errors import ConfigError, ExitCode
-from common.features import Catalog
-from common.model_spec import ModelSpec
+from common.nextbasket.features import FEATURES
+from common.nextbasket.model import BasketScorer, BasketSoftmaxLoss, RecordTensors
+from common.nextbasket.records import NEGATIVE, PADDING, POSITIVE, RecordArrays
+from common.nextbasket.spec import RecordSpec, ScorerSpec
 from simulations.canary import (
     CanaryConfig,
     CanaryReport,
     CanaryScore,
+    RealRecords,
     audit_p_value,
     bias_shifts,
+    canary_margins,
+    canary_products,
     epsilon_lower_bound,
     guess_membership,
     make_canaries,
@@ -36,14 +42,14 @@ from simulations.canary import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ModelSpec(
+TINY = ScorerSpec(
     product_buckets=4096,
     category_buckets=64,
     department_buckets=16,
     embedding_dim=8,
     hidden_dim=16,
-    history_length=8,
 )
+RECORDS = RecordSpec(max_positives=6, history_negatives=8, uniform_negatives=8)
 
 
 # ----------------------------------------------------------------------------- the bound
@@ -154,46 +160,117 @@ def test_bound_rejects_impossible_counts():
 # ------------------------------------------------------------------- canaries and guesses
 
 
-def catalog_of(items: list[int]) -> Catalog:
-    array = np.array(items, dtype=np.int64)
-    return Catalog(items=array, categories=array % 7 + 1, departments=array % 3 + 1)
+def real_of(used: list[int], *, records: int = 30, seed: int = 0) -> RealRecords:
+    """Random event-level records over the products ``used`` (1 to 4 positives each)."""
+    rng = np.random.default_rng(seed)
+    c = RECORDS.candidates
+    target = np.full((records, 1, c), PADDING, dtype=np.int8)
+    for row, positives in enumerate(rng.integers(1, 5, records)):
+        target[row, 0, :positives] = POSITIVE
+        target[row, 0, positives : positives + 10] = NEGATIVE
+    items = np.stack(
+        [
+            rng.choice(np.array(used), (records, 1, c)),
+            rng.integers(1, 64, (records, 1, c)),
+            rng.integers(1, 16, (records, 1, c)),
+        ],
+        axis=-1,
+    )
+    arrays = RecordArrays(
+        features=rng.random((records, 1, c, len(FEATURES)), dtype=np.float32),
+        items=items.astype(np.int64),
+        log_q=rng.random((records, 1, c), dtype=np.float32),
+        target=target,
+    )
+    return RealRecords(arrays, np.unique(used))
 
 
-def test_canaries_differ_only_in_an_unused_positive():
-    catalog = catalog_of(list(range(1, 4000, 2)))  # odd buckets are real products
-    rng = np.random.default_rng(0)
-    canaries = make_canaries(catalog, TINY, count=500, negatives=4, rng=rng)
-    positives = canaries.items[:, 0, 0].numpy()
-    assert len(set(positives.tolist())) == 500
-    assert not np.isin(positives, catalog.items).any() and (positives > 0).all()
-    for tensor in (
-        canaries.history,
-        canaries.items[..., 1:],
-        canaries.categories,
-        canaries.departments,
-    ):
-        assert (tensor == tensor[:1]).all()
-    assert canaries.history.shape == (500, 1, TINY.history_length)
-    assert canaries.items.shape == (500, 1, 5) and canaries.mask.sum() == 500
-    assert np.isin(canaries.history.numpy(), catalog.items).all()
+def test_canaries_differ_only_in_unused_positive_products():
+    real = real_of(list(range(1, 4000, 2)))  # odd buckets are the merchant's products
+    canaries = make_canaries(
+        real, TINY, count=500, items_per_canary=2, rng=np.random.default_rng(0)
+    )
+    products = canary_products(canaries)
+    assert products.shape == (500, 2) and len(np.unique(products)) == 1000
+    assert not np.isin(products, real.used_buckets).any() and (products > 0).all()
+    assert ((canaries.target == POSITIVE).sum(axis=(1, 2)) == 2).all()
+    positive = canaries.target[0, 0] == POSITIVE
+    for array in (canaries.features, canaries.log_q, canaries.target, canaries.items[..., 1:]):
+        assert (array == array[:1]).all()
+    assert (canaries.items[:, :, ~positive] == canaries.items[:1, :, ~positive]).all()
+    # the template is one real record: its negatives, household features and ids, unchanged
+    negative = canaries.target[0, 0] == NEGATIVE
+    kept = canaries.target[0, 0] != PADDING
+    matches = [
+        i
+        for i in range(len(real.records))
+        if np.array_equal(real.records.target[i, 0] == NEGATIVE, negative)
+        and np.array_equal(real.records.features[i, 0, kept], canaries.features[0, 0, kept])
+        and np.array_equal(real.records.items[i, 0, negative], canaries.items[0, 0, negative])
+        and np.array_equal(
+            real.records.items[i, 0, positive, 1:], canaries.items[0, 0, positive, 1:]
+        )
+    ]
+    assert len(matches) == 1
+    assert ((canaries.target == NEGATIVE).sum(axis=(1, 2)) == negative.sum()).all()
 
 
 def test_too_many_canaries_for_the_free_buckets_is_refused():
-    catalog = catalog_of(list(range(1, 4090)))
+    real = real_of(list(range(1, 4090)))
     with pytest.raises(ConfigError, match="product_buckets"):
-        make_canaries(catalog, TINY, count=10, negatives=2, rng=np.random.default_rng(0))
+        make_canaries(real, TINY, count=10, items_per_canary=1, rng=np.random.default_rng(0))
+    with pytest.raises(ConfigError, match="items_per_canary"):
+        make_canaries(
+            real_of([1, 3, 5]), TINY, count=2, items_per_canary=5, rng=np.random.default_rng(0)
+        )
+    without_negatives = real_of([1, 3, 5])
+    target = without_negatives.records.target
+    target[target == NEGATIVE] = PADDING
+    with pytest.raises(ConfigError, match="a negative"):
+        make_canaries(
+            without_negatives, TINY, count=2, items_per_canary=1, rng=np.random.default_rng(0)
+        )
 
 
 def test_bias_shift_reads_each_positive_row():
     canaries = make_canaries(
-        catalog_of([1, 3, 5]), TINY, count=3, negatives=2, rng=np.random.default_rng(1)
+        real_of([1, 3, 5]), TINY, count=3, items_per_canary=1, rng=np.random.default_rng(1)
     )
-    rows = canaries.items[:, 0, 0].numpy()
-    initial = {"item_bias.weight": np.zeros((TINY.product_buckets, 1), dtype=np.float32)}
-    trained = {"item_bias.weight": np.zeros((TINY.product_buckets, 1), dtype=np.float32)}
-    trained["item_bias.weight"][rows, 0] = [0.5, -0.25, 0.0]
-    trained["item_bias.weight"][1, 0] = 9.0  # a real product's row: ignored
-    assert bias_shifts(initial, trained, canaries).tolist() == [0.5, -0.25, 0.0]
+    rows = canary_products(canaries)[:, 0]
+    initial = {"product_bias.weight": np.zeros((TINY.product_buckets, 1), dtype=np.float32)}
+    trained = {"product_bias.weight": np.zeros((TINY.product_buckets, 1), dtype=np.float32)}
+    initial["product_bias.weight"][rows[2], 0] = 0.5
+    trained["product_bias.weight"][rows, 0] = [0.5, -0.25, 0.75]
+    trained["product_bias.weight"][1, 0] = 9.0  # a real product's row: ignored
+    assert bias_shifts(initial, trained, canaries).tolist() == [0.5, -0.25, 0.25]
+
+
+def test_margin_is_minus_the_loss_logit_and_follows_the_bias():
+    """With one positive, the record's loss is softplus(-margin) (BasketSoftmaxLoss computed
+    independently); canaries share all but the product, so the bias alone orders them."""
+    canaries = make_canaries(
+        real_of(list(range(1, 400, 2))),
+        TINY,
+        count=6,
+        items_per_canary=1,
+        rng=np.random.default_rng(2),
+    )
+    torch.manual_seed(0)
+    model = BasketScorer(TINY)
+    bias = np.array([0.3, -1.0, 2.0, 0.0, 1.5, -0.2])
+    with torch.no_grad():
+        model.product_bias.weight[torch.from_numpy(canary_products(canaries)[:, 0]), 0] = (
+            torch.tensor(bias, dtype=torch.float32)
+        )
+    margins = canary_margins(model, canaries, batch=4)
+    assert np.argsort(margins).tolist() == np.argsort(bias).tolist()
+    assert margins - bias == pytest.approx(np.full(6, margins[3] - bias[3]), abs=1e-5)
+    tensors = RecordTensors.of(canaries)
+    loss = BasketSoftmaxLoss()
+    loss.reduction = "none"
+    with torch.no_grad():
+        per_record = loss(model(tensors.features, tensors.items), tensors.log_q, tensors.target)
+    assert per_record.numpy() == pytest.approx(np.logaddexp(0.0, -margins), rel=1e-5)
 
 
 def test_guesses_take_the_extremes():
@@ -210,6 +287,8 @@ def test_config_validation_names_the_value():
         CanaryConfig(canaries=10, guesses_per_side=6)
     with pytest.raises(ConfigError, match="-1"):
         CanaryConfig(target_epsilon=-1.0)
+    with pytest.raises(ConfigError, match="items_per_canary"):
+        CanaryConfig(items_per_canary=7, records=RECORDS)
     assert CanaryConfig(canaries=1000).per_side == 400
 
 
@@ -225,6 +304,7 @@ def small(**changes: Any) -> CanaryConfig:
         learning_rate=0.01,
         synthetic_events=300,
         spec=TINY,
+        records=RECORDS,
         seed=3,
     )
     return replace(base, **changes)
@@ -236,13 +316,14 @@ def test_small_audit_is_consistent_and_reproducible(tmp_path):
     first, second = run_canary_audit(config), run_canary_audit(config)
     assert replace(first, seconds=0.0) == replace(second, seconds=0.0)
     assert first.guesses == 2 * config.per_side == 32 and first.guessed_in == 16
-    assert 0 < first.included < 40 and first.real_records == 300
+    assert 0 < first.included < 40 and first.real_records > 0
     assert first.noise_used == first.noise_multiplier > 0
     claimed = epsilon_spent(
         [MechanismStep(first.noise_multiplier, first.sample_rate, first.steps)], delta=1e-5
     )
     assert first.claimed_epsilon == pytest.approx(claimed) and first.noise_multiplier == 1.2
-    assert first.sample_rate == pytest.approx(1 / math.ceil((300 + first.included) / 128))
+    batches = math.ceil((first.real_records + first.included) / 128)
+    assert first.sample_rate == pytest.approx(1 / batches)
     expected = epsilon_lower_bound(
         canaries=40, guesses=first.guesses, correct=first.correct, delta=1e-5
     )
@@ -323,8 +404,9 @@ def test_cli_config_file_and_flags(tmp_path):
     )
     config = config_from_args(parse(["audit", "canary", "--config", str(toml)]))
     assert (config.target_epsilon, config.delta, config.clipping_norm) == (2.5, 1e-6, 0.5)
-    # the privacy settings come from the run; the audit's reference model and batch are its own
-    assert config.seed == 11 and config.batch_size == 1024 and config.spec.product_buckets == 32768
+    # the privacy settings and the model come from the run; the audit's batch is its own
+    assert config.seed == 11 and config.batch_size == 1024
+    assert config.spec.product_buckets == 4096 and config.spec.embedding_dim == 8
     assert config.data.value == "synthetic" and config.noise_multiplier is None
     flags = ["--noise-multiplier", "1.5", "--clipping-norm", "2", "--seed", "4"]
     config = config_from_args(parse(["audit", "canary", "--config", str(toml), *flags]))

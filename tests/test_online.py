@@ -15,13 +15,13 @@ from client.dp_randomness import MerchantSecret, load_merchant_secret
 from client.finetune import choose_cohort, run_finetune_round
 from client.holdout import held_out
 from client.inbox import Cohort
+from common.arrays_io import arrays_sha256
 from common.config import RunConfig
 from common.configparse import apply_overrides
 from common.events import CUSTOMER_ID
 from common.keys import load_signing_key
 from common.ledger import MerchantLedger
 from common.metric_sums import MetricSums
-from common.model import arrays_sha256
 from common.protocol import Outcome, RefusalCode, TrainInstruction
 from server.federated_evaluation import EvaluationOutcome
 from server.federation import RoundOutcome, initial_model

@@ -1,8 +1,8 @@
 """Shapes of the next-basket scorer and of its DP training records (torch-free).
 
 The shared part's shape must be identical at every merchant and on the platform; product,
-category and department ids are hashed into fixed vocabularies (the same SipHash scheme as
-:func:`common.hashing.stable_hash`) so that no catalogue is ever exchanged.
+category and department ids are hashed into fixed vocabularies (:func:`hashed_ids`: pandas'
+keyed SipHash, the same on every machine) so that no catalogue is ever exchanged.
 
 :func:`describe` is what a serving publication says about the model (its kind and shape), and
 :func:`spec_of` is how a merchant reads it back before it builds a scorer.
@@ -22,7 +22,7 @@ from common.publication import ModelDescriptor
 
 MODEL_KIND = "fedshop-nextbasket/1"
 
-_HASH_KEY = "fedshop-v1-hash!"  # the key of common.hashing.stable_hash
+_HASH_KEY = "fedshop-v1-hash!"  # 16 bytes: the SipHash key; changing it misaligns merchants
 
 
 def hashed_ids(values: np.ndarray, buckets: int) -> np.ndarray:

@@ -1,8 +1,9 @@
 """``fedshop audit canary``: the one-run canary audit.
 
-Trains one model with the DP trainer on real records plus randomly included canaries and prints
-the empirical lower bound on epsilon next to the accountant's claim (docs/canary.md). Torch and
-Opacus are imported inside the handler so that ``fedshop --help`` stays fast.
+Trains the shared next-basket scorer with the merchants' DP trainer on real records plus
+randomly included canaries and prints the empirical lower bound on epsilon next to the
+accountant's claim (docs/canary.md). Torch and Opacus are imported inside the handler so that
+``fedshop --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -27,16 +28,17 @@ def register_canary(audit_subparsers: argparse._SubParsersAction[argparse.Argume
 
 _HELP = "empirical lower bound on epsilon from one training run with canaries"
 _DESCRIPTION = (
-    "Train one DP model on real records plus randomly included canary records, guess which "
-    "canaries were trained on, and report the epsilon those guesses prove (Steinke, Nasr, "
-    "Jagielski 2023). Exit code 7 if the proven lower bound exceeds the claimed epsilon. "
-    "Settings default to the run configuration (--config) or its defaults."
+    "Train the shared next-basket scorer with DP-SGD on real records plus randomly included "
+    "canary baskets, guess which canaries were trained on, and report the epsilon those "
+    "guesses prove (Steinke, Nasr, Jagielski 2023). Exit code 10 if the proven lower bound "
+    "exceeds the claimed epsilon. Settings default to the run configuration (--config) or "
+    "its defaults."
 )
 
 
 def _configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--config", type=Path, help="run configuration TOML (model, training, privacy)"
+        "--config", type=Path, help="run configuration TOML (model, records, privacy)"
     )
     parser.add_argument("--canaries", type=int, default=1000, help="canary records (default 1000)")
     parser.add_argument(
@@ -63,7 +65,7 @@ def _configure(parser: argparse.ArgumentParser) -> None:
         "--score",
         choices=SCORE_CHOICES,
         default="bias-shift",
-        help="bias-shift (white box, default) or margin (black box)",
+        help="bias-shift (white box: product biases, default) or margin (black box: scores)",
     )
     parser.add_argument("--data", choices=DATA_CHOICES, help="real records the canaries hide among")
     parser.add_argument("--seed", type=int, help="seed of every random stream")
@@ -107,6 +109,8 @@ def config_from_args(args: argparse.Namespace) -> CanaryConfig:
         learning_rate=_pick(args.learning_rate, 3e-3),
         data=CanaryData(_pick(args.data, run.data.source.value)),
         synthetic_events=run.data.synthetic_events_per_merchant,
+        spec=run.model,
+        records=run.records,
         seed=_pick(args.seed, run.seed),
     )
 
