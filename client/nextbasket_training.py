@@ -38,7 +38,9 @@ def _optimizer(model: nn.Module, settings: LocalTraining) -> torch.optim.Optimiz
         return torch.optim.SGD(
             model.parameters(), lr=settings.learning_rate, momentum=settings.momentum
         )
-    return torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
+    return torch.optim.Adam(
+        model.parameters(), lr=settings.learning_rate, eps=settings.adam_epsilon
+    )
 
 
 def _loader(records: RecordTensors, batch_size: int, generator: torch.Generator) -> DataLoader:
@@ -82,7 +84,8 @@ def train_scorer(
                 noise_generator=noise_generator,
             )
         mechanism = MechanismStep(dp.noise_multiplier, q, steps)
-    losses = _epochs(module, optimizer, criterion, loader, settings, dp, noise_generator)
+    anchor = [p.detach().clone() for p in model.parameters()] if settings.proximal_mu else None
+    losses = _epochs(module, optimizer, criterion, loader, settings, dp, noise_generator, anchor)
     if dp is not None:
         used = engine.accountant.history
         if len(used) != 1 or not math.isclose(used[0][1], q):
@@ -104,7 +107,11 @@ def _epochs(
     settings: LocalTraining,
     dp: DPSettings | None,
     noise_generator: torch.Generator,
+    anchor: list[torch.Tensor] | None,
 ) -> list[float]:
+    """``anchor``: FedProx's proximal term ``mu/2 ||w - anchor||^2``, applied as its own step
+    after each optimiser step. It depends on the weights only, never on a record, so it is
+    post-processing of the DP step and costs no privacy."""
     module.train()
     device = next(module.parameters()).device
     losses: list[float] = []
@@ -121,8 +128,16 @@ def _epochs(
                 loss = criterion(logits, log_q.to(device), target.to(device))  # type: ignore[operator]
                 loss.backward()
                 optimizer.step()
+                if anchor is not None:
+                    _proximal_pull(module, anchor, settings.learning_rate * settings.proximal_mu)
                 losses.append(float(loss.item()))
     return losses
+
+
+def _proximal_pull(module: nn.Module, anchor: list[torch.Tensor], rate: float) -> None:
+    with torch.no_grad():
+        for param, start in zip(module.parameters(), anchor, strict=True):
+            param.sub_(min(rate, 1.0) * (param - start))
 
 
 def personalise(

@@ -81,3 +81,19 @@ def test_dp_noise_reaches_product_rows_no_record_uses(records):
     assert (quiet.arrays["product_bias.weight"][unused] == 0).all()
     # Adam normalises steps: with overwhelming noise nearly every coordinate moves by ~lr.
     assert np.median(np.abs(loud.arrays["product_bias.weight"][unused])) > 5e-4
+
+
+@pytest.mark.parametrize("dp", [None, DPSettings(noise_multiplier=1.0, clipping_norm=1.0)])
+def test_fedprox_keeps_the_released_weights_nearer_the_round_start(records, dp):
+    """FedProx's proximal term really acts in the merchant round (with and without DP)."""
+    from dataclasses import replace
+
+    torch.manual_seed(0)
+    start = {k: v.detach().numpy().copy() for k, v in BasketScorer(SPEC).state_dict().items()}
+
+    def moved(result: RoundResult) -> float:
+        return float(sum(np.sum((result.arrays[k] - start[k]) ** 2) for k in result.arrays))
+
+    plain = moved(run(records, dp))
+    pulled = moved(run(records, dp, settings=replace(DEFAULT, proximal_mu=5.0)))
+    assert pulled < 0.8 * plain
