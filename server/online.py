@@ -194,6 +194,16 @@ class StepResult:
         return {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in self.__dict__.items()}
 
 
+def _json_ready(value: Any) -> Any:
+    """Plain JSON for the event log: a metric no case defined this round (e.g. explore items
+    in a week without any) is ``None``, not NaN."""
+    if isinstance(value, Mapping):
+        return {k: _json_ready(v) for k, v in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 class OnlineLoop:
     """Registry, gate, rollback, drift and metrics around an :class:`OnlineRuntime`."""
 
@@ -370,7 +380,7 @@ class OnlineLoop:
         self.metrics.round_finished(
             duration_seconds=result.seconds, merchants_active=len(result.trained)
         )
-        self.events.emit("online_round", **result.to_dict())
+        self.events.emit("online_round", **_json_ready(result.to_dict()))
         return result
 
     def _record_outcome(self, outcome: RoundOutcome) -> None:

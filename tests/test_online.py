@@ -336,3 +336,25 @@ def test_server_online_flag_passes_the_run_config_key(tmp_path):
     settings = online_settings(tmp_path / "run")
     assert settings.registry_dir == tmp_path / "run" / "registry"
     assert settings.signing_key.exists() and settings.verify_key.exists()
+
+
+def test_an_undefined_metric_reaches_the_event_log_as_null(tmp_path):
+    """A week whose cases hold no explore item has no explore mean (NaN): the event log, which
+    refuses NaN, records null and the online round goes on."""
+    import json as _json
+
+    from server.monitoring import EventLog
+    from server.online import StepResult, _json_ready
+
+    result = StepResult(
+        round=3, trigger="inbox", trained=("m0",), refused={}, failed={}, candidate=2,
+        promoted=True, serving_before=1, serving=2, reason="ok",
+        prequential={"ndcg@10": 0.2, "ndcg@10:explore": float("nan")},
+        references={"offline": {"ndcg@10:explore": float("nan")}},
+    )  # fmt: skip
+    log = EventLog(tmp_path / "events.jsonl")
+    log.emit("online_round", **_json_ready(result.to_dict()))
+    row = _json.loads((tmp_path / "events.jsonl").read_text())
+    assert row["prequential"] == {"ndcg@10": 0.2, "ndcg@10:explore": None}
+    assert row["references"] == {"offline": {"ndcg@10:explore": None}}
+    assert np.isnan(result.to_dict()["prequential"]["ndcg@10:explore"])  # online.json keeps NaN
