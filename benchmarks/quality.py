@@ -725,11 +725,13 @@ def main(argv: list[str] | None = None) -> int:
     cache = args.cache / f"{args.merchants}-merchants-{args.rounds}-rounds"
     cache.mkdir(parents=True, exist_ok=True)
     todo = []
+    job_seconds = 0.0
     for job in jobs:
         saved = cache / f"{job_key(job)}.pkl"
         if saved.exists():
-            methods, timings, _ = pickle.loads(saved.read_bytes())
+            methods, timings, took = pickle.loads(saved.read_bytes())
             grid.merge(methods, timings)
+            job_seconds += took
         else:
             todo.append(job)
     print(f"{len(jobs) - len(todo)} of {len(jobs)} jobs already in {cache}", flush=True)
@@ -746,6 +748,7 @@ def main(argv: list[str] | None = None) -> int:
                 result = future.result()
                 atomic_write_bytes(cache / f"{job_key(futures[future])}.pkl", pickle.dumps(result))
                 grid.merge(result[0], result[1])
+                job_seconds += result[2]
                 at = time.perf_counter() - began
                 print(f"[{done}/{len(todo)}] {result[2]:.0f}s (at {at:.0f}s)", flush=True)
     missing = [job_key(j) for j in jobs if not (cache / f"{job_key(j)}.pkl").exists()]
@@ -762,8 +765,9 @@ def main(argv: list[str] | None = None) -> int:
         round_seconds=grid.timings,
         spec=spec,
         schedule=schedule,
-        seconds=time.perf_counter() - began,
+        seconds=job_seconds,
         quick=args.quick,
+        missing=missing,
     )
     args.out.mkdir(parents=True, exist_ok=True)
     write_report(report, args.out, paired=paired)

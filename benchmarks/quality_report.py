@@ -36,6 +36,7 @@ class Report:
     schedule: Any
     seconds: float
     quick: bool
+    missing: list[str]
 
 
 def _cell(summary: dict[str, Any], metric: str) -> str:
@@ -268,8 +269,10 @@ def write_report(report: Report, out: Path, *, paired: Callable[..., dict[str, f
         "# Next-basket recommendation: baselines, the two-part model, federation and DP",
         "",
         "Produced by `make bench` (`python benchmarks/quality.py`) in one run "
-        f"({report.seconds / 60:.0f} minutes on this 2-core machine"
-        f"{', quick mode: one seed, eps 3, event unit only' if report.quick else ''}). "
+        f"as jobs (one seed of one setting each) on 2 processes: {report.seconds / 60:.0f} "
+        "minutes of job time in all on this 2-core machine"
+        f"{', quick mode: one seed, eps 3, event unit only' if report.quick else ''}"
+        f"{_missing(report)}). "
         "Data: the 10 busiest Complete Journey stores; train weeks 1-40, validation 41-44, "
         "test 45-53. Protocol (cases, catalogue, ties, new products): "
         "[evaluation.md](evaluation.md). "
@@ -317,6 +320,7 @@ def write_report(report: Report, out: Path, *, paired: Callable[..., dict[str, f
         "schedule": asdict(report.schedule),
         "spec": asdict(report.spec),
         "seconds": report.seconds,
+        "missing_jobs": report.missing,
         "cases": report.cases,
     }
     atomic_write_bytes(
@@ -324,6 +328,16 @@ def write_report(report: Report, out: Path, *, paired: Callable[..., dict[str, f
         json.dumps(payload, indent=1, default=_plain).encode(),
     )
     atomic_write_bytes(out / "results.md", ("\n".join(lines) + "\n").encode())
+
+
+def _missing(report: Report) -> str:
+    if not report.missing:
+        return ""
+    return (
+        "; this report holds the jobs that had finished: not yet run are "
+        + ", ".join(report.missing)
+        + " (the seeds column says how many seeds each method has)"
+    )
 
 
 def _plain(value: Any) -> Any:
