@@ -184,3 +184,36 @@ def test_the_recorded_accountant_is_the_one_that_calibrated_and_capped(small_lay
     total = epsilon_spent(planned, delta=release.delta, accountant=accountant)
     assert 0.97 * release.epsilon_cap <= total <= release.epsilon_cap * (1 + 1e-9)
     assert reply.metrics["epsilon"] == release.epsilon_after
+
+
+def test_the_reply_holds_only_shared_arrays_never_the_local_part(small_layout):
+    """A merchant with a fitted local part (blend and personal weights) trains a round: the
+    reply as encoded for Flower carries exactly the shared parameters, none of them the
+    personal weights, and the local part stays as it was on disk."""
+    from client.evaluation import local_state_path
+    from common.nextbasket.local import LocalHead, LocalState
+    from common.protocol import MerchantReply
+
+    merchant = small_layout.merchant_config(small_layout.merchant_ids()[0])
+    config = RunConfig.from_toml(small_layout.config)
+    shared = initial_model(config)
+    personal = {k: v + 7.0 for k, v in shared.items()}
+    path = local_state_path(merchant)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    LocalState(
+        merchant.id,
+        LocalHead(popularity_weight=0.5),
+        prox=0.1,
+        personal=personal,
+        shared_sha256=arrays_sha256(shared),
+    ).save(path)
+    before = path.read_bytes()
+
+    reply = run_merchant_round(request(small_layout, 1, shared), merchant)
+    sent = MerchantReply.from_content(reply.to_content()).arrays
+    assert reply.outcome is Outcome.TRAINED and sent is not None
+    assert set(sent) == set(shared)
+    for name, array in sent.items():
+        assert array.shape == shared[name].shape
+        assert not np.allclose(array, personal[name], atol=1.0)
+    assert path.read_bytes() == before
