@@ -1,5 +1,6 @@
-"""`make bench`: every benchmark that writes figures into docs/, in one go (about 3 hours on
-2 cores). Each step is one command; a failing step stops the run with its exit code."""
+"""`make bench`: every benchmark that writes figures into docs/, in one go (hours on 2 cores;
+the quality benchmark resumes from its finished jobs). Each step is one command; a failing
+step stops the run with its exit code."""
 
 from __future__ import annotations
 
