@@ -130,9 +130,15 @@ def _trained_cohorts(merchant: MerchantConfig) -> set[str]:
 
 
 def online_parts(
-    merchant: MerchantConfig, wanted: set[EvalPart], config: RunConfig, secret: MerchantSecret
+    merchant: MerchantConfig,
+    wanted: set[EvalPart],
+    config: RunConfig,
+    secret: MerchantSecret,
+    *,
+    stale: bool = False,
 ) -> tuple[dict[EvalPart, Part], Part | None]:
-    """``fresh`` and ``recent`` from the inbox: the newest cohort after everything before it."""
+    """``fresh`` and ``recent`` from the inbox: the newest cohort after everything before it;
+    with ``stale``, also the fresh cases with histories cut at the training data's end."""
     if merchant.inbox is None:
         return {}, None
     inbox = Inbox(merchant.inbox, arrival=merchant.inbox_arrival, merchant_id=merchant.id)
@@ -141,25 +147,22 @@ def online_parts(
     if not cohorts:
         return {}, None
     newest, older = cohorts[-1], [c.cohort_id for c in cohorts[:-1]]
-    before = [read_events(merchant.data), *([inbox.load(older)] if older else [])]
-    periods = period_log(
-        [pd.concat(before, ignore_index=True), inbox.load([newest.cohort_id])], config.model
-    )
+    training, fresh = read_events(merchant.data), inbox.load([newest.cohort_id])
+    before = [training, *([inbox.load(older)] if older else [])]
+    periods = period_log([pd.concat(before, ignore_index=True), fresh], config.model)
     out: dict[EvalPart, Part] = {}
-    stale: Part | None = None
+    stale_part: Part | None = None
     if EvalPart.FRESH in wanted and newest.cohort_id not in _trained_cohorts(merchant):
         out[EvalPart.FRESH] = _heldout(periods, 2)
-        stale_log = period_log(
-            [read_events(merchant.data), inbox.load([newest.cohort_id])], config.model
-        )
-        stale = _heldout(stale_log, 2)
+        if stale:
+            stale_part = _heldout(period_log([training, fresh], config.model), 2)
     if EvalPart.RECENT in wanted and merchant.holdout_share > 0:
         cases, _, _ = periods.heldout(2)
         customers = pd.Series(periods.log.customer_ids[cases.customer])
         rows = np.flatnonzero(held_out(customers, secret=secret, share=merchant.holdout_share))
         if len(rows):
             out[EvalPart.RECENT] = _heldout(periods, 2, rows)
-    return out, stale
+    return out, stale_part
 
 
 def _local_state(
@@ -297,13 +300,19 @@ def _blur(sums: MetricSums, *, std: float, rng: np.random.Generator) -> MetricSu
 
 
 def _held_parts(
-    merchant: MerchantConfig, parts: set[EvalPart], config: RunConfig, secret: MerchantSecret
+    merchant: MerchantConfig,
+    parts: set[EvalPart],
+    config: RunConfig,
+    secret: MerchantSecret,
+    *,
+    stale_wanted: bool,
 ) -> tuple[dict[EvalPart, Part], Part | None]:
-    """The parts asked that the merchant holds, and the fresh part with stale histories."""
+    """The parts asked that the merchant holds, and (if a stale label is asked) the fresh part
+    with stale histories."""
     found: dict[EvalPart, Part] = dict(offline_parts(merchant, parts, config))
     stale = None
     if parts & {EvalPart.FRESH, EvalPart.RECENT}:
-        online, stale = online_parts(merchant, parts, config, secret)
+        online, stale = online_parts(merchant, parts, config, secret, stale=stale_wanted)
         found.update(online)
     return {p: d for p, d in found.items() if len(d.heldout.cases) > 0}, stale
 
@@ -333,7 +342,10 @@ def evaluate_at_merchant(
         torch.set_num_threads(merchant.threads)
         secret = load_merchant_secret(ensure_merchant_secret(merchant.state_dir).parent)
         parts = {part for part, _ in instruction.tasks}
-        data, stale = _held_parts(merchant, parts, instruction.config, secret)
+        stale_wanted = any(label.endswith(STALE_SUFFIX) for _, label in instruction.tasks)
+        data, stale = _held_parts(
+            merchant, parts, instruction.config, secret, stale_wanted=stale_wanted
+        )
         if not data:
             raise NothingHeldOut(
                 f"merchant {merchant.id} holds no events for {sorted(p.value for p in parts)}"
