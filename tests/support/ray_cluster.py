@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -56,9 +57,62 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+@dataclass
+class PortBook:
+    """Ports handed to the cluster's processes, each handed out once.
+
+    The OS may give a just-released port to the next ``bind(0)``, and a worker-port range picked
+    next to it may cover ports already given to another component: Ray then refuses to start.
+    """
+
+    taken: set[int] = field(default_factory=set)
+
+    def single(self) -> int:
+        for _ in range(1000):
+            port = free_port()
+            if port not in self.taken:
+                self.taken.add(port)
+                return port
+        raise RuntimeError("no free port on loopback")
+
+    def block(self, size: int) -> int:
+        """First port of ``size`` consecutive free ports none of which was handed out.
+
+        Drawn below the OS's ephemeral range, so that outgoing connections (which take their
+        local port from that range) cannot grab a worker port before a worker binds it.
+        """
+        first_ephemeral = ephemeral_range()[0]
+        rng = random.Random()
+        for _ in range(1000):
+            low = rng.randrange(10000, max(10001, first_ephemeral - size))
+            ports = range(low, low + size)
+            if not self.taken.intersection(ports) and all(bindable(p) for p in ports):
+                self.taken.update(ports)
+                return low
+        raise RuntimeError(f"no {size} consecutive free ports on loopback")
+
+
 @dataclass
 class RayCluster:
     temp_dir: Path
+    ports: PortBook
     head_port: int
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
@@ -68,14 +122,17 @@ class RayCluster:
 
     def _start(self, args: list[str], log: str) -> None:
         ports = {
-            "--node-manager-port": free_port(),
-            "--object-manager-port": free_port(),
-            "--metrics-export-port": free_port(),
-            "--runtime-env-agent-port": free_port(),
-            "--dashboard-agent-listen-port": free_port(),
-            "--dashboard-agent-grpc-port": free_port(),
+            flag: self.ports.single()
+            for flag in (
+                "--node-manager-port",
+                "--object-manager-port",
+                "--metrics-export-port",
+                "--runtime-env-agent-port",
+                "--dashboard-agent-listen-port",
+                "--dashboard-agent-grpc-port",
+            )
         }
-        low = free_port()
+        low = self.ports.block(41)
         command = [
             RAY,
             "start",
@@ -108,7 +165,7 @@ class RayCluster:
                 f"--port={self.head_port}",
                 f"--temp-dir={self.temp_dir}",
                 "--include-dashboard=false",
-                f"--ray-client-server-port={free_port()}",
+                f"--ray-client-server-port={self.ports.single()}",
             ],
             "head.log",
         )
@@ -196,4 +253,5 @@ def leftover_pids(temp_dir: Path) -> list[int]:
 def new_cluster() -> RayCluster:
     # Ray's unix socket paths must stay short: a temp dir directly under /tmp.
     temp_dir = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
-    return RayCluster(temp_dir=temp_dir, head_port=free_port())
+    ports = PortBook()
+    return RayCluster(temp_dir=temp_dir, ports=ports, head_port=ports.single())
