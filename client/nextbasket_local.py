@@ -28,6 +28,7 @@ from common.nextbasket.local import LocalHead, LocalState
 from common.nextbasket.metrics import MetricSums, case_metrics
 from common.nextbasket.model import (
     BasketScorer,
+    CatalogueGroups,
     RecordTensors,
     load_shared_arrays,
     score_catalogue,
@@ -47,6 +48,7 @@ class HeldOut:
     features: HistoryFeatures
     popularity: np.ndarray  # [catalogue] merchant sales before the held-out weeks
     items: np.ndarray  # [products, 3] hashed ids (records.item_ids)
+    groups: CatalogueGroups | None = None  # of cases.catalogue, when the caller keeps them
 
 
 def scorer_model(arrays: dict[str, np.ndarray], spec: ScorerSpec) -> BasketScorer:
@@ -58,7 +60,7 @@ def scorer_model(arrays: dict[str, np.ndarray], spec: ScorerSpec) -> BasketScore
 
 def model_scores(model: BasketScorer, data: HeldOut) -> np.ndarray:
     """[cases, catalogue] scores of a loaded scorer (serving keeps one per version)."""
-    return score_catalogue(model, data.features, data.cases, data.items)
+    return score_catalogue(model, data.features, data.cases, data.items, groups=data.groups)
 
 
 def raw_scores(arrays: dict[str, np.ndarray], spec: ScorerSpec, data: HeldOut) -> np.ndarray:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -81,6 +83,38 @@ def test_forward_and_full_catalogue_shapes(shop):
     scores = score_catalogue(model, test_features, test, item_ids(log, SPEC), batch_cases=2)
     assert scores.shape == (len(test), len(test.catalogue))
     assert np.isfinite(scores).all()
+
+
+def dense_scores(model, features, cases, items) -> np.ndarray:
+    """The forward pass over every (case, catalogue product) pair, features looked up one by
+    one: what score_catalogue must equal."""
+    size = len(cases.catalogue)
+    rows = np.arange(len(cases))
+    x = features.lookup(np.repeat(rows, size), np.tile(cases.catalogue, len(rows)))
+    ids = torch.from_numpy(items[cases.catalogue]).unsqueeze(0).expand(len(rows), -1, -1)
+    with torch.no_grad():
+        return model(torch.from_numpy(x.reshape(len(rows), size, -1)), ids).numpy()
+
+
+@pytest.mark.parametrize("batch_cases", [1, 3, 256])
+def test_grouped_full_ranking_equals_the_forward_pass_over_every_product(shop, batch_cases):
+    log, _, _, test, _ = shop
+    # every other case without history: cold-start rows beside rows with a repeat term
+    cut = test.history_end.copy()
+    cut[::2] = test.history_start[::2]
+    cases = dataclasses.replace(test, history_end=cut)
+    features = history_features(log, cases)
+    items = item_ids(log, SPEC)
+    model = BasketScorer(SPEC)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for weight in model.parameters():
+            weight.normal_(0.0, 0.5)
+    fast = score_catalogue(model, features, cases, items, batch_cases=batch_cases)
+    np.testing.assert_allclose(fast, dense_scores(model, features, cases, items), atol=2e-6)
+    # both kinds of product are present: in some history and in none
+    in_history = np.isin(test.catalogue, features.pair_product())
+    assert in_history.any() and not in_history.all()
 
 
 def test_customer_records_hold_several_baskets(shop):

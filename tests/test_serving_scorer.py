@@ -16,15 +16,19 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 from client.evaluation import local_state_path, offline_parts
 from client.merchant import MerchantConfig
 from client.nextbasket_local import scores_with
-from client.serving.scorer import NextBasketScorer, ServingEvents, best_k, load_local_state
+from client.serving.scorer import NextBasketScorer, ServingEvents, best_k_by, load_local_state
 from common.arrays_io import arrays_sha256
 from common.config import RunConfig
 from common.errors import ConfigError
 from common.events import REQUIRED_COLUMNS, write_events
+from common.nextbasket.baselines import break_ties
 from common.nextbasket.local import LocalHead, LocalState
 from common.nextbasket.spec import MODEL_KIND, describe, spec_of
 from common.protocol import EvalPart
@@ -152,10 +156,11 @@ def test_top_k_is_sorted_with_ties_in_catalogue_order_and_cold_start_is_not_an_e
     shop,
 ) -> None:
     scores = np.array([[0.5, 0.9, 0.5, 0.1, 0.9], [1.0, 1.0, 1.0, 1.0, 1.0]], np.float32)
-    index, values = best_k(scores, 3)
-    np.testing.assert_array_equal(index, [[1, 4, 0], [0, 1, 2]])
-    np.testing.assert_array_equal(values, np.array([[0.9, 0.9, 0.5], [1, 1, 1]], np.float32))
-    assert best_k(scores, 99)[0].shape == (2, 5)
+    np.testing.assert_array_equal(best_k_by(scores, np.zeros(5), 3), [[1, 4, 0], [0, 1, 2]])
+    sales = np.array([0.0, 1.0, 5.0, 0.0, 2.0])  # ties go to the better seller first
+    np.testing.assert_array_equal(best_k_by(scores, sales, 3), [[4, 1, 2], [2, 4, 1]])
+    assert best_k_by(scores, sales, 99).shape == (2, 5)
+    assert best_k_by(scores, sales, 0).shape == (2, 0)
 
     merchant, train = shop
     events = ServingEvents.of(train, SPEC)
@@ -168,6 +173,23 @@ def test_top_k_is_sorted_with_ties_in_catalogue_order_and_cold_start_is_not_an_e
     cold = scorer.top_k(["nobody", "someone else"], 7)
     np.testing.assert_array_equal(cold.products[0], cold.products[1])  # non-personal ranking
     assert not np.array_equal(top.products[0], top.products[2])  # histories matter
+
+
+@given(
+    scores=hnp.arrays(
+        np.float64,
+        st.tuples(st.integers(1, 4), st.integers(1, 30)),
+        elements=st.integers(0, 4).map(float),
+    ),
+    data=st.data(),
+)
+def test_best_k_by_is_the_head_of_the_tie_broken_ranking(scores, data) -> None:
+    n = scores.shape[1]
+    tie = np.asarray(data.draw(hnp.arrays(np.float64, n, elements=st.integers(0, 3).map(float))))
+    k = data.draw(st.integers(0, n + 2))
+    final = break_ties(scores, tie)
+    for row, top in zip(final, best_k_by(scores, tie, k), strict=True):
+        assert list(top) == list(np.lexsort((np.arange(n), -row))[:k])
 
 
 def test_the_publication_names_the_scorer_and_its_shape(shop) -> None:

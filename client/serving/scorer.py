@@ -47,6 +47,7 @@ from common.nextbasket.features import (
     product_codes,
 )
 from common.nextbasket.local import LocalState
+from common.nextbasket.model import CatalogueGroups, catalogue_groups
 from common.nextbasket.spec import ScorerSpec
 
 log = logging.getLogger(__name__)
@@ -62,22 +63,6 @@ class TopK:
     known: np.ndarray  # [B] bool: False = no history at this merchant (cold start)
 
 
-def best_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Column indices and values of each row's ``k`` highest scores, best first; ties go to the
-    lower index. ``scores`` is [B, N]; ``k`` is capped at N."""
-    rows, n = scores.shape
-    k = min(k, n)
-    if k == 0:
-        return np.zeros((rows, 0), np.int64), np.zeros((rows, 0), scores.dtype)
-    threshold = np.partition(scores, n - k, axis=1)[:, n - k]
-    index = np.empty((rows, k), dtype=np.int64)
-    for row in range(rows):
-        candidates = np.flatnonzero(scores[row] >= threshold[row])
-        order = np.lexsort((candidates, -scores[row, candidates]))[:k]
-        index[row] = candidates[order]
-    return index, np.take_along_axis(scores, index, axis=1)
-
-
 @dataclass(frozen=True)
 class ServingEvents:
     """A snapshot of the merchant's events indexed for one scorer shape (shared by versions)."""
@@ -89,6 +74,8 @@ class ServingEvents:
     day: float  # the scoring moment: the newest event, in days since 1970-01-01 UTC
     customer_codes: Mapping[str, int]
     codes: ProductCodes  # computed once per snapshot instead of once per request
+    groups: CatalogueGroups  # the catalogue's category groups, once per snapshot
+    product_ids: np.ndarray  # [C] product id of each catalogue position
 
     @classmethod
     def of(cls, events: pd.DataFrame, spec: ScorerSpec) -> ServingEvents:
@@ -101,11 +88,11 @@ class ServingEvents:
         popularity = merchant_popularity(log, before_week=TRAINING_PERIOD + 1)[shop]
         codes = {str(c): i for i, c in enumerate(log.customer_ids)}
         day = float(log.day.max())
-        return cls(log, periods.items, shop, popularity, day, codes, product_codes(log))
-
-    @property
-    def product_ids(self) -> np.ndarray:
-        return self.log.product_ids[self.catalogue]
+        product = product_codes(log)
+        groups = catalogue_groups(product.category, product.department, shop, periods.items)
+        return cls(
+            log, periods.items, shop, popularity, day, codes, product, groups, log.product_ids[shop]
+        )
 
     def cases(self, customer_ids: Sequence[str], at: float | None = None) -> CaseSet:
         """One case per customer: its events before ``at`` (days; default the data clock, which
@@ -141,7 +128,7 @@ class ServingEvents:
         """What the production scoring functions take, for these customers."""
         cases = self.cases(customer_ids, at)
         features = history_features(self.log, cases, self.codes)
-        return HeldOut(cases, features, self.popularity, self.items)
+        return HeldOut(cases, features, self.popularity, self.items, self.groups)
 
 
 class NextBasketScorer:
@@ -171,8 +158,11 @@ class NextBasketScorer:
         return final_scores(raw, self.head, held), self.head.apply(raw, held.popularity), held
 
     def top_k(self, customer_ids: Sequence[str], k: int, at: float | None = None) -> TopK:
-        final, blended, held = self.final_scores(customer_ids, at)
-        index, _ = best_k(final, k)
+        """The ``k`` best of :meth:`final_scores` without forming them: the final score orders
+        by the blended score, then by the merchant's sales (break_ties), then catalogue order."""
+        held = self.events.held_out(customer_ids, at)
+        blended = self.head.apply(model_scores(self._model, held), held.popularity)
+        index = best_k_by(blended, held.popularity, k)
         cases = held.cases
         return TopK(
             customer_ids=tuple(str(c) for c in customer_ids),
@@ -180,6 +170,23 @@ class NextBasketScorer:
             scores=np.take_along_axis(blended, index, axis=1),
             known=cases.history_end > cases.history_start,
         )
+
+
+def best_k_by(scores: np.ndarray, tie: np.ndarray, k: int) -> np.ndarray:
+    """Column indices of each row's ``k`` best by (score, then ``tie``, then lower index), best
+    first: the head of the ranking by ``break_ties(scores, tie)`` (equal ones by index),
+    without ranking the whole row."""
+    rows, n = scores.shape
+    k = min(k, n)
+    index = np.empty((rows, k), dtype=np.int64)
+    if k == 0:
+        return index
+    threshold = np.partition(scores, n - k, axis=1)[:, n - k]
+    for row in range(rows):
+        candidates = np.flatnonzero(scores[row] >= threshold[row])
+        order = np.lexsort((candidates, -tie[candidates], -scores[row, candidates]))[:k]
+        index[row] = candidates[order]
+    return index
 
 
 def load_local_state(merchant: MerchantConfig) -> LocalState:

@@ -136,13 +136,24 @@ class BasketScorer(nn.Module):
         department = self.departments(items[..., 2])
         bias = self.product_bias(items[..., 0]).squeeze(-1)
         context = features[..., len(REPEAT_FEATURES) :]
-        explore = self.explore_out(
-            torch.relu(self.explore_hidden(torch.cat([context, category, department], -1)))
-        ).squeeze(-1)
-        repeat = self.repeat_out(
-            torch.relu(self.repeat_hidden(torch.cat([features, category, department], -1)))
-        ).squeeze(-1)
+        explore = self.explore_term(context, category, department)
+        repeat = self.repeat_term(features, category, department)
         return bias + explore + features[..., 0] * repeat
+
+    def explore_term(
+        self, context: torch.Tensor, category: torch.Tensor, department: torch.Tensor
+    ) -> torch.Tensor:
+        """The explore MLP on household context and embedded category/department: [..., 1]."""
+        hidden = torch.relu(self.explore_hidden(torch.cat([context, category, department], -1)))
+        return self.explore_out(hidden).squeeze(-1)
+
+    def repeat_term(
+        self, features: torch.Tensor, category: torch.Tensor, department: torch.Tensor
+    ) -> torch.Tensor:
+        """The repeat MLP on every feature and embedded category/department (before the
+        ``in_history`` factor)."""
+        hidden = torch.relu(self.repeat_hidden(torch.cat([features, category, department], -1)))
+        return self.repeat_out(hidden).squeeze(-1)
 
 
 class BasketSoftmaxLoss(nn.Module):
@@ -228,6 +239,57 @@ def load_shared_arrays(model: nn.Module, arrays: dict[str, np.ndarray]) -> None:
     )
 
 
+@dataclass(frozen=True)
+class CatalogueGroups:
+    """A catalogue's products grouped by everything the explore term sees of a product: its
+    category and department (local codes for the household's shares, hashed ids for the
+    embeddings). Products of one group get the same explore term for a household."""
+
+    group: np.ndarray  # [C] the group of each catalogue position
+    category: np.ndarray  # [G] local category code
+    department: np.ndarray  # [G] local department code
+    items: np.ndarray  # [G, 2] hashed (category, department) ids
+
+
+def catalogue_groups(
+    product_category: np.ndarray,
+    product_department: np.ndarray,
+    catalogue: np.ndarray,
+    items: np.ndarray,
+) -> CatalogueGroups:
+    """Groups of ``catalogue`` (product codes) by local category/department codes (as in
+    :class:`HistoryFeatures`) and hashed ids (``items``, :func:`records.item_ids`); a caller
+    that scores the same catalogue many times computes them once."""
+    columns = np.stack(
+        [
+            product_category[catalogue],
+            product_department[catalogue],
+            items[catalogue, 1],
+            items[catalogue, 2],
+        ],
+        axis=1,
+    ).astype(np.int64)
+    if len(catalogue) == 0:
+        keys, first, group = columns[:0, 0], columns[:0, 0], columns[:0, 0]
+    else:
+        radix = columns.max(axis=0) + 1
+        if float(np.prod(radix.astype(np.float64))) < 2.0**62:
+            key = columns[:, 0]
+            for j in range(1, 4):
+                key = key * radix[j] + columns[:, j]
+            keys, first, group = np.unique(key, return_index=True, return_inverse=True)
+        else:  # not reached with realistic bucket counts; same grouping, slower
+            keys, first, group = np.unique(columns, axis=0, return_index=True, return_inverse=True)
+    del keys
+    representative = columns[first]
+    return CatalogueGroups(
+        group=np.asarray(group, dtype=np.int64).reshape(-1),
+        category=representative[:, 0],
+        department=representative[:, 1],
+        items=representative[:, 2:],
+    )
+
+
 @torch.no_grad()
 def score_catalogue(
     model: BasketScorer,
@@ -235,22 +297,84 @@ def score_catalogue(
     cases: CaseSet,
     items: np.ndarray,
     *,
-    batch_cases: int = 16,
+    groups: CatalogueGroups | None = None,
+    batch_cases: int = 256,
 ) -> np.ndarray:
     """[cases, catalogue] shared scores: the full ranking pass for a store.
 
     ``features`` are :func:`history_features` of ``cases``; ``items`` is
-    :func:`records.item_ids` of their log.
+    :func:`records.item_ids` of their log; ``groups`` are :func:`catalogue_groups` of
+    ``cases.catalogue`` if the caller keeps them.
+
+    The model's forward pass, arranged so that it costs per (case, category group) and per
+    (case, history product) instead of per (case, catalogue product): a product outside the
+    household's history has ``in_history = 0``, so its score is ``product_bias + explore``, and
+    its explore term depends on the product only through its category and department. So the
+    explore MLP runs once per group (:class:`CatalogueGroups`), each product adds its bias,
+    and the repeat MLP runs only for the products in the household's history, whose score
+    is ``bias + explore + repeat`` as in :meth:`BasketScorer.forward`. Equal to the forward
+    pass over every product up to float rounding (tests/test_nextbasket_model.py); evaluation
+    and serving both rank with this function.
     """
     model.eval()
     device = next(model.parameters()).device
-    size = len(cases.catalogue)
-    catalogue_items = torch.from_numpy(items[cases.catalogue]).to(device)
-    out = np.zeros((len(cases), size), dtype=np.float32)
+    shop = np.asarray(cases.catalogue, dtype=np.int64)
+    out = np.zeros((len(cases), len(shop)), dtype=np.float32)
+    if len(cases) == 0 or len(shop) == 0:
+        return out
+    if groups is None:
+        groups = catalogue_groups(
+            features.product_category, features.product_department, shop, items
+        )
+    if len(groups.group) != len(shop):
+        raise ValueError(f"groups cover {len(groups.group)} products, catalogue has {len(shop)}")
+    group = torch.from_numpy(groups.group).to(device)
+    bias = model.product_bias(torch.from_numpy(items[shop, 0]).to(device)).squeeze(-1)
+    group_category = model.categories(torch.from_numpy(groups.items[:, 0]).to(device))
+    group_department = model.departments(torch.from_numpy(groups.items[:, 1]).to(device))
+    size = len(groups.category)
     for start in range(0, len(cases), batch_cases):
         rows = np.arange(start, min(start + batch_cases, len(cases)))
-        x = features.lookup(np.repeat(rows, size), np.tile(cases.catalogue, len(rows)))
-        x_t = torch.from_numpy(x.reshape(len(rows), size, -1)).to(device)
-        ids = catalogue_items.unsqueeze(0).expand(len(rows), -1, -1)
-        out[rows] = model(x_t, ids).float().cpu().numpy()
+        context = np.concatenate(
+            [
+                np.repeat(features.household[rows][:, None, :], size, axis=1),
+                features.category_share[rows][:, groups.category],
+                features.department_share[rows][:, groups.department],
+            ],
+            axis=2,
+        )
+        # affinity columns in lookup() order: category plain, decayed, department plain, decayed
+        explore = model.explore_term(
+            torch.from_numpy(context).to(device),
+            group_category.unsqueeze(0).expand(len(rows), -1, -1),
+            group_department.unsqueeze(0).expand(len(rows), -1, -1),
+        )
+        scores = bias.unsqueeze(0) + explore[:, group]
+        case, position = _history_in_catalogue(features, rows, shop)
+        if len(case):
+            x = torch.from_numpy(features.lookup(case, shop[position])).to(device)
+            ids = torch.from_numpy(items[shop[position]]).to(device)
+            repeat = model.repeat_term(
+                x.unsqueeze(0),
+                model.categories(ids[:, 1]).unsqueeze(0),
+                model.departments(ids[:, 2]).unsqueeze(0),
+            ).squeeze(0)
+            local = torch.from_numpy(case - start).to(device)
+            at = torch.from_numpy(position).to(device)
+            scores[local, at] = scores[local, at] + x[:, 0] * repeat
+        out[rows] = scores.float().cpu().numpy()
     return out
+
+
+def _history_in_catalogue(
+    features: HistoryFeatures, rows: np.ndarray, shop: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(case, catalogue position) of every history product of ``rows`` that is in ``shop``
+    (sorted product codes)."""
+    n = features.n_products
+    lo, hi = np.searchsorted(features.pair_key, [rows[0] * n, (rows[-1] + 1) * n])
+    keys = features.pair_key[lo:hi]
+    case, product = keys // n, keys % n
+    at = np.searchsorted(shop, product).clip(max=len(shop) - 1)
+    inside = shop[at] == product
+    return case[inside], at[inside]
