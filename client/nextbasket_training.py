@@ -1,25 +1,27 @@
 """Local training of the next-basket scorer: DP-SGD for the shared part, Ditto for the local one.
 
-:func:`train_scorer` runs one merchant round: Poisson sampling, ghost clipping (per-record
-gradient norms without per-sample gradients of the embedding tables), Gaussian noise from an
-explicit generator, and a noise-only step for an empty Poisson batch. :func:`personalise`
-fine-tunes a private copy of the shared weights on the merchant's own records without DP (it
-is never sent), pulled towards the shared weights with strength ``prox`` (Ditto, Li et al.
-2021).
+:func:`train_scorer` runs one merchant round: Opacus' Poisson sampling, per-record clipping in
+one backward pass (client/clipped_gradients.py), Opacus' Gaussian noise from an explicit
+generator and its RDP accountant, and a noise-only step for an empty Poisson batch.
+:func:`personalise` fine-tunes a private copy of the shared weights on the merchant's own
+records without DP (it is never sent), pulled towards the shared weights with strength ``prox``
+(Ditto, Li et al. 2021).
 """
 
 from __future__ import annotations
 
 import math
 import time
-import warnings
 
 import numpy as np
 import torch
-from opacus import PrivacyEngine
+from opacus.accountants import RDPAccountant
+from opacus.data_loader import DPDataLoader
+from opacus.optimizers import DPOptimizerFastGradientClipping
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from client.clipped_gradients import clipped_gradient_sum
 from client.training import (
     DPSettings,
     LocalTraining,
@@ -64,30 +66,31 @@ def train_scorer(
     start = time.perf_counter()
     optimizer = _optimizer(model, settings)
     loader = _loader(records, settings.batch_size, sampling_generator)
-    criterion: nn.Module | object = BasketSoftmaxLoss()
-    module: nn.Module = model
+    criterion = BasketSoftmaxLoss()
     mechanism = None
+    accountant = None
     if dp is not None:
         q, steps = steps_per_round(len(records), settings)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            engine = PrivacyEngine(accountant="rdp")
-            module, optimizer, criterion, loader = engine.make_private(
-                module=model,
-                optimizer=optimizer,
-                data_loader=loader,
-                criterion=criterion,
-                noise_multiplier=dp.noise_multiplier,
-                max_grad_norm=dp.clipping_norm,
-                grad_sample_mode="ghost",
-                poisson_sampling=True,
-                noise_generator=noise_generator,
-            )
+        # Opacus' Poisson sampler (drawing from the loader's generator), its noise (the
+        # optimiser's generator) and its RDP accountant, as PrivacyEngine.make_private with
+        # ghost clipping wires them; the clipped sums come from one backward pass.
+        loader = DPDataLoader.from_data_loader(loader)
+        sample_rate = 1 / len(loader)
+        optimizer = DPOptimizerFastGradientClipping(
+            optimizer,
+            noise_multiplier=dp.noise_multiplier,
+            max_grad_norm=dp.clipping_norm,
+            expected_batch_size=int(len(records) * sample_rate),
+            loss_reduction="mean",
+            generator=noise_generator,
+        )
+        accountant = RDPAccountant()
+        optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
         mechanism = MechanismStep(dp.noise_multiplier, q, steps)
     anchor = [p.detach().clone() for p in model.parameters()] if settings.proximal_mu else None
-    losses = _epochs(module, optimizer, criterion, loader, settings, dp, noise_generator, anchor)
-    if dp is not None:
-        used = engine.accountant.history
+    losses = _epochs(model, optimizer, criterion, loader, settings, dp, noise_generator, anchor)
+    if accountant is not None:
+        used = accountant.history
         if len(used) != 1 or not math.isclose(used[0][1], q):
             raise RuntimeError(f"accountant history {used} differs from the planned {mechanism}")
     return RoundResult(
@@ -100,9 +103,9 @@ def train_scorer(
 
 
 def _epochs(
-    module: nn.Module,
+    model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    criterion: object,
+    criterion: BasketSoftmaxLoss,
     loader: DataLoader,
     settings: LocalTraining,
     dp: DPSettings | None,
@@ -112,25 +115,35 @@ def _epochs(
     """``anchor``: FedProx's proximal term ``mu/2 ||w - anchor||^2``, applied as its own step
     after each optimiser step. It depends on the weights only, never on a record, so it is
     post-processing of the DP step and costs no privacy."""
-    module.train()
-    device = next(module.parameters()).device
+    model.train()
+    device = next(model.parameters()).device
     losses: list[float] = []
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        for _ in range(settings.local_epochs):
-            for features, items, log_q, target in loader:
-                if features.shape[0] == 0:
-                    if dp is not None:
-                        noise_only_step(optimizer, dp, noise_generator)
-                    continue
-                optimizer.zero_grad(set_to_none=True)
-                logits = module(features.to(device), items.to(device))
-                loss = criterion(logits, log_q.to(device), target.to(device))  # type: ignore[operator]
+    per_record = BasketSoftmaxLoss()
+    per_record.reduction = "none"
+    for _ in range(settings.local_epochs):
+        for features, items, log_q, target in loader:
+            if features.shape[0] == 0:
+                if dp is not None:
+                    noise_only_step(optimizer, dp, noise_generator)
+                continue
+            x, ids = features.to(device), items.to(device)
+            log_q, target = log_q.to(device), target.to(device)
+            optimizer.zero_grad(set_to_none=True)
+            if dp is not None:
+                step = clipped_gradient_sum(
+                    model,
+                    lambda m: per_record(m(x, ids), log_q, target),  # noqa: B023 - called here
+                    max_grad_norm=dp.clipping_norm,
+                )
+                loss_value = float(step.losses.mean())
+            else:
+                loss = criterion(model(x, ids), log_q, target)
                 loss.backward()
-                optimizer.step()
-                if anchor is not None:
-                    _proximal_pull(module, anchor, settings.learning_rate * settings.proximal_mu)
-                losses.append(float(loss.item()))
+                loss_value = float(loss.item())
+            optimizer.step()
+            if anchor is not None:
+                _proximal_pull(model, anchor, settings.learning_rate * settings.proximal_mu)
+            losses.append(loss_value)
     return losses
 
 

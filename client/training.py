@@ -1,10 +1,11 @@
 """Settings and results of one merchant's local DP-SGD round, and its accounting helpers.
 
-The trainer itself is :func:`client.nextbasket_training.train_scorer` (Poisson sampling, ghost
-clipping, Gaussian noise from an explicit generator). What it plans and reports lives here:
-the mechanism (:class:`DPSettings`), the optimisation (:class:`LocalTraining`), the sample rate
-and step count Opacus will use (:func:`steps_per_round`), the noised step for an empty Poisson
-batch (:func:`noise_only_step`) and the released result (:class:`RoundResult`).
+The trainer itself is :func:`client.nextbasket_training.train_scorer` (Poisson sampling,
+per-record clipping in one backward pass, Gaussian noise from an explicit generator). What it plans
+and reports lives here: the mechanism (:class:`DPSettings`), the optimisation
+(:class:`LocalTraining`), the sample rate and step count Opacus will use
+(:func:`steps_per_round`), the noised step for an empty Poisson batch (:func:`noise_only_step`)
+and the released result (:class:`RoundResult`).
 """
 
 from __future__ import annotations

@@ -430,9 +430,8 @@ class CanaryReport:
 
 @contextlib.contextmanager
 def _quiet_opacus() -> Iterator[None]:
-    """Silence Opacus' notes on ghost clipping's hooks and on RDP orders: not problems."""
+    """Silence Opacus' notes on RDP orders: not problems."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Full backward hook", category=UserWarning)
         warnings.filterwarnings("ignore", message="Optimal order", category=UserWarning)
         yield
 

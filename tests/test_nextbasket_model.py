@@ -1,4 +1,4 @@
-"""The next-basket scorer: shapes, the loss, ghost-clipping norms, and one DP-SGD round."""
+"""The next-basket scorer: shapes, the loss, per-record clipping norms, and one DP-SGD round."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from opacus.grad_sample import GradSampleModuleFastGradientClipping
 
+from client.clipped_gradients import clipped_gradient_sum
 from client.nextbasket_training import personalise, train_scorer
 from client.training import DPSettings, LocalTraining
 from common.accounting import PrivacyUnit
@@ -19,7 +19,6 @@ from common.nextbasket.features import FEATURES, history_features
 from common.nextbasket.model import (
     BasketScorer,
     BasketSoftmaxLoss,
-    HashedEmbedding,
     RecordTensors,
     load_shared_arrays,
     score_catalogue,
@@ -156,40 +155,24 @@ def _brute_force_norms(model: torch.nn.Module, records: RecordTensors) -> torch.
     return torch.stack(norms)
 
 
-def test_ghost_clipping_norms_equal_per_record_autograd(shop):
+def test_one_pass_clipping_norms_equal_per_record_autograd_on_customer_records(shop):
     records = records_of(shop, PrivacyUnit.CUSTOMER)
     torch.manual_seed(0)
     model = BasketScorer(SPEC)
     with torch.no_grad():
         model.product_bias.weight.normal_()
     expected = _brute_force_norms(model, records)
-    ghost = GradSampleModuleFastGradientClipping(
-        model, loss_reduction="sum", max_grad_norm=1.0, use_ghost_clipping=True
-    )
     criterion = BasketSoftmaxLoss()
     criterion.reduction = "none"
-    per_record = criterion(ghost(records.features, records.items), records.log_q, records.target)
-    per_record.sum().backward()
-    assert torch.allclose(ghost.get_norm_sample(), expected, rtol=1e-4, atol=1e-6)
-
-
-def test_hashed_embedding_norms_with_repeated_ids():
-    layer = HashedEmbedding(5, 2)
-    ghost = GradSampleModuleFastGradientClipping(layer, loss_reduction="sum", max_grad_norm=1.0)
-    ids = torch.tensor([[1, 1, 3], [2, 0, 2]])
-    out = ghost(ids)
-    weights = torch.tensor(
-        [[[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]], [[1.0, 0.0], [0.0, 1.0], [2.0, 2.0]]]
+    step = clipped_gradient_sum(
+        model,
+        lambda m: criterion(m(records.features, records.items), records.log_q, records.target),
+        max_grad_norm=1.0,
     )
-    (out * weights).sum().backward()
-    # record 0: row 1 gets (1,2)+(3,4) = (4,6), row 3 gets (5,6); record 1: row 2 (3,2), row 0 (0,1)
-    expected = torch.tensor(
-        [np.sqrt(16 + 36 + 25 + 36), np.sqrt(9 + 4 + 0 + 1)], dtype=torch.float32
-    )
-    assert torch.allclose(ghost.get_norm_sample(), expected)
+    assert torch.allclose(step.norms, expected, rtol=1e-4, atol=1e-6)
 
 
-def test_one_dp_sgd_round_with_ghost_clipping(shop):
+def test_one_dp_sgd_round(shop):
     records = records_of(shop)
     model = BasketScorer(SPEC)
     before = shared_arrays(model)

@@ -14,10 +14,9 @@ by its own frequency, time decay, recency and repurchase rhythm; its household i
 (baskets, repeat ratio, days since the last visit) learn how far to trust the repeat part
 against the explore part. About 43 k parameters, most of them the product prior.
 
-Only ``nn.Embedding`` and ``nn.Linear`` (subclasses with faster per-record norms:
-:class:`HashedEmbedding`, :class:`CompactLinear`) hold weights, each module
-is called once per forward, and every Linear sees a 3-D input ``[records, candidates,
-features]``: what Opacus ghost clipping needs to compute per-record gradient norms.
+Only plain ``nn.Embedding`` and ``nn.Linear`` layers hold weights, each is called once per
+forward, and every input is ``[records, candidates, ...]``: what one-pass per-record clipping
+(client/clipped_gradients.py) needs, and what Opacus' ghost clipping needs as well.
 
 **DP soundness** (the contract of training with :class:`BasketSoftmaxLoss`): a record's loss
 depends only on that record's data (records.py), the current shared weights, and public
@@ -34,9 +33,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from opacus.grad_sample.embedding import compute_embedding_grad_sample
-from opacus.grad_sample.linear import compute_linear_grad_sample
-from opacus.grad_sample.utils import register_grad_sampler, register_norm_sampler
 from torch import nn
 
 from common.errors import ConfigError
@@ -48,67 +44,6 @@ from common.nextbasket.spec import ScorerSpec
 _MASKED = -1.0e4  # finite, so that an all-masked softmax has zero (not NaN) gradients
 
 
-class HashedEmbedding(nn.Embedding):
-    """A plain ``nn.Embedding`` (no padding index, no max norm) with a faster per-record
-    gradient norm for ghost clipping.
-
-    The norm is the one Opacus' embedding norm sampler computes (per record, sum the
-    gradients of repeated ids, then take the norm), but grouped with a one-dimensional
-    ``unique`` over ``record * rows + id`` keys instead of a row-wise ``unique`` over pairs,
-    which costs about 40 ms per call on a CPU at 40 k lookups and dominated DP training time.
-    tests/test_nextbasket_model.py checks it against per-record autograd.
-    """
-
-    def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
-        super().__init__(num_embeddings, embedding_dim)
-
-
-@register_norm_sampler(HashedEmbedding)
-def _hashed_embedding_norm_sample(
-    layer: HashedEmbedding, activations: list[torch.Tensor], backprops: torch.Tensor
-) -> dict[torch.Tensor, torch.Tensor]:
-    ids = activations[0].reshape(activations[0].shape[0], -1)
-    records, lookups = ids.shape
-    grads = backprops.reshape(records * lookups, -1)
-    owner = torch.arange(records, device=ids.device).repeat_interleave(lookups)
-    keys, inverse = torch.unique(
-        owner * layer.num_embeddings + ids.reshape(-1), return_inverse=True
-    )
-    summed = torch.zeros(len(keys), grads.shape[1], dtype=grads.dtype, device=grads.device)
-    summed.index_add_(0, inverse, grads)
-    squared = torch.zeros(records, dtype=grads.dtype, device=grads.device)
-    squared.scatter_add_(0, keys // layer.num_embeddings, summed.pow(2).sum(1))
-    return {layer.weight: squared.sqrt()}
-
-
-register_grad_sampler(HashedEmbedding)(compute_embedding_grad_sample)
-
-
-class CompactLinear(nn.Linear):
-    """A plain ``nn.Linear`` whose per-record gradient norm (ghost clipping) is computed from
-    the per-record gradient itself, ``sum_t backprop_t outer activation_t``, when that is
-    cheaper than Opacus' ghost norm: the ghost norm forms two T x T Gram matrices per record
-    (T = candidates, about 120 here), while this layer's gradient has only in x out entries.
-    Same quantity, checked against per-record autograd in tests/test_nextbasket_model.py.
-    """
-
-
-@register_norm_sampler(CompactLinear)
-def _compact_linear_norm_sample(
-    layer: CompactLinear, activations: list[torch.Tensor], backprops: torch.Tensor
-) -> dict[torch.Tensor, torch.Tensor]:
-    a = activations[0].to(backprops.dtype)
-    records = a.shape[0]
-    a, g = a.reshape(records, -1, a.shape[-1]), backprops.reshape(records, -1, backprops.shape[-1])
-    norms = {layer.weight: torch.bmm(g.transpose(1, 2), a).flatten(1).norm(dim=1)}
-    if layer.bias is not None:
-        norms[layer.bias] = g.sum(1).norm(dim=1)
-    return norms
-
-
-register_grad_sampler(CompactLinear)(compute_linear_grad_sample)
-
-
 class BasketScorer(nn.Module):
     """Scores candidates: ``features`` [B, T, F] float, ``items`` [B, T, 3] hashed ids."""
 
@@ -117,13 +52,13 @@ class BasketScorer(nn.Module):
         self.spec = spec
         d, h = spec.embedding_dim, spec.hidden_dim
         context = spec.features - len(REPEAT_FEATURES)
-        self.product_bias = HashedEmbedding(spec.product_buckets, 1)
-        self.categories = HashedEmbedding(spec.category_buckets, d)
-        self.departments = HashedEmbedding(spec.department_buckets, d)
-        self.explore_hidden = CompactLinear(context + 2 * d, h)
-        self.explore_out = CompactLinear(h, 1)
-        self.repeat_hidden = CompactLinear(spec.features + 2 * d, h)
-        self.repeat_out = CompactLinear(h, 1)
+        self.product_bias = nn.Embedding(spec.product_buckets, 1)
+        self.categories = nn.Embedding(spec.category_buckets, d)
+        self.departments = nn.Embedding(spec.department_buckets, d)
+        self.explore_hidden = nn.Linear(context + 2 * d, h)
+        self.explore_out = nn.Linear(h, 1)
+        self.repeat_hidden = nn.Linear(spec.features + 2 * d, h)
+        self.repeat_out = nn.Linear(h, 1)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -162,7 +97,7 @@ class BasketSoftmaxLoss(nn.Module):
 
     For a positive ``p`` of a basket with negatives ``n`` (logits corrected by ``log_q``):
     ``softplus(logsumexp_n(s_n + log_q_n) - s_p)`` = -log of p's share against the negatives.
-    Carries ``reduction`` because Opacus' ghost-clipping wrapper switches it to ``"none"``.
+    ``reduction = "none"`` gives the per-record losses that DP-SGD clips one by one.
     """
 
     def __init__(self) -> None:
