@@ -12,6 +12,7 @@ from common.nextbasket.records import (
     NEGATIVE,
     PADDING,
     POSITIVE,
+    basket_candidates,
     count_records,
     item_ids,
     training_records,
@@ -108,3 +109,63 @@ def test_a_record_depends_on_its_own_household_only():
         mask_alone = alone.target[row, 0] == POSITIVE
         assert (full.items[row, 0][mask_full] == alone.items[row, 0][mask_alone]).all()
         assert np.allclose(full.features[row, 0][mask_full], alone.features[row, 0][mask_alone])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_every_case_gets_the_candidates_its_own_sets_allow(seed):
+    log = basket_log(shop_events(seed=seed, customers=20))
+    cases = basket_cases(log, weeks=(1, 9), catalogue_weeks=(1, 6))  # some items unrankable
+    features = history_features(log, cases)
+    spec = RecordSpec(max_positives=2, history_negatives=3, uniform_negatives=4)
+    got = basket_candidates(cases, features, spec, np.random.default_rng(seed))
+    size = len(cases.catalogue)
+    for i in range(len(cases)):
+        slots = got.slots[got.indptr[i] : got.indptr[i + 1]]
+        target = got.target[got.indptr[i] : got.indptr[i + 1]]
+        log_q = got.log_q[got.indptr[i] : got.indptr[i + 1]]
+        basket = cases.basket_slot[cases.basket_indptr[i] : cases.basket_indptr[i + 1]]
+        bought = set(basket[basket >= 0].tolist())
+        own = features.history_products(i)
+        slot = np.searchsorted(cases.catalogue, own).clip(max=size - 1)
+        history = set(slot[cases.catalogue[slot] == own].tolist())  # those still sold
+        if not bought:
+            assert len(slots) == 0
+            continue
+        positives = slots[target == POSITIVE]
+        assert len(set(positives)) == len(positives) == min(len(bought), 2)
+        assert set(positives) <= bought and (log_q[target == POSITIVE] == 0).all()
+        negatives = slots[target == NEGATIVE]
+        unbought = history - bought
+        from_history = negatives[: min(3, len(unbought))]
+        assert len(set(from_history)) == len(from_history) and set(from_history) <= unbought
+        if from_history.size:
+            assert np.allclose(
+                log_q[target == NEGATIVE][: len(from_history)],
+                np.log(len(unbought) / len(from_history)),
+            )
+        uniform = negatives[len(from_history) :]
+        pool = size - len(history | bought)
+        assert len(uniform) == (4 if pool > 0 else 0)
+        assert not set(uniform.tolist()) & (history | bought)
+        assert ((uniform >= 0) & (uniform < size)).all()
+        if uniform.size:
+            assert np.allclose(log_q[target == NEGATIVE][len(from_history) :], np.log(pool / 4))
+
+
+def test_uniform_negatives_cover_the_rest_of_the_catalogue_evenly():
+    log = basket_log(shop_events(seed=3))
+    cases = basket_cases(log, weeks=(1, 9), catalogue_weeks=(1, 9))
+    features = history_features(log, cases)
+    case = int(np.argmax(np.diff(cases.basket_indptr)))
+    one = cases.subset(np.full(4000, case))  # the same basket, drawn for 4,000 times
+    spec = RecordSpec(max_positives=8, history_negatives=0, uniform_negatives=5)
+    got = basket_candidates(one, history_features(log, one), spec, np.random.default_rng(0))
+    drawn = got.slots[got.target == NEGATIVE]
+    basket = cases.basket_slot[cases.basket_indptr[case] : cases.basket_indptr[case + 1]]
+    history = np.searchsorted(cases.catalogue, features.history_products(case))
+    excluded = set(basket[basket >= 0].tolist()) | set(history.tolist())
+    allowed = sorted(set(range(len(cases.catalogue))) - excluded)
+    counts = np.bincount(drawn, minlength=len(cases.catalogue))
+    assert set(np.flatnonzero(counts).tolist()) == set(allowed)
+    expected = len(drawn) / len(allowed)
+    assert np.abs(counts[allowed] - expected).max() < 5 * np.sqrt(expected)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from common.accounting import PrivacyUnit
-from common.nextbasket.baskets import BasketLog, CaseSet
+from common.nextbasket.baskets import BasketLog, CaseSet, concatenated_ranges
 from common.nextbasket.features import FEATURES, HistoryFeatures
 from common.nextbasket.spec import RecordSpec, ScorerSpec, hashed_ids
 
@@ -68,53 +68,109 @@ def item_ids(log: BasketLog, spec: ScorerSpec) -> np.ndarray:
     )
 
 
-def _draw_outside(
-    size: int, excluded: np.ndarray, count: int, rng: np.random.Generator
-) -> np.ndarray:
-    """``count`` uniform draws (with replacement) from ``range(size)`` minus sorted ``excluded``."""
-    k = rng.integers(0, size - len(excluded), count)
-    return k + np.searchsorted(excluded - np.arange(len(excluded)), k, side="right")
+@dataclass(frozen=True)
+class Candidates:
+    """Every case's candidates, case after case: ``slots[indptr[i]:indptr[i + 1]]`` are case
+    ``i``'s catalogue slots (its positives, then history negatives, then uniform negatives)
+    with their ``log_q`` and ``target``; a case without a rankable item has none."""
+
+    indptr: np.ndarray  # [cases + 1]
+    slots: np.ndarray  # int64
+    log_q: np.ndarray  # float32
+    target: np.ndarray  # int8
+
+    def sizes(self) -> np.ndarray:
+        return np.diff(self.indptr)
 
 
-def _basket_candidates(
-    cases: CaseSet,
-    features: HistoryFeatures,
-    case: int,
-    spec: RecordSpec,
-    rng: np.random.Generator,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(catalogue slots, log_q, target) of one basket; empty if it has no rankable item."""
-    lo, hi = cases.basket_indptr[case], cases.basket_indptr[case + 1]
-    bought = np.unique(cases.basket_slot[lo:hi][cases.basket_slot[lo:hi] >= 0])
-    if len(bought) == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.int8)
-    positives = bought
-    if len(bought) > spec.max_positives:
-        positives = np.sort(rng.choice(bought, spec.max_positives, replace=False))
-    history = features.history_products(case)
-    slot = np.searchsorted(cases.catalogue, history)
-    inside = slot < len(cases.catalogue)
-    inside[inside] = cases.catalogue[slot[inside]] == history[inside]
-    history_slots = slot[inside]
-    unbought = np.setdiff1d(history_slots, bought)
-    taken = min(spec.history_negatives, len(unbought))
-    from_history = rng.choice(unbought, taken, replace=False) if taken else unbought[:0]
-    excluded = np.union1d(history_slots, bought)
-    pool = len(cases.catalogue) - len(excluded)
-    draws = spec.uniform_negatives if pool > 0 else 0
-    uniform = _draw_outside(len(cases.catalogue), excluded, draws, rng)
-    log_q = np.r_[
-        np.zeros(len(positives)),
-        np.full(taken, np.log(len(unbought) / taken) if taken else 0.0),
-        np.full(draws, np.log(pool / draws) if draws else 0.0),
-    ]
-    target = np.r_[np.full(len(positives), POSITIVE), np.full(taken + draws, NEGATIVE)].astype(
-        np.int8
+def _rank_in_group(group: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A uniformly random order within each group (``group`` sorted): (order, rank of each
+    element of ``order`` within its group)."""
+    order = np.lexsort((rng.random(len(group)), group))
+    starts = np.searchsorted(group, group[order], side="left")
+    return order, np.arange(len(order)) - starts
+
+
+def _count(group: np.ndarray, n: int) -> np.ndarray:
+    return np.bincount(group, minlength=n).astype(np.int64)
+
+
+def basket_candidates(
+    cases: CaseSet, features: HistoryFeatures, spec: RecordSpec, rng: np.random.Generator
+) -> Candidates:
+    """Candidates of every case (one target basket each), all cases at once.
+
+    Per case: positives are its distinct catalogue items (at most ``max_positives``, a uniform
+    subset when there are more); history negatives are up to ``history_negatives`` distinct
+    products of its own history it did not buy now, drawn without replacement; uniform
+    negatives are ``uniform_negatives`` draws with replacement from the catalogue minus its
+    history and basket. ``log_q`` corrects each negative for its sampling rate (module
+    docstring, rule 3).
+    """
+    n, size = len(cases), len(cases.catalogue)
+    if size == 0:
+        return Candidates(
+            np.zeros(n + 1, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32),
+            np.zeros(0, np.int8),
+        )  # fmt: skip
+    item_case = cases.case_of_item()
+    rankable = cases.basket_slot >= 0
+    bought = np.unique(item_case[rankable] * size + cases.basket_slot[rankable])  # sorted
+    bought_case = bought // size
+    n_bought = _count(bought_case, n)
+
+    order, rank = _rank_in_group(bought_case, rng)
+    positives = np.sort(bought[order[rank < spec.max_positives]])
+    n_positives = np.minimum(n_bought, spec.max_positives)
+
+    width = features.n_products
+    history_case = features.pair_key // width
+    history_product = features.pair_key % width
+    slot = np.searchsorted(cases.catalogue, history_product).clip(max=size - 1)
+    inside = cases.catalogue[slot] == history_product
+    history = history_case[inside] * size + slot[inside]  # sorted: pair keys are
+    in_basket = np.isin(history, bought, assume_unique=True)
+    unbought = history[~in_basket]
+    unbought_case = unbought // size
+    usable = n_bought > 0
+    unbought = unbought[usable[unbought_case]]
+    unbought_case = unbought // size
+    n_unbought = _count(unbought_case, n)
+    order, rank = _rank_in_group(unbought_case, rng)
+    from_history = unbought[order[rank < spec.history_negatives]]
+    taken = np.minimum(n_unbought, spec.history_negatives)
+
+    excluded = np.union1d(history, bought)
+    excluded_case = excluded // size
+    pool = size - _count(excluded_case, n)
+    draws = np.where(usable & (pool > 0), spec.uniform_negatives, 0)
+    draw_case = np.repeat(np.arange(n), draws)
+    k = rng.integers(0, np.maximum(pool[draw_case], 1))
+    # the k-th catalogue slot outside the case's sorted excluded slots e_0 < e_1 < ...:
+    # k + #{j : e_j - j <= k}, counted per case with keys case * (size + 1) + (e_j - j)
+    position = np.arange(len(excluded)) - np.searchsorted(excluded_case, excluded_case)
+    shifted = excluded_case * (size + 1) + (excluded % size - position)
+    below = np.searchsorted(shifted, draw_case * (size + 1) + k, side="right")
+    first = np.searchsorted(shifted, draw_case * (size + 1), side="left")
+    uniform = draw_case * size + k + (below - first)
+
+    keys = np.concatenate([positives, from_history, uniform])
+    part = np.repeat(
+        np.arange(3, dtype=np.int64), [len(positives), len(from_history), len(uniform)]
     )
-    return (
-        np.r_[positives, from_history, uniform].astype(np.int64),
-        log_q.astype(np.float32),
-        target,
+    arrange = np.lexsort((np.arange(len(keys)), part, keys // size))
+    keys, part = keys[arrange], part[arrange]
+    case = keys // size
+    with np.errstate(divide="ignore"):
+        history_q = np.where(taken > 0, np.log(n_unbought / np.maximum(taken, 1)), 0.0)
+        uniform_q = np.where(draws > 0, np.log(pool / np.maximum(draws, 1)), 0.0)
+    log_q = np.select([part == 1, part == 2], [history_q[case], uniform_q[case]], 0.0)
+    counts = n_positives + taken + draws
+    return Candidates(
+        indptr=np.r_[0, np.cumsum(counts)].astype(np.int64),
+        slots=(keys % size).astype(np.int64),
+        log_q=log_q.astype(np.float32),
+        target=np.where(part == 0, POSITIVE, NEGATIVE).astype(np.int8),
     )
 
 
@@ -151,8 +207,8 @@ def training_records(
 ) -> RecordArrays:
     """Records for DP-SGD from training ``cases`` (every basket of the training weeks) and
     their ``features``; ``items`` is :func:`item_ids` of the same log."""
-    candidates = [_basket_candidates(cases, features, i, spec, rng) for i in range(len(cases))]
-    usable = np.array([len(c[0]) > 0 for c in candidates], dtype=bool)
+    candidates = basket_candidates(cases, features, spec, rng)
+    usable = candidates.sizes() > 0
     groups = _groups(cases, usable, unit, spec.baskets_per_customer, rng)
     n, g, c = len(groups), groups.shape[1], spec.candidates
     out = RecordArrays(
@@ -163,17 +219,18 @@ def training_records(
     )
     record, basket = np.nonzero(groups >= 0)
     case = groups[record, basket]
-    sizes = np.array([len(candidates[i][0]) for i in case], dtype=np.int64)
-    slots = np.concatenate([candidates[i][0] for i in case]) if len(case) else np.zeros(0, int)
+    starts, ends = candidates.indptr[case], candidates.indptr[case + 1]
+    sizes = ends - starts
+    picked = concatenated_ranges(starts, ends)
+    slots = candidates.slots[picked]
     owner = np.repeat(np.arange(len(case)), sizes)
     position = np.arange(len(slots)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
     products = cases.catalogue[slots]
     at = (record[owner], basket[owner], position)
     out.features[at] = features.lookup(case[owner], products)
     out.items[at] = items[products]
-    if len(case):
-        out.log_q[at] = np.concatenate([candidates[i][1] for i in case])
-        out.target[at] = np.concatenate([candidates[i][2] for i in case])
+    out.log_q[at] = candidates.log_q[picked]
+    out.target[at] = candidates.target[picked]
     return out
 
 
