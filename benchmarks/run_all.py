@@ -26,6 +26,8 @@ STEPS: list[list[str]] = [
     [PY, "benchmarks/ledger_scale.py"],
     # 10, 100 and 1,000 synthetic merchants: time, platform memory, bytes, ledger and audit.
     [PY, "benchmarks/scale.py"],
+    # Replies with float32 vs float16 weights: bytes and a paired quality run (docs/scale.md).
+    [PY, "benchmarks/update_dtype.py"],
 ]
 
 # Fresh run directories: a simulation refuses to write into a non-empty one.

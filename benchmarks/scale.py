@@ -26,6 +26,7 @@ the Ray actors (importing torch and Opacus in each), a fixed cost, so the time p
 merchant-round is reported over all rounds and over the warm rounds (after the first).
 Writes docs/scale.json, docs/scale.png and docs/scale.md.
 Usage: python benchmarks/scale.py [--merchants 10,100,1000] [--rounds 2] [--work DIR]
+[--update-dtype float32|float16]
 """
 
 from __future__ import annotations
@@ -68,13 +69,16 @@ def _status_kib(field: str) -> int:
 
 
 # -- child: provision ------------------------------------------------------------------
-def provision_child(merchants: int, rounds: int, out: Path) -> dict[str, Any]:
+def provision_child(
+    merchants: int, rounds: int, out: Path, extra: list[str] | None = None
+) -> dict[str, Any]:
     from common.config import RunConfig
     from common.configparse import apply_overrides
     from simulations.provision import provision
 
     began = time.perf_counter()
     overrides = [*SCALE_OVERRIDES, f"data.top_n={merchants}", f"federation.rounds={rounds}"]
+    overrides += extra or []
     layout = provision(RunConfig.from_dict(apply_overrides({}, overrides)), out)
     return {"merchants": len(layout.merchant_ids()), "seconds": time.perf_counter() - began}
 
@@ -190,13 +194,17 @@ def _child(*args: str) -> dict[str, Any]:
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
-def measure(merchants: int, rounds: int, work: Path) -> dict[str, Any]:
-    run_dir = work / f"m{merchants}"
+def measure(
+    merchants: int, rounds: int, work: Path, *, update_dtype: str = "float32"
+) -> dict[str, Any]:
+    """One federation size, end to end; replies carry their weights as ``update_dtype``."""
+    run_dir = work / f"m{merchants}-{update_dtype}"
     shutil.rmtree(run_dir, ignore_errors=True)
     load_before = os.getloadavg()[0]
     others = other_jobs()
-    print(f"== {merchants} merchants: provisioning", flush=True)
-    provisioned = _child("provision", str(merchants), str(rounds), str(run_dir))
+    print(f"== {merchants} merchants ({update_dtype} updates): provisioning", flush=True)
+    dtype = f"federation.update_dtype={update_dtype}"
+    provisioned = _child("provision", str(merchants), str(rounds), str(run_dir), dtype)
     print(f"== {merchants} merchants: run ({provisioned['seconds']:.0f}s provisioning)", flush=True)
     ran = _child("run", str(run_dir))
     audited = _child("audit", str(run_dir))
@@ -205,6 +213,7 @@ def measure(merchants: int, rounds: int, work: Path) -> dict[str, Any]:
     merchant_rounds = sum(row["trained"] for row in train_rounds) or 1
     figures = {
         "merchants": n,
+        "update_dtype": update_dtype,
         "rounds": len(train_rounds),
         "completed": ran["completed"],
         "provision_seconds": provisioned["seconds"],
@@ -334,7 +343,9 @@ def report(rows: list[dict[str, Any]], context: dict[str, Any]) -> str:
         "to its cap); evaluation runs once at the end (the final test), not every round. The "
         "first round includes starting Flower's engine and the Ray actors (each imports torch "
         "and Opacus): a fixed cost that the per merchant-round time of all rounds includes and "
-        "the warm figure (rounds after the first) leaves out.",
+        "the warm figure (rounds after the first) leaves out. Merchants' replies carry their "
+        f"weights as {' / '.join(sorted({r.get('update_dtype', 'float32') for r in rows}))} "
+        "(`federation.update_dtype`; float16 is compared below).",
         "",
         "![scale](scale.png)",
         "",
@@ -391,8 +402,16 @@ def report(rows: list[dict[str, Any]], context: dict[str, Any]) -> str:
         "",
         "Figures: docs/scale.json.",
         "",
+        *update_size_section(),
     ]
     return "\n".join(lines)
+
+
+def update_size_section() -> list[str]:
+    """The float32 / float16 comparison of benchmarks/update_dtype.py, if it was run."""
+    from update_dtype import RESULTS, section
+
+    return section(json.loads(RESULTS.read_text())) if RESULTS.exists() else []
 
 
 def main() -> int:
@@ -402,7 +421,7 @@ def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] in ("provision", "run", "audit"):
         command, *rest = sys.argv[1:]
         if command == "provision":
-            result = provision_child(int(rest[0]), int(rest[1]), Path(rest[2]))
+            result = provision_child(int(rest[0]), int(rest[1]), Path(rest[2]), rest[3:])
         elif command == "run":
             result = run_child(Path(rest[0]))
         else:
@@ -421,6 +440,12 @@ def main() -> int:
         "replaces its row) instead of starting afresh",
     )
     parser.add_argument("--note", default="", help="a sentence to print under the targets")
+    parser.add_argument(
+        "--update-dtype",
+        choices=("float32", "float16"),
+        default="float32",
+        help="how merchants' replies carry their weights (federation.update_dtype)",
+    )
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="fedshop-scale-"))
     rows: list[dict[str, Any]] = []
@@ -430,7 +455,7 @@ def main() -> int:
     try:
         for merchants in (int(m) for m in args.merchants.split(",")):
             rows = [r for r in rows if r["merchants"] != merchants]
-            rows.append(measure(merchants, args.rounds, work))
+            rows.append(measure(merchants, args.rounds, work, update_dtype=args.update_dtype))
             rows.sort(key=lambda r: int(r["merchants"]))
             write_docs(rows, args.note)  # each size as soon as it is measured
     finally:

@@ -13,7 +13,8 @@
    fedshop's ``client.app`` (what a per-message ClientApp process pays).
 
 Usage: ``.venv/bin/python benchmarks/transport_overhead.py [--parts tls,message-cost,imports]
-[--rounds 4] [--payload-mb 4] [--repeats 3] [--out FILE]``. Prints a JSON report.
+[--rounds 4] [--payload-mb 4] [--repeats 3] [--idle-poll S] [--merchant-modes runner]
+[--out FILE]``. Prints a JSON report.
 """
 
 from __future__ import annotations
@@ -282,11 +283,16 @@ def tls_overhead(tmp: Path, *, rounds: int, payload_mb: float) -> dict[str, obje
     }
 
 
-def message_cost(tmp: Path, *, rounds: int, idle_poll: float | None) -> dict[str, object]:
+MERCHANT_MODES = ("per-message", "runner")
+
+
+def message_cost(
+    tmp: Path, *, rounds: int, idle_poll: float | None, modes: tuple[str, ...] = MERCHANT_MODES
+) -> dict[str, object]:
     """Round time of one tiny message to each of 2 merchants whose ClientApp imports
     fedshop's: the fixed cost per message, per-message process versus runner."""
     found: dict[str, object] = {}
-    for mode in ("per-message", "runner"):
+    for mode in modes:
         trace = federation_round_times(
             tmp / f"cost-{mode}",
             tls=True,
@@ -311,8 +317,16 @@ def main() -> int:
     parser.add_argument("--payload-mb", type=float, default=4.0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--idle-poll", type=float, help="fedshop client --idle-poll (default 1)")
+    parser.add_argument(
+        "--merchant-modes",
+        default=",".join(MERCHANT_MODES),
+        help="message-cost: which merchant sides to run (per-message, runner)",
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    modes = tuple(mode.strip() for mode in args.merchant_modes.split(",") if mode.strip())
+    if not modes or set(modes) - set(MERCHANT_MODES):
+        parser.error(f"--merchant-modes must name some of {', '.join(MERCHANT_MODES)}")
     parts = {part.strip() for part in args.parts.split(",") if part.strip()}
     unknown = parts - {"tls", "message-cost", "imports"}
     if unknown:
@@ -324,7 +338,7 @@ def main() -> int:
             print(json.dumps(report, indent=2), flush=True)
         if "message-cost" in parts:
             report["message_cost"] = message_cost(
-                Path(tmp), rounds=max(args.rounds, 4), idle_poll=args.idle_poll
+                Path(tmp), rounds=max(args.rounds, 4), idle_poll=args.idle_poll, modes=modes
             )
             print(json.dumps(report, indent=2), flush=True)
     if "imports" in parts:

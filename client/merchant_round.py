@@ -13,6 +13,7 @@ platform cannot replay the round, while the merchant replays it exactly.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ from common.accounting import (
 )
 from common.arrays_io import arrays_sha256, arrays_to_npz, npz_to_arrays
 from common.atomic import atomic_write_bytes
+from common.config import UpdateDtype
 from common.errors import (
     ConfigError,
     DataValidationError,
@@ -407,4 +409,21 @@ def _train(
         raise TrainingError("training produced non-finite weights; nothing released")
     if math.isnan(result.mean_loss):
         log.warning("merchant %s: no loss recorded this round", merchant.id)
-    return result
+    return _as_released(result, merchant, config.federation.update_dtype)
+
+
+def _as_released(result: RoundResult, merchant: MerchantConfig, dtype: UpdateDtype) -> RoundResult:
+    """The weights in the dtype the reply carries: what the outbox keeps, the ledger hashes and
+    the platform receives. Rounding (and saturating) after training is post-processing of the
+    DP output: it changes no privacy figure."""
+    saturated = P.beyond_range(result.arrays, dtype)
+    if saturated:
+        log.warning(
+            "merchant %s: %d weights are beyond %s's range and saturate at +-%g; the platform "
+            "will refuse this update (run with federation.update_dtype = float32)",
+            merchant.id,
+            saturated,
+            dtype.value,
+            P.FLOAT16_MAX,
+        )
+    return dataclasses.replace(result, arrays=P.encode_update(result.arrays, dtype))

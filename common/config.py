@@ -16,6 +16,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import tomli_w
 
@@ -44,6 +45,19 @@ class StrategyKind(Enum):
     FEDADAM = "fedadam"
 
 
+class UpdateDtype(Enum):
+    """How a merchant's reply carries its trained weights: float32 (the model's own precision)
+    or float16 (half the bytes; values beyond float16's range saturate at +-65504, which the
+    platform refuses). The platform aggregates either exactly and keeps the model in float32."""
+
+    FLOAT32 = "float32"
+    FLOAT16 = "float16"
+
+    @property
+    def numpy(self) -> np.dtype:
+        return np.dtype(self.value)
+
+
 class OptimizerKind(Enum):
     """Local optimiser. Adam rescales DP noise on rows no record touched to the step size;
     SGD keeps it proportional to sigma x C / batch."""
@@ -67,6 +81,7 @@ class FederationConfig:
     proximal_mu: float = 0.01
     server_learning_rate: float = 0.01
     max_update_norm: float = 1e4
+    update_dtype: UpdateDtype = UpdateDtype.FLOAT32  # of the weights in a merchant's reply
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -310,6 +325,9 @@ class RunConfig:
             del plain["privacy"]["noise_multiplier"]
         if plain["simulation"] == as_plain_dict(SimulationConfig()):
             del plain["simulation"]  # the defaults: configurations read as they always did
+        if self.federation.update_dtype is UpdateDtype.FLOAT32:
+            # the default: configurations (and their hashes) read as before the option existed
+            del plain["federation"]["update_dtype"]
         return plain
 
     def sha256(self) -> str:

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from common.config import RunConfig
+from common.config import RunConfig, UpdateDtype
 from common.errors import ConfigError, IntegrityError
 from common.metric_sums import MetricSums
 
@@ -33,7 +33,9 @@ FINETUNE = f"train.{FINETUNE_ACTION}"
 EVALUATE = "evaluate"
 
 # records
-ARRAYS = "arrays"  # ArrayRecord: model weights (plain float32 arrays keyed by parameter name)
+# ArrayRecord: model weights keyed by parameter name; float32 from the platform, and from a
+# merchant in the run's federation.update_dtype (encode_update)
+ARRAYS = "arrays"
 CONFIG = "config"  # ConfigRecord: the instruction (platform -> merchant)
 METRICS = "metrics"  # MetricRecord: figures of a reply (merchant -> platform)
 STATUS = "status"  # ConfigRecord: outcome, code, reason, merchant id, ledger entries
@@ -111,6 +113,29 @@ class EvalPart(Enum):
     TEST = "test"  # final held-out weeks
     FRESH = "fresh"  # online: the newest inbox cohort, before anything trained on it
     RECENT = "recent"  # online: held-out customers' events of the newest cohort (gate)
+
+
+FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504
+
+
+def encode_update(arrays: Mapping[str, np.ndarray], dtype: UpdateDtype) -> Arrays:
+    """Trained float32 weights as a merchant releases them: in ``dtype``. For float16 each
+    value is rounded to the nearest float16, and a value beyond float16's range saturates at
+    +-65504 instead of becoming infinite (see :func:`beyond_range`): the arrays returned are
+    what the merchant's ledger hashes and what it sends, a function of the DP output only."""
+    if dtype is UpdateDtype.FLOAT32:
+        return {name: np.asarray(value, dtype=np.float32) for name, value in arrays.items()}
+    return {
+        name: np.clip(value, -FLOAT16_MAX, FLOAT16_MAX).astype(np.float16)
+        for name, value in arrays.items()
+    }
+
+
+def beyond_range(arrays: Mapping[str, np.ndarray], dtype: UpdateDtype) -> int:
+    """How many values :func:`encode_update` saturates (always 0 for float32)."""
+    if dtype is UpdateDtype.FLOAT32:
+        return 0
+    return sum(int(np.count_nonzero(np.abs(value) > FLOAT16_MAX)) for value in arrays.values())
 
 
 def to_array_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:

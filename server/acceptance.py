@@ -2,12 +2,15 @@
 
 Every transport (Flower's simulation and deployment grids, the in-process grid of the
 benchmarks) delivers replies here; nothing else decides what enters an aggregate. An update
-is accepted only if its arrays have the global model's names, shapes and dtype, are finite and
-within the update-norm bound (server/update_checks.py), and its signed ledger entry (with the
-backlog of earlier entries the platform lacks) verifies: signature, chain, what was asked,
-the hash of the weights received, and the epsilon it states, recomputed from the merchant's
-history (common/ledger/claims.py). The FedAvg weight is the signed ``dataset_size``, which the
-platform bounds by the sample rate and batch size the merchant signed with it.
+is accepted only if its arrays have the global model's names and shapes and the run's update
+dtype (float32, or float16 with ``federation.update_dtype``), are finite and within the
+update-norm bound (server/update_checks.py), all checked on the arrays as received, and its
+signed ledger entry (with the backlog of earlier entries the platform lacks) verifies:
+signature, chain, what was asked, the hash of the weights received (in the dtype received),
+and the epsilon it states, recomputed from the merchant's history (common/ledger/claims.py).
+A float16 update is aggregated exactly (server/strategies.py upcasts every value). The FedAvg
+weight is the signed ``dataset_size``, which the platform bounds by the sample rate and batch
+size the merchant signed with it.
 """
 
 from __future__ import annotations
@@ -102,8 +105,12 @@ def accept_reply(reply: MerchantReply, context: RoundContext, ledger: ServerLedg
     if reply.outcome is Outcome.FAILED or reply.arrays is None:
         return Failure(merchant, reply.code or FailureCode.ERROR.value, reply.reason)
     try:
+        federation = context.config.federation
         check_update(
-            reply.arrays, context.arrays, max_update_norm=context.config.federation.max_update_norm
+            reply.arrays,
+            context.arrays,
+            max_update_norm=federation.max_update_norm,
+            dtype=federation.update_dtype,
         )
         if not context.config.privacy.enabled:  # a baseline run: nothing to verify or account
             weight = int(reply.metrics.get("num-examples", 0))

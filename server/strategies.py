@@ -1,5 +1,8 @@
 """Server-side aggregation: FedAvg, FedProx and FedAdam over named float32 arrays.
 
+Merchants' updates arrive as float32 or float16 arrays (``federation.update_dtype``); both
+are folded in exactly (a float16 is a float32 with fewer bits) and the aggregate is float32.
+
 Each strategy exposes its state as named arrays so a checkpoint captures it exactly and a
 resumed run continues bit for bit. Updates are folded into an exact running sum as replies
 arrive (:class:`RunningSum`): the platform never holds every merchant's arrays at once, and
@@ -34,10 +37,11 @@ class Contribution:
     num_examples: int
 
 
-# The exact sum keeps each weighted value w * x (a float32 times an integer weight below 2**29,
-# so exact in float64) as six signed 40-bit digits of a fixed-point number with its lowest digit
-# at 2**-160: every float32 (down to 2**-149) times an integer fits, sums are integer sums, and
-# int64 digits carry 2**23 additions before they could overflow.
+# The exact sum keeps each weighted value w * x (a float32 or float16 times an integer weight
+# below 2**29, so exact in float64) as six signed 40-bit digits of a fixed-point number with
+# its lowest digit at 2**-160: every float32 (down to 2**-149; float16 only to 2**-24) times an
+# integer fits, sums are integer sums, and int64 digits carry 2**23 additions before they
+# could overflow.
 _DIGIT_BITS = 40
 _LOWEST = -160
 _DIGITS = 6

@@ -149,19 +149,46 @@ def test_the_supernode_fixed_waits_are_shortened_and_nothing_else(
     from simulations.deployment import supernode
 
     monkeypatch.setattr(start_client_internal, "time", time)
-    assert supernode.shorten_idle_wait(start_client_internal, 0.2)  # Flower 1.41 as installed
+    pushed: list[dict[str, object]] = []
+    monkeypatch.setattr(start_client_internal, "_push_messages", lambda **kw: pushed.append(kw))
+    now = [100.0]
+    # Flower 1.41 as installed
+    assert supernode.shorten_idle_wait(start_client_internal, 0.8, clock=lambda: now[0])
     patched = start_client_internal.time
     slept: list[float] = []
     monkeypatch.setattr(time, "sleep", slept.append)
-    patched.sleep(3)
-    patched.sleep(0.5)
-    patched.sleep(1.5)
-    assert slept == [0.2, 0.1, 1.5] and patched.monotonic is time.monotonic
+    patched.sleep(3)  # no reply yet: the idle poll
+    patched.sleep(0.5)  # the check for a finished reply
+    patched.sleep(1.5)  # any other wait: unchanged
+    assert slept == [0.8, 0.05, 1.5] and patched.monotonic is time.monotonic
+    start_client_internal._push_messages(state="s")  # a reply went back at t = 100
+    assert pushed == [{"state": "s"}]
+    slept.clear()
+    for now[0] in (100.0, 100.2, 101.0, 102.0, 104.0, 110.0):
+        patched.sleep(3)
+    # right after a reply: quick, then a quarter of the idle time, at most the idle poll
+    assert slept == pytest.approx([0.1, 0.1, 0.25, 0.5, 0.8, 0.8])
     assert not supernode.shorten_idle_wait(start_client_internal, 0.2)  # only once
     assert supernode.split_args(["--idle-poll", "0.5", "--insecure"]) == (0.5, ["--insecure"])
     assert supernode.split_args(["--insecure"]) == (1.0, ["--insecure"])
     with pytest.raises(SystemExit, match=r"between 0\.1 and 3"):
         supernode.split_args(["--idle-poll", "5"])
+
+
+def test_an_idle_merchant_asks_once_per_idle_poll_and_about_ten_more_times_per_reply() -> None:
+    """What the adaptive wait costs the platform, as docs/transport.md states it."""
+    from simulations.deployment.supernode import idle_wait
+
+    def asks(seconds: float, idle_s: float | None) -> int:
+        count, t = 0, 0.0
+        while t < seconds:
+            t += idle_wait(None if idle_s is None else idle_s + t, 1.0)
+            count += 1
+        return count
+
+    assert asks(60.0, None) == 60  # never replied: one ask per second
+    assert asks(60.0, 3600.0) == 60  # long idle: the same
+    assert 10 <= asks(4.0, 0.0) - 4 <= 12  # the 4 s after a reply: about ten more
 
 
 # ------------------------------------------------------------------------- the proxy

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from common.config import RunConfig, dump_toml
+from common.config import RunConfig, UpdateDtype, dump_toml
 from common.configparse import apply_overrides
 from common.errors import ConfigError, DataValidationError, ExitCode, FedshopError, exit_code_table
 from simulations import cli
@@ -146,6 +146,7 @@ def test_unknown_key_is_an_error_and_names_it():
         ("data.train_weeks=1,45", "weeks"),
         ("model.embedding_dim=0", r"model\.embedding_dim must be >= 1"),
         ("model.product_buckets=1", r"model\.product_buckets must be >= 2"),
+        ("federation.update_dtype=bfloat16", r"federation\.update_dtype: 'bfloat16' is not one"),
     ],
 )
 def test_bad_values_rejected(override, fragment):
@@ -176,10 +177,25 @@ def test_cli_maps_errors_to_exit_codes(capsys):
     )
 
 
+def test_update_dtype_is_float32_unless_asked_and_the_default_keeps_config_hashes() -> None:
+    """Configurations written before the option existed hash as they did: the default is not
+    written out; float16 is, and changes what a signed release cites."""
+    half = RunConfig.from_dict(apply_overrides({}, ["federation.update_dtype=float16"]))
+    assert RunConfig().federation.update_dtype is UpdateDtype.FLOAT32
+    assert half.federation.update_dtype is UpdateDtype.FLOAT16
+    assert "update_dtype" not in RunConfig().to_dict()["federation"]
+    assert half.to_dict()["federation"]["update_dtype"] == "float16"
+    explicit = RunConfig.from_dict(apply_overrides({}, ["federation.update_dtype=float32"]))
+    assert explicit == RunConfig() and explicit.sha256() == RunConfig().sha256()
+    assert half.sha256() != RunConfig().sha256()
+    assert RunConfig.from_dict(half.to_dict()) == half
+
+
 @pytest.mark.parametrize(
     "overrides",
     [
         [],
+        ["federation.update_dtype=float16"],
         ["training.learning_rate=0.5", "privacy.noise_multiplier=1.25", "privacy.unit=customer"],
         ["data.train_weeks=2,30", "data.valid_weeks=31,35", "data.test_weeks=36,40", "seed=7"],
     ],

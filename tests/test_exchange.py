@@ -3,9 +3,13 @@ holding its message and came back, the timeout, a refused push."""
 
 from __future__ import annotations
 
+import inspect
+import types
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
+
+import pytest
 
 from server.exchange import exchange, stream_exchange
 
@@ -184,3 +188,55 @@ def test_nodes_are_listed_for_restarts_at_most_once_a_second() -> None:
     out, waited = _run(grid, timeout_s=30.0)
     assert out.unanswered == [2] and grid.polls > 30
     assert len(listed) <= 2 + waited
+
+
+def test_replies_are_polled_for_within_a_twentieth_of_the_time_waited() -> None:
+    from server.exchange import poll_wait
+
+    assert poll_wait(0.0) == 0.05 and poll_wait(0.5) == 0.05
+    assert poll_wait(4.0) == pytest.approx(0.2)
+    assert poll_wait(10.0) == 0.5 and poll_wait(600.0) == 0.5
+    polls, t = 0, 0.0
+    while t < 10.0:
+        t += poll_wait(t)
+        polls += 1
+    assert 60 <= polls <= 75  # the cost docs/transport.md states: about 70 in a round's first 10 s
+
+
+def test_a_reply_pulled_before_its_parts_arrive_is_asked_for_again_after_50_ms(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Flower's HTTP grid (the platform's in a deployment) retries missing parts quickly; the
+    installed Flower's pull functions take every setting that common/flower_waits passes."""
+    from flwr.supercore.inflatable import inflatable_utils
+    from flwr.superlink.grid import http_grid
+
+    from common import flower_waits
+    from server.exchange import quicker_reply_pulls
+
+    for fn in (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree):
+        params = inspect.signature(fn).parameters
+        assert set(flower_waits.LOOPBACK_RETRIES) <= set(params)
+        assert params["initial_backoff"].default == 1  # what the retries are quicker than
+
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr(inflatable_utils, "pull_objects", lambda *a, **kw: calls.append(kw) or {})
+    monkeypatch.setattr(http_grid, "pull_objects", inflatable_utils.pull_objects)
+    quicker_reply_pulls()
+    http_grid.pull_objects(["a"], bytes)
+    http_grid.pull_objects(["a"], bytes, backoff_cap=7.0)  # a caller's own value wins
+    assert calls == [
+        {"initial_backoff": 0.05, "backoff_cap": 0.5, "max_tries_per_object": None},
+        {"initial_backoff": 0.05, "backoff_cap": 7.0, "max_tries_per_object": None},
+    ]
+    patched = http_grid.pull_objects
+    quicker_reply_pulls()  # only once
+    assert http_grid.pull_objects is patched
+    assert not flower_waits.quicken_object_pulls(types.ModuleType("other"), {})  # not Flower's
+
+
+def test_the_merchant_retries_missing_parts_quickly_towards_the_platform_only_at_first() -> None:
+    from common.flower_waits import LOOPBACK_RETRIES, REMOTE_RETRIES
+
+    assert REMOTE_RETRIES == {"initial_backoff": 0.05}  # Flower's cap and tries stay
+    assert LOOPBACK_RETRIES["backoff_cap"] == 0.5

@@ -210,3 +210,65 @@ def test_a_node_that_fails_before_it_ever_replied_is_named_as_registered(federat
     monkeypatch.setattr(client.merchant_round, "run_merchant_round", boom)
     outcome = fed.run_round(initial_model(fed.config), 1, ledger)
     assert set(outcome.failed) == set(names.values())
+
+
+def test_a_float16_reply_is_accepted_aggregated_and_its_ledger_hashes_what_was_sent(
+    small_layout, tmp_path
+):
+    """With federation.update_dtype = float16 the merchant releases float16 weights: its
+    signed entry hashes exactly the arrays that travel (through Flower's protobuf encoding),
+    the platform checks and verifies what it received, and aggregates it exactly."""
+    from flwr.common import serde
+
+    from client.merchant_round import run_merchant_round
+    from common.config import UpdateDtype
+    from common.ledger import LedgerEntry
+    from server.strategies import MerchantUpdate, RunningSum
+
+    settings = server_settings(small_layout)
+    federation = dataclasses.replace(settings.config.federation, update_dtype=UpdateDtype.FLOAT16)
+    config = dataclasses.replace(settings.config, federation=federation)
+    arrays = initial_model(config)
+    instruction = TrainInstruction(
+        run_id=settings.run_id,
+        round=1,
+        planned_rounds=config.federation.rounds,
+        config=config,
+        arrays=arrays,
+        model_in_sha256=arrays_sha256(arrays),
+    )
+    context = RoundContext(
+        config=config, run_id=settings.run_id, round=1, arrays=arrays, keys_dir=small_layout.keys
+    )
+    folded, sent_arrays = RunningSum(), []
+    with ServerLedger.open(tmp_path / "server.sqlite") as ledger:
+        for merchant_id in small_layout.merchant_ids()[:2]:
+            reply = run_merchant_round(instruction, small_layout.merchant_config(merchant_id))
+            wire = serde.recorddict_to_proto(reply.to_content())
+            decoded = MerchantReply.from_content(serde.recorddict_from_proto(wire))
+            assert decoded.arrays is not None
+            assert {a.dtype for a in decoded.arrays.values()} == {np.dtype(np.float16)}
+            as_float32 = {k: v.astype(np.float32) for k, v in decoded.arrays.items()}
+            wide = serde.recorddict_to_proto(
+                dataclasses.replace(reply, arrays=as_float32).to_content()
+            )
+            assert wire.ByteSize() < 0.6 * wide.ByteSize()  # the weights take half the bytes
+
+            signed = LedgerEntry.from_wire(decoded.ledger_entry).release.model_out_sha256
+            assert signed == arrays_sha256(decoded.arrays) != arrays_sha256(as_float32)
+            name = next(iter(decoded.arrays))
+            nudged = {**decoded.arrays, name: np.nextafter(decoded.arrays[name], np.float16(9))}
+            tampered = accept_reply(dataclasses.replace(decoded, arrays=nudged), context, ledger)
+            assert tampered.code == FailureCode.REJECTED.value and "sha256" in tampered.reason
+
+            decision = accept_reply(decoded, context, ledger)
+            assert isinstance(decision, AcceptedUpdate), decision
+            assert ledger.entries(merchant_id)[-1].release.model_out_sha256 == signed
+            folded.add(MerchantUpdate(merchant_id, decision.arrays, decision.weight))
+            sent_arrays.append((decoded.arrays, decision.weight))
+    mean = folded.mean()
+    total = sum(weight for _, weight in sent_arrays)
+    for name in arrays:
+        exact = sum(a[name].astype(np.float64) * w for a, w in sent_arrays) / total
+        assert mean[name].dtype == np.float32
+        np.testing.assert_array_equal(mean[name], exact.astype(np.float32))

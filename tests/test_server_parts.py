@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from common.config import FederationConfig, StrategyKind
+from common.config import FederationConfig, StrategyKind, UpdateDtype
 from common.errors import CheckpointError, IntegrityError, RejectedUpdateError, TrainingError
 from server.checkpoint import Checkpoint, load_latest, save_checkpoint
 from server.strategies import (
@@ -114,3 +114,63 @@ def test_corrupt_checkpoint_detected(tmp_path):
     (tmp_path / "latest.json").write_text(json.dumps({"checkpoint": "missing.json"}))
     with pytest.raises(CheckpointError):
         load_latest(tmp_path)
+
+
+def half(value, shape=(2, 3)):
+    return {name: a.astype(np.float16) for name, a in arrays(value, shape).items()}
+
+
+@pytest.mark.parametrize(
+    ("update", "dtype", "reason"),
+    [
+        (arrays(1.0), UpdateDtype.FLOAT16, "dtype float32, expected float16"),
+        (half(1.0), UpdateDtype.FLOAT32, "dtype float16, expected float32"),
+        ({**half(0.0), "w": np.full((2, 3), np.inf, np.float16)}, UpdateDtype.FLOAT16, "Inf"),
+        ({**half(0.0), "w": np.full((2, 3), np.nan, np.float16)}, UpdateDtype.FLOAT16, "NaN"),
+        (half(-65504.0), UpdateDtype.FLOAT16, r"at float16's limit .*update_dtype = float32"),
+    ],
+)
+def test_a_float16_update_is_checked_as_received(update, dtype, reason):
+    with pytest.raises(RejectedUpdateError, match=reason):
+        check_update(update, arrays(0.0), max_update_norm=1e9, dtype=dtype)
+    check_update(half(1.0), arrays(0.0), max_update_norm=100.0, dtype=UpdateDtype.FLOAT16)
+    with pytest.raises(RejectedUpdateError, match="norm"):  # the norm of what was received
+        check_update(half(60000.0), arrays(0.0), max_update_norm=1e4, dtype=UpdateDtype.FLOAT16)
+
+
+def test_float16_updates_are_aggregated_exactly_into_float32():
+    rng = np.random.default_rng(5)
+    values = [rng.normal(0, 1, (2, 3)).astype(np.float16) for _ in range(3)]
+    weights = [7, 1, 1000]
+    updates = [
+        MerchantUpdate(f"m{i}", {"w": v, "b": v[0]}, n)
+        for i, (v, n) in enumerate(zip(values, weights, strict=True))
+    ]
+    out = weighted_average(updates)
+    exact = sum(v.astype(np.float64) * n for v, n in zip(values, weights, strict=True)) / 1008
+    assert out["w"].dtype == np.float32
+    np.testing.assert_array_equal(out["w"], exact.astype(np.float32))
+    np.testing.assert_array_equal(out["w"], weighted_average(updates[::-1])["w"])
+
+
+def test_a_reply_encodes_its_weights_in_the_update_dtype_and_saturates_beyond_float16():
+    from common.protocol import FLOAT16_MAX, beyond_range, encode_update
+
+    trained = {
+        "w": np.array([0.1, -1e6, 70000.0, 65519.0], np.float32),
+        "b": np.ones(2, np.float32),
+    }
+    assert encode_update(trained, UpdateDtype.FLOAT32)["w"].dtype == np.float32
+    sent = encode_update(trained, UpdateDtype.FLOAT16)
+    assert {a.dtype for a in sent.values()} == {np.dtype(np.float16)}
+    assert sent["w"].tolist() == [np.float16(0.1), -FLOAT16_MAX, FLOAT16_MAX, FLOAT16_MAX]
+    assert np.isfinite(sent["w"]).all()  # never infinite: saturated, and refused by the platform
+    assert beyond_range(trained, UpdateDtype.FLOAT16) == 3
+    assert beyond_range(trained, UpdateDtype.FLOAT32) == 0
+    with pytest.raises(RejectedUpdateError, match="float16's limit"):
+        check_update(
+            sent,
+            {k: np.zeros_like(v, np.float32) for k, v in trained.items()},
+            max_update_norm=1e12,
+            dtype=UpdateDtype.FLOAT16,
+        )

@@ -66,6 +66,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
 from common.errors import DeploymentError
+from common.flower_waits import LOOPBACK_RETRIES
 from simulations.deployment.pinning import (
     PinnedApps,
     bundle_app_hash,
@@ -290,6 +291,9 @@ class ClientAppRunner:
 
 
 def _pull_message(client: RuntimeHttpClient, context: Context) -> Message:
+    """The task's message. The runner claims a task as soon as the SuperNode has the
+    message's head, usually before its parts: they are asked for again after 50 ms, backing
+    off to 0.5 s (common/flower_waits.py), not after Flower's 1 s to 10 s."""
     pulled = client.PullMessages(PullAppMessagesRequest())
     if not pulled.messages_list:
         raise RuntimeError("the SuperNode handed over a task without a message")
@@ -302,7 +306,7 @@ def _pull_message(client: RuntimeHttpClient, context: Context) -> Message:
             client.ConfirmMessageReceived, node, context.run_id
         ),
         return_type=Message,
-        max_time=MESSAGE_PULL_MAX_S,
+        **{**LOOPBACK_RETRIES, "max_time": MESSAGE_PULL_MAX_S},
     )
     message.metadata.__dict__["_message_id"] = tree.object_id
     return message
