@@ -27,6 +27,7 @@ import argparse
 import http.client
 import itertools
 import json
+import multiprocessing
 import os
 import platform
 import re
@@ -37,6 +38,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import numpy as np
@@ -294,15 +296,32 @@ def main() -> int:
             (0.75, ids[1], "promotion"),
         ]
 
-        def publisher_thread(start: float) -> None:
+        def publish_schedule(start: float, done: Connection) -> None:
             for fraction, version, reason in schedule:
                 time.sleep(max(0.0, start + fraction * args.seconds - time.perf_counter()))
-                swaps.append(publish(version, reason))
+                done.send(publish(version, reason))
+            done.close()
 
-        thread = threading.Thread(target=publisher_thread, args=(time.perf_counter() + 0.2,))
-        thread.start()
+        # The platform's side of a swap (registry, signing, delivery) runs in its own process,
+        # as it does in a deployment: in the load generator's process it would hold the GIL
+        # and delay the generator's requests, which the latencies would then count.
+        receiving, sending = multiprocessing.get_context("fork").Pipe(duplex=False)
+        platform_side = multiprocessing.get_context("fork").Process(
+            target=publish_schedule, args=(time.perf_counter() + 0.2, sending)
+        )
+        platform_side.start()
+        sending.close()
         swapping = open_loop(port, paths, rate=args.rate, seconds=args.seconds)
-        thread.join()
+        platform_side.join(timeout=120)
+        while len(swaps) < len(schedule):
+            try:
+                swaps.append(receiving.recv())
+            except EOFError:  # the publishing process ended early: said below
+                break
+        if platform_side.exitcode != 0 or len(swaps) != len(schedule):
+            raise SystemExit(
+                f"publishing failed (exit {platform_side.exitcode}, {len(swaps)} swaps)"
+            )
     finally:
         process.send_signal(signal.SIGTERM)
         exit_code = process.wait(timeout=60)
