@@ -169,6 +169,12 @@ def test_the_supernode_fixed_waits_are_shortened_and_nothing_else(
     # right after a reply: quick, then a quarter of the idle time, at most the idle poll
     assert slept == pytest.approx([0.1, 0.1, 0.25, 0.5, 0.8, 0.8])
     assert not supernode.shorten_idle_wait(start_client_internal, 0.2)  # only once
+    # the SuperNode asks again for parts of a message in transit after 50 ms, not 1 s
+    from common.flower_waits import REMOTE_RETRIES, quicken_object_pulls
+
+    monkeypatch.setattr(start_client_internal, "pull_objects", start_client_internal.pull_objects)
+    assert quicken_object_pulls(start_client_internal, REMOTE_RETRIES)
+    assert not quicken_object_pulls(start_client_internal, REMOTE_RETRIES)  # only once
     assert supernode.split_args(["--idle-poll", "0.5", "--insecure"]) == (0.5, ["--insecure"])
     assert supernode.split_args(["--insecure"]) == (1.0, ["--insecure"])
     with pytest.raises(SystemExit, match=r"between 0\.1 and 3"):
