@@ -29,6 +29,7 @@ from common.nextbasket.metrics import MetricSums, case_metrics
 from common.nextbasket.model import (
     BasketScorer,
     CatalogueGroups,
+    CatalogueTerms,
     RecordTensors,
     load_shared_arrays,
     score_catalogue,
@@ -58,9 +59,14 @@ def scorer_model(arrays: dict[str, np.ndarray], spec: ScorerSpec) -> BasketScore
     return model.eval()
 
 
-def model_scores(model: BasketScorer, data: HeldOut) -> np.ndarray:
-    """[cases, catalogue] scores of a loaded scorer (serving keeps one per version)."""
-    return score_catalogue(model, data.features, data.cases, data.items, groups=data.groups)
+def model_scores(
+    model: BasketScorer, data: HeldOut, terms: CatalogueTerms | None = None
+) -> np.ndarray:
+    """[cases, catalogue] scores of a loaded scorer (serving keeps one per version, with its
+    ``terms`` for the catalogue of ``data``)."""
+    return score_catalogue(
+        model, data.features, data.cases, data.items, groups=data.groups, terms=terms
+    )
 
 
 def raw_scores(arrays: dict[str, np.ndarray], spec: ScorerSpec, data: HeldOut) -> np.ndarray:

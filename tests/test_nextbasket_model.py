@@ -20,6 +20,8 @@ from common.nextbasket.model import (
     BasketScorer,
     BasketSoftmaxLoss,
     RecordTensors,
+    catalogue_groups,
+    catalogue_terms,
     load_shared_arrays,
     score_catalogue,
     shared_arrays,
@@ -114,6 +116,28 @@ def test_grouped_full_ranking_equals_the_forward_pass_over_every_product(shop, b
     # both kinds of product are present: in some history and in none
     in_history = np.isin(test.catalogue, features.pair_product())
     assert in_history.any() and not in_history.all()
+
+
+def test_kept_catalogue_terms_give_the_same_scores_and_must_fit_the_catalogue(shop):
+    log, _, _, test, features = shop
+    items = item_ids(log, SPEC)
+    model = BasketScorer(SPEC)
+    shop_codes = np.asarray(test.catalogue)
+    groups = catalogue_groups(
+        features.product_category, features.product_department, shop_codes, items
+    )
+    terms = catalogue_terms(model, shop_codes, items, groups)
+    kept = score_catalogue(model, features, test, items, groups=groups, terms=terms)
+    np.testing.assert_array_equal(kept, score_catalogue(model, features, test, items))
+    smaller = shop_codes[:-1]
+    other = catalogue_terms(
+        model,
+        smaller,
+        items,
+        catalogue_groups(features.product_category, features.product_department, smaller, items),
+    )
+    with pytest.raises(ValueError, match="another catalogue"):
+        score_catalogue(model, features, test, items, groups=groups, terms=other)
 
 
 def test_customer_records_hold_several_baskets(shop):

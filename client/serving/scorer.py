@@ -47,7 +47,7 @@ from common.nextbasket.features import (
     product_codes,
 )
 from common.nextbasket.local import LocalState
-from common.nextbasket.model import CatalogueGroups, catalogue_groups
+from common.nextbasket.model import CatalogueGroups, catalogue_groups, catalogue_terms
 from common.nextbasket.spec import ScorerSpec
 
 log = logging.getLogger(__name__)
@@ -148,20 +148,22 @@ class NextBasketScorer:
         weights = local.weights_for(dict(shared))
         self.personal = weights is local.personal
         self._model = scorer_model(weights, spec)  # names and shapes checked here
+        # fixed for this version and snapshot: computed once, not per request
+        self._terms = catalogue_terms(self._model, events.catalogue, events.items, events.groups)
 
     def final_scores(
         self, customer_ids: Sequence[str], at: float | None = None
     ) -> tuple[np.ndarray, np.ndarray, HeldOut]:
         """([B, C] final scores that rank, [B, C] blended scores, the cases) for customers."""
         held = self.events.held_out(customer_ids, at)
-        raw = model_scores(self._model, held)
+        raw = model_scores(self._model, held, self._terms)
         return final_scores(raw, self.head, held), self.head.apply(raw, held.popularity), held
 
     def top_k(self, customer_ids: Sequence[str], k: int, at: float | None = None) -> TopK:
         """The ``k`` best of :meth:`final_scores` without forming them: the final score orders
         by the blended score, then by the merchant's sales (break_ties), then catalogue order."""
         held = self.events.held_out(customer_ids, at)
-        blended = self.head.apply(model_scores(self._model, held), held.popularity)
+        blended = self.head.apply(model_scores(self._model, held, self._terms), held.popularity)
         index = best_k_by(blended, held.popularity, k)
         cases = held.cases
         return TopK(

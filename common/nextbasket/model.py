@@ -225,6 +225,33 @@ def catalogue_groups(
     )
 
 
+@dataclass(frozen=True)
+class CatalogueTerms:
+    """What the full ranking pass computes from the weights and the catalogue alone, kept by a
+    caller that ranks the same catalogue with the same weights many times (serving)."""
+
+    group: torch.Tensor  # [C] the group of each catalogue position
+    bias: torch.Tensor  # [C] each product's prior
+    category: torch.Tensor  # [G, D] category embedding of each group
+    department: torch.Tensor  # [G, D] department embedding of each group
+
+
+@torch.no_grad()
+def catalogue_terms(
+    model: BasketScorer, shop: np.ndarray, items: np.ndarray, groups: CatalogueGroups
+) -> CatalogueTerms:
+    """:class:`CatalogueTerms` of ``model`` for the catalogue ``shop`` (product codes)."""
+    if len(groups.group) != len(shop):
+        raise ValueError(f"groups cover {len(groups.group)} products, catalogue has {len(shop)}")
+    device = next(model.parameters()).device
+    return CatalogueTerms(
+        group=torch.from_numpy(groups.group).to(device),
+        bias=model.product_bias(torch.from_numpy(items[shop, 0]).to(device)).squeeze(-1),
+        category=model.categories(torch.from_numpy(groups.items[:, 0]).to(device)),
+        department=model.departments(torch.from_numpy(groups.items[:, 1]).to(device)),
+    )
+
+
 @torch.no_grad()
 def score_catalogue(
     model: BasketScorer,
@@ -233,13 +260,15 @@ def score_catalogue(
     items: np.ndarray,
     *,
     groups: CatalogueGroups | None = None,
+    terms: CatalogueTerms | None = None,
     batch_cases: int = 256,
 ) -> np.ndarray:
     """[cases, catalogue] shared scores: the full ranking pass for a store.
 
     ``features`` are :func:`history_features` of ``cases``; ``items`` is
     :func:`records.item_ids` of their log; ``groups`` are :func:`catalogue_groups` of
-    ``cases.catalogue`` if the caller keeps them.
+    ``cases.catalogue`` if the caller keeps them, ``terms`` their :func:`catalogue_terms` for
+    ``model`` if it keeps those too.
 
     The model's forward pass, arranged so that it costs per (case, category group) and per
     (case, history product) instead of per (case, catalogue product): a product outside the
@@ -261,12 +290,12 @@ def score_catalogue(
         groups = catalogue_groups(
             features.product_category, features.product_department, shop, items
         )
-    if len(groups.group) != len(shop):
-        raise ValueError(f"groups cover {len(groups.group)} products, catalogue has {len(shop)}")
-    group = torch.from_numpy(groups.group).to(device)
-    bias = model.product_bias(torch.from_numpy(items[shop, 0]).to(device)).squeeze(-1)
-    group_category = model.categories(torch.from_numpy(groups.items[:, 0]).to(device))
-    group_department = model.departments(torch.from_numpy(groups.items[:, 1]).to(device))
+    if terms is None:
+        terms = catalogue_terms(model, shop, items, groups)
+    if len(terms.group) != len(shop) or len(terms.category) != len(groups.category):
+        raise ValueError("catalogue terms were computed for another catalogue")
+    group, bias = terms.group, terms.bias
+    group_category, group_department = terms.category, terms.department
     size = len(groups.category)
     for start in range(0, len(cases), batch_cases):
         rows = np.arange(start, min(start + batch_cases, len(cases)))
