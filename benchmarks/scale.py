@@ -256,10 +256,10 @@ def with_load(row: dict[str, Any], context: dict[str, Any]) -> dict[str, Any]:
 
 
 def other_jobs() -> str:
-    """What else /work/notes/CPU_BUSY says runs on the machine (this benchmark's own line aside)."""
-    busy = Path("/work/notes/CPU_BUSY")
-    lines = busy.read_text().splitlines() if busy.exists() else []
-    return "; ".join(line for line in lines if line.strip() and "scale.py" not in line)
+    """The other processes busy on the machine as a size starts (benchmarks/machine_load.py)."""
+    from machine_load import busy_processes
+
+    return busy_processes()
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -392,11 +392,11 @@ def report(rows: list[dict[str, Any]], context: dict[str, Any]) -> str:
         "## Machine",
         "",
         f"{context['machine']}. The machine is shared: 1-minute load average before and after "
-        "each size, and what else was running then:",
+        "each size, and the other processes busy (at least 20% of a core) as it started:",
         "",
         *(
             f"- {r['merchants']} merchants: load {r['load_average_1min'][0]:.1f} -> "
-            f"{r['load_average_1min'][1]:.1f}; {r['other_jobs'] or 'nothing else recorded'}"
+            f"{r['load_average_1min'][1]:.1f}; {r['other_jobs'] or 'no other busy process'}"
             for r in rows
         ),
         "",

@@ -215,7 +215,7 @@ def section(results: dict[str, Any]) -> list[str]:
             "",
             f"The reply shrinks to {share:.0%} of its float32 size; what the platform sends "
             "(the float32 global model) does not change. The times are of a shared machine "
-            f"(also running then: {f32['other_jobs'] or 'nothing recorded'}), not a "
+            f"(busy beside it: {f32['other_jobs'] or 'no other process'}), not a "
             "comparison.",
             "",
         ]

@@ -1,0 +1,45 @@
+"""What else keeps this machine busy while a benchmark measures time: read from /proc.
+
+Benchmarks that report seconds on a shared machine print this beside their figures, so a slow
+row can be told apart from a slow program.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+
+def _cpu_ticks() -> dict[int, tuple[int, str]]:
+    """CPU ticks (user + system) and a short command line of every process."""
+    found: dict[int, tuple[int, str]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:  # ended meanwhile, or not ours to read
+            continue
+        words = [os.path.basename(argv[0].decode(errors="replace"))] if argv[0] else []
+        words += [a.decode(errors="replace") for a in argv[1:4] if a]
+        found[int(entry.name)] = (int(stat[11]) + int(stat[12]), " ".join(words)[:80])
+    return found
+
+
+def busy_processes(*, seconds: float = 1.0, threshold: float = 0.2) -> str:
+    """Other processes that used at least ``threshold`` of a core over ``seconds``, busiest first
+    ("" when none): this process is left out."""
+    before = _cpu_ticks()
+    time.sleep(seconds)
+    after = _cpu_ticks()
+    per_second = os.sysconf("SC_CLK_TCK")
+    busy = []
+    for pid, (ticks, command) in after.items():
+        if pid == os.getpid() or pid not in before:
+            continue
+        share = (ticks - before[pid][0]) / per_second / seconds
+        if share >= threshold:
+            busy.append((share, command))
+    return "; ".join(f"{cmd} ({share:.0%} of a core)" for share, cmd in sorted(busy, reverse=True))
