@@ -174,6 +174,7 @@ class DataConfig:
     mapping: tuple[str, ...] = ()  # files: column renames SRC=FIELD (FIELD '-' drops a column)
     top_n: int = 10
     min_rows: int = 10_000
+    exclude: tuple[str, ...] = ()  # merchants left out after the top_n are chosen
     train_weeks: tuple[int, int] = (1, 40)
     valid_weeks: tuple[int, int] = (41, 44)
     test_weeks: tuple[int, int] = (45, 53)
@@ -234,6 +235,10 @@ class DataConfig:
             raise ConfigError(f"data.min_rows must be >= 1, got {self.min_rows}")
         if self.slice_days < 1:
             raise ConfigError(f"data.slice_days must be >= 1, got {self.slice_days}")
+        if any(not m.strip() for m in self.exclude) or len(set(self.exclude)) != len(self.exclude):
+            raise ConfigError(
+                f"data.exclude must name merchants, each once, got {list(self.exclude)}"
+            )
         self._check_files()
         self._check_split()
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from common.config import DataConfig, DataSource, RunConfig
-from common.errors import DataValidationError
+from common.errors import ConfigError, DataValidationError
 from common.events import MERCHANT_ID, TIMESTAMP, parse_mapping
 from common.split import TimeSplit
 
@@ -79,7 +79,27 @@ def _sources_of(events: pd.DataFrame, label: str) -> dict[str, str]:
 
 
 def load_events(config: RunConfig) -> tuple[pd.DataFrame, dict[str, str]]:
-    """The selected merchants' canonical events and where each merchant's came from."""
+    """The selected merchants' canonical events and where each merchant's came from, without
+    the merchants ``data.exclude`` names."""
+    events, sources = _selected_events(config)
+    if not config.data.exclude:
+        return events, sources
+    selected = {str(m) for m in pd.unique(events[MERCHANT_ID])}
+    unknown = sorted(set(config.data.exclude) - selected)
+    if unknown:
+        raise ConfigError(
+            f"data.exclude names {unknown}, not among the selected merchants {sorted(selected)}"
+        )
+    if selected <= set(config.data.exclude):
+        raise ConfigError("data.exclude leaves out every selected merchant")
+    kept = ~events[MERCHANT_ID].isin(config.data.exclude)
+    dropped = set(config.data.exclude)
+    return events[kept].reset_index(drop=True), {
+        m: s for m, s in sources.items() if m not in dropped
+    }
+
+
+def _selected_events(config: RunConfig) -> tuple[pd.DataFrame, dict[str, str]]:
     data = config.data
     if data.source is DataSource.COMPLETEJOURNEY:
         from common.completejourney import SOURCE, load_merchants

@@ -194,6 +194,34 @@ def test_top_n_and_min_rows_apply_to_own_files(tmp_path: Path) -> None:
     assert sorted(dataset.events["merchant_id"].unique()) == ["merchant-000", "merchant-001"]
 
 
+def test_excluded_merchants_are_left_out_after_selection(tmp_path: Path) -> None:
+    frames = shop_frames()
+    early = frames["merchant-001"]  # a shop that closed: no test events
+    frames["merchant-001"] = early[early["sold_at"] < "2017-06-01"].reset_index(drop=True)
+    path = write_one_file(tmp_path / "all.csv", frames)
+    dataset = load_dataset(files_config(path, "data.exclude=merchant-001"))
+    assert sorted(dataset.parts()) == ["merchant-000", "merchant-002"]
+    assert sorted(dataset.sources) == ["merchant-000", "merchant-002"]
+    # top_n chooses first (merchant-001, trimmed, is the smallest): the excluded merchant
+    # does not make room for another
+    two = load_dataset(files_config(path, "data.top_n=2", "data.exclude=merchant-000"))
+    assert list(pd.unique(two.events["merchant_id"])) == ["merchant-002"]
+
+
+@pytest.mark.parametrize(
+    ("exclude", "message"),
+    [
+        ("merchant-009", r"data.exclude names \['merchant-009'\], not among the selected"),
+        ("merchant-000,merchant-001,merchant-002", "leaves out every selected merchant"),
+        ("merchant-000,merchant-000", "each once"),
+    ],
+)
+def test_bad_exclusions_are_named(tmp_path: Path, exclude: str, message: str) -> None:
+    path = write_one_file(tmp_path / "all.csv", shop_frames())
+    with pytest.raises(ConfigError, match=message):
+        load_dataset(files_config(path, f"data.exclude={exclude}"))
+
+
 # --------------------------------------------------------------------------- split and layout
 
 
