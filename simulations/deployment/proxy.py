@@ -131,7 +131,12 @@ def nginx_conf(spec: FleetProxySpec) -> str:
         f"error_log {_quoted(spec.error_log)} warn;",
         "events { worker_connections 512; }",
         "http {",
-        f"  access_log {_quoted(spec.access_log)};",
+        # nginx's combined format up to the byte count, then how long each request took
+        # here and at the SuperLink (seconds; "-" when nginx answered it itself)
+        "  log_format fleet '$remote_addr - - [$time_local] \"$request\" $status "
+        "$body_bytes_sent request_s=$request_time superlink_s=$upstream_response_time "
+        "at=$msec';",
+        f"  access_log {_quoted(spec.access_log)} fleet;",
         f"  client_body_temp_path {_quoted(tmp / 'body')};",
         f"  proxy_temp_path {_quoted(tmp / 'proxy')};",
         f"  fastcgi_temp_path {_quoted(tmp / 'fastcgi')};",
