@@ -133,7 +133,7 @@ def nginx_conf(spec: FleetProxySpec) -> str:
         "http {",
         # nginx's combined format up to the byte count, then how long each request took
         # here and at the SuperLink (seconds; "-" when nginx answered it itself)
-        "  log_format fleet '$remote_addr - - [$time_local] \"$request\" $status "
+        '  log_format fleet \'$remote_addr - - [$time_local] "$request" $status '
         "$body_bytes_sent request_s=$request_time superlink_s=$upstream_response_time "
         "at=$msec';",
         f"  access_log {_quoted(spec.access_log)} fleet;",
