@@ -125,7 +125,9 @@ def report(online: dict[str, Any], retrained: list[dict[str, Any]], seconds: flo
         "| P-TopFreq | promoted |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    columns: dict[str, list[float]] = {k: [] for k in ("frozen", "fresh", "online", "retrain")}
+    columns: dict[str, list[float]] = {
+        k: [] for k in ("frozen", "fresh", "online", "retrain", "ptf")
+    }
     for row in weeks:
         refs = row.get("references", {})
         frozen = refs.get("offline@stale", {}).get(METRIC, math.nan)
@@ -133,7 +135,7 @@ def report(online: dict[str, Any], retrained: list[dict[str, Any]], seconds: flo
         tuned = row["prequential"].get(METRIC, math.nan)
         retrain = by_week.get(row["week"], {}).get("shared", {}).get(METRIC, math.nan)
         ptf = by_week.get(row["week"], {}).get("p-topfreq", {}).get(METRIC, math.nan)
-        for key, value in zip(columns, (frozen, fresh, tuned, retrain), strict=True):
+        for key, value in zip(columns, (frozen, fresh, tuned, retrain, ptf), strict=True):
             columns[key].append(value)
         lines.append(
             f"| {row['week']} | {row['prequential_cases']:.0f} | {frozen:.4f} | {fresh:.4f} | "
@@ -148,7 +150,8 @@ def report(online: dict[str, Any], retrained: list[dict[str, Any]], seconds: flo
         f"| mean, every week | | {means['frozen']:.4f} | {means['fresh']:.4f} | "
         f"{means['online']:.4f} | | | |",
         f"| mean, the {len(on_retrained)} retraining weeks | | {same['frozen']:.4f} | "
-        f"{same['fresh']:.4f} | {same['online']:.4f} | {same['retrain']:.4f} | | |",
+        f"{same['fresh']:.4f} | {same['online']:.4f} | {same['retrain']:.4f} | "
+        f"{same['ptf']:.4f} | |",
         "",
         "## Reading",
         "",
