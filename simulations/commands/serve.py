@@ -233,7 +233,7 @@ def run_serve(args: argparse.Namespace) -> int:
     # Requests are answered on the event loop; the watcher (hot swap) and the impression writer
     # are other threads. Each time a request's torch or numpy call lets the GIL go, a busy
     # other thread keeps it for up to the switch interval (5 ms by default), a few dozen times
-    # per request: a swap would add 0.1 s to the requests answered meanwhile. 0.5 ms bounds it.
+    # per request: during a swap that can add tens of ms to a request. 0.5 ms bounds it.
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     previous = signal.signal(signal.SIGTERM, _stop_requested)
     try:
