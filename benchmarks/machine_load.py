@@ -11,6 +11,30 @@ import time
 from pathlib import Path
 
 
+def process_ticks(pid: int) -> int:
+    """CPU ticks (user + system, all threads) a process has used so far."""
+    stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(stat[11]) + int(stat[12])
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process (all its threads) has used so far."""
+    return process_ticks(pid) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_jiffies() -> tuple[int, int]:
+    """(stolen, total) CPU time of the whole machine so far, from /proc/stat: "stolen" is time
+    the hypervisor gave this machine's virtual CPUs to someone else while they had work."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
+def stolen_share(before: tuple[int, int]) -> float:
+    """Share of the machine's CPU time stolen since ``before`` (a :func:`machine_jiffies`)."""
+    stolen, total = machine_jiffies()
+    return (stolen - before[0]) / max(1, total - before[1])
+
+
 def _cpu_ticks() -> dict[int, tuple[int, str]]:
     """CPU ticks (user + system) and a short command line of every process."""
     found: dict[int, tuple[int, str]] = {}
@@ -18,13 +42,13 @@ def _cpu_ticks() -> dict[int, tuple[int, str]]:
         if not entry.name.isdigit():
             continue
         try:
-            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            ticks = process_ticks(int(entry.name))
             argv = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:  # ended meanwhile, or not ours to read
             continue
         words = [os.path.basename(argv[0].decode(errors="replace"))] if argv[0] else []
         words += [a.decode(errors="replace") for a in argv[1:4] if a]
-        found[int(entry.name)] = (int(stat[11]) + int(stat[12]), " ".join(words)[:80])
+        found[int(entry.name)] = (ticks, " ".join(words)[:80])
     return found
 
 

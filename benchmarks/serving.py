@@ -137,24 +137,6 @@ def summary(samples: list[Sample], planned: int) -> dict[str, float]:
     }
 
 
-def machine_jiffies() -> tuple[int, int]:
-    """(stolen, total) CPU time of the whole machine so far, from /proc/stat: "stolen" is time
-    the hypervisor gave this machine's virtual CPUs to someone else while they had work."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
-
-
-def stolen_share(before: tuple[int, int]) -> float:
-    stolen, total = machine_jiffies()
-    return (stolen - before[0]) / max(1, total - before[1])
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (all its threads), from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def train_locally(events, valid, spec, seed: int):  # type: ignore[no-untyped-def]
     """The next-basket scorer trained on the store's own weeks 1-40 (non-private), when no run
     is given; the store's local part fitted on weeks 41-45 as client/evaluation.py does."""
@@ -252,6 +234,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "serving.md")
     args = parser.parse_args()
 
+    from machine_load import cpu_seconds, machine_jiffies, stolen_share
     from report_section import write_section
 
     from client.evaluation import local_state_path

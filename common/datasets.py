@@ -85,15 +85,14 @@ def load_events(config: RunConfig) -> tuple[pd.DataFrame, dict[str, str]]:
     if not config.data.exclude:
         return events, sources
     selected = {str(m) for m in pd.unique(events[MERCHANT_ID])}
-    unknown = sorted(set(config.data.exclude) - selected)
-    if unknown:
+    dropped = set(config.data.exclude)
+    if unknown := sorted(dropped - selected):
         raise ConfigError(
             f"data.exclude names {unknown}, not among the selected merchants {sorted(selected)}"
         )
-    if selected <= set(config.data.exclude):
+    if selected <= dropped:
         raise ConfigError("data.exclude leaves out every selected merchant")
-    kept = ~events[MERCHANT_ID].isin(config.data.exclude)
-    dropped = set(config.data.exclude)
+    kept = ~events[MERCHANT_ID].isin(dropped)
     return events[kept].reset_index(drop=True), {
         m: s for m, s in sources.items() if m not in dropped
     }
