@@ -67,3 +67,19 @@ def busy_processes(*, seconds: float = 1.0, threshold: float = 0.2) -> str:
         if share >= threshold:
             busy.append((share, command))
     return "; ".join(f"{cmd} ({share:.0%} of a core)" for share, cmd in sorted(busy, reverse=True))
+
+
+def reference_work_seconds(*, repeats: int = 5) -> float:
+    """Fastest of ``repeats`` runs of a fixed piece of interpreter work (a loop of dict and
+    string operations, about 0.03 s on a fast, quiet core): how fast the cores are at the
+    moment. The same code measured on different days differs by several times on a shared
+    host; this number, printed beside the figures, tells the machine's share from the program's."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        table: dict[str, int] = {}
+        for i in range(200_000):
+            key = f"k{i % 1000}"
+            table[key] = table.get(key, 0) + i
+        best = min(best, time.perf_counter() - start)
+    return best

@@ -234,7 +234,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "serving.md")
     args = parser.parse_args()
 
-    from machine_load import cpu_seconds, machine_jiffies, stolen_share
+    from machine_load import cpu_seconds, machine_jiffies, reference_work_seconds, stolen_share
     from report_section import write_section
 
     from client.evaluation import local_state_path
@@ -387,6 +387,7 @@ def main() -> int:
         exit_code=exit_code,
         batch=(int(scored.group(1)), float(scored.group(2)), scored.group(3), batch_wall),
         loadavg=os.getloadavg(),
+        reference_s=reference_work_seconds(),
         cpu_ms=cpu_ms,
     )
     write_section(args.out, "serving-benchmark", body)
@@ -417,7 +418,9 @@ def render(**m) -> str:  # type: ignore[no-untyped-def]
 Merchant: Complete Journey {m["store"]}, catalogue {m["catalogue"]:,} products (every product it
 sold in weeks 1-40), {m["households"]} households plus 10% unknown customer ids (cold start).
 Model: {m["model_note"]}. Machine: {machine}; the load generator and `fedshop serve` share it
-(load average over 1/5/15 minutes at the end: {load}; other work on the machine counts in it).
+(load average over 1/5/15 minutes at the end: {load}; other work on the machine counts in it;
+a fixed piece of interpreter work took {m["reference_s"] * 1000:.0f} ms at the end,
+`benchmarks/machine_load.py`, a measure of how fast the cores were).
 Load: {args.rate:g} requests/s for {args.seconds:g} s per phase, open loop (latency from the
 scheduled send time), top-10 over the full catalogue on loopback.
 
@@ -432,7 +435,7 @@ other machines during the phase (/proc/stat), time in which neither the service 
 generator could run.
 
 CPU time of `fedshop serve` per request in the steady phase: {m["cpu_ms"]:.1f} ms (user + system,
-all threads; a figure that other work on the machine hardly changes).
+all threads; it follows the speed of the cores, like the reference work above).
 
 The responses of the hot-swap phase changed model version {m["switches"]} times (3 publications;
 concurrent requests around a swap may interleave). `fedshop serve` stopped with exit code

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -32,6 +33,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 from common import certs  # noqa: E402
 from simulations.deployment.process import QUIET_FLOWER_ENV, free_port  # noqa: E402
@@ -285,14 +287,37 @@ def tls_overhead(tmp: Path, *, rounds: int, payload_mb: float) -> dict[str, obje
 
 MERCHANT_MODES = ("per-message", "runner")
 
+# One line of the proxy's access log (simulations/deployment/proxy.py, ``log_format fleet``).
+FLEET_LINE = re.compile(
+    r'"POST (?P<path>\S+) [^"]*" (?P<status>\d+) .* request_s=(?P<seconds>[\d.]+)'
+)
+
+
+def fleet_request_seconds(access_log: Path) -> dict[str, dict[str, float]]:
+    """Per Fleet API call (the last part of its path): how many, median and max seconds at
+    nginx, which equal the SuperLink's own time on loopback (docs/transport.md)."""
+    seconds: dict[str, list[float]] = {}
+    for line in access_log.read_text(encoding="utf-8").splitlines():
+        found = FLEET_LINE.search(line)
+        if found is not None:
+            call = found["path"].rstrip("/").rsplit("/", 1)[-1]
+            seconds.setdefault(call, []).append(float(found["seconds"]))
+    return {
+        call: {"count": len(values), "median_s": statistics.median(values), "max_s": max(values)}
+        for call, values in sorted(seconds.items())
+    }
+
 
 def message_cost(
     tmp: Path, *, rounds: int, idle_poll: float | None, modes: tuple[str, ...] = MERCHANT_MODES
 ) -> dict[str, object]:
     """Round time of one tiny message to each of 2 merchants whose ClientApp imports
     fedshop's: the fixed cost per message, per-message process versus runner."""
+    from machine_load import machine_jiffies, stolen_share
+
     found: dict[str, object] = {}
     for mode in modes:
+        machine_before = machine_jiffies()
         trace = federation_round_times(
             tmp / f"cost-{mode}",
             tls=True,
@@ -305,6 +330,10 @@ def message_cost(
         found[mode] = {
             **trace,
             **{f"median_{key}": statistics.median(values[1:]) for key, values in trace.items()},
+            "stolen_cpu_share": stolen_share(machine_before),
+            "fleet_requests": fleet_request_seconds(
+                tmp / f"cost-{mode}" / "state" / "logs" / "proxy-access.log"
+            ),
         }
     found["note"] = "median over rounds 2..N; round 1 includes the runner's own start"
     return found
@@ -331,7 +360,13 @@ def main() -> int:
     unknown = parts - {"tls", "message-cost", "imports"}
     if unknown:
         parser.error(f"unknown --parts {sorted(unknown)}")
-    report: dict[str, object] = {"cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0]}
+    from machine_load import reference_work_seconds
+
+    report: dict[str, object] = {
+        "cpus": os.cpu_count(),
+        "load_avg_1m": os.getloadavg()[0],
+        "reference_work_s": reference_work_seconds(),
+    }
     with tempfile.TemporaryDirectory(prefix="fedshop-transport-") as tmp:
         if "tls" in parts:
             report["tls"] = tls_overhead(Path(tmp), rounds=args.rounds, payload_mb=args.payload_mb)
