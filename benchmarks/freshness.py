@@ -23,8 +23,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "support"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import deploy_harness as h  # noqa: E402
+from machine_load import reference_work_seconds  # noqa: E402
 
 
 def main() -> int:
@@ -84,6 +86,7 @@ def main() -> int:
         for i, week in enumerate(arrivals)
         for a in week
     )
+    reference_ms = reference_work_seconds() * 1000
     text = f"""# Freshness of online fine-tuning (loopback deployment)
 
 Measured by `python benchmarks/freshness.py --merchants {args.merchants} --weeks {args.weeks}
@@ -96,7 +99,9 @@ Freshness is the time from that rename to the registry's record of the promotion
 version the merchant trained on the file; the gate is set to pass every candidate here, so the
 figure is the latency of the path (inbox scan, DP training, aggregation, gate evaluation,
 registration, promotion), not of the gate's verdict. Machine: {platform.machine()}, {os.cpu_count()}
-cores, Python {platform.python_version()}; online round interval {args.interval:g} s.
+cores, Python {platform.python_version()}; online round interval {args.interval:g} s; a fixed
+piece of interpreter work took {reference_ms:.0f} ms at the end (`benchmarks/machine_load.py`,
+how fast the cores were).
 
 | week | merchant | round | version | seconds to promotion |
 |---|---|---|---|---|
@@ -104,9 +109,10 @@ cores, Python {platform.python_version()}; online round interval {args.interval:
 
 - Median {statistics.median(seconds):.1f} s, max {max(seconds):.1f} s over {len(seconds)} files
   (target <= 120 s).
-- A round costs one ClientApp process start per merchant (Flower starts one per message) plus
-  DP training on the cohort plus gating on the validation archive; a file that lands just after
-  a round's inbox scan waits for the next round (at most `interval_s` plus one round).
+- A round costs the messages to and from each merchant's long-running ClientApp runner
+  (docs/transport.md), DP training on the cohort and gating on the validation archive; a file
+  that lands just after a round's inbox scan waits for the next round (at most `interval_s`
+  plus one round).
 """
     args.out.write_text(text, encoding="utf-8")
     print(text)

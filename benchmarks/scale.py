@@ -202,6 +202,9 @@ def measure(
     shutil.rmtree(run_dir, ignore_errors=True)
     load_before = os.getloadavg()[0]
     others = other_jobs()
+    from machine_load import reference_work_seconds
+
+    reference_ms = 1000 * reference_work_seconds()
     print(f"== {merchants} merchants ({update_dtype} updates): provisioning", flush=True)
     dtype = f"federation.update_dtype={update_dtype}"
     provisioned = _child("provision", str(merchants), str(rounds), str(run_dir), dtype)
@@ -238,6 +241,7 @@ def measure(
         "ledger_entries": audited["entries"],
         "load_average_1min": [load_before, os.getloadavg()[0]],
         "other_jobs": others,
+        "reference_work_ms": reference_ms,
     }
     print(json.dumps({k: v for k, v in figures.items() if not isinstance(v, list)}), flush=True)
     return figures
@@ -387,6 +391,16 @@ def report(rows: list[dict[str, Any]], context: dict[str, Any]) -> str:
         "warm rounds only: "
         f"{first[warm]:.3f} s -> {last[warm]:.3f} s, {warm_ratio:.2f}x: "
         f"**{verdict(warm_ratio <= TARGET_RATIO)}**.",
+        "- The one-off start-up in round 1 (round 1 minus round 2, the same work otherwise): "
+        + " / ".join(
+            f"{r['round_seconds'][0] - r['round_seconds'][1]:.1f} s"
+            for r in rows
+            if len(r["round_seconds"]) > 1
+        )
+        + " at "
+        + " / ".join(str(r["merchants"]) for r in rows if len(r["round_seconds"]) > 1)
+        + " merchants: a cost per run, not per merchant-round, which weighs most on the "
+        "smallest run.",
         *(["", context["note"]] if context.get("note") else []),
         "",
         "## Machine",
@@ -397,6 +411,12 @@ def report(rows: list[dict[str, Any]], context: dict[str, Any]) -> str:
         *(
             f"- {r['merchants']} merchants: load {r['load_average_1min'][0]:.1f} -> "
             f"{r['load_average_1min'][1]:.1f}; {r['other_jobs'] or 'no other busy process'}"
+            + (
+                f"; a fixed piece of interpreter work took {r['reference_work_ms']:.0f} ms "
+                "(benchmarks/machine_load.py: how fast the cores were)"
+                if "reference_work_ms" in r
+                else ""
+            )
             for r in rows
         ),
         "",
