@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from quality_report import Report, write_report
 
+from client.evaluation import neighbour_scores
 from client.nextbasket_local import HeldOut, fit_local_state, raw_scores, scores_with
 from client.nextbasket_training import train_scorer
 from client.training import DPSettings, LocalTraining, steps_per_round
@@ -118,7 +119,10 @@ def prepare(spec: ScorerSpec) -> dict[str, Merchant]:
         for split, period in (("valid", VALID), ("test", TEST)):
             cases = heldout_cases(log, period=period, catalogue_weeks=TRAIN)
             popularity = merchant_popularity(log, before_week=period[0])[cases.catalogue]
-            held[split] = HeldOut(cases, history_features(log, cases), popularity, items)
+            neighbours = neighbour_scores(log, cases)
+            held[split] = HeldOut(
+                cases, history_features(log, cases), popularity, items, neighbours=neighbours
+            )
         merchants[name] = Merchant(log, train, history_features(log, train), items, held)
     return merchants
 

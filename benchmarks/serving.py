@@ -142,6 +142,7 @@ def train_locally(events, valid, spec, seed: int):  # type: ignore[no-untyped-de
     is given; the store's local part fitted on weeks 41-45 as client/evaluation.py does."""
     import torch
 
+    from client.evaluation import neighbour_scores
     from client.merchant_data import TrainingData, period_log
     from client.nextbasket_local import HeldOut, fit_local_state
     from client.nextbasket_training import train_scorer
@@ -180,13 +181,20 @@ def train_locally(events, valid, spec, seed: int):  # type: ignore[no-untyped-de
         shared=result.arrays,
         spec=spec,
         records=records,
-        validation=HeldOut(cases, features, popularity[cases.catalogue], periods.items),
+        validation=HeldOut(
+            cases,
+            features,
+            popularity[cases.catalogue],
+            periods.items,
+            neighbours=neighbour_scores(periods.log, cases),
+        ),
         generator=torch.Generator().manual_seed(seed + 1),
     )
     note = (
         f"the next-basket scorer trained on the store's weeks 1-40 (non-private, 2 epochs, loss "
         f"{result.mean_loss:.3f}), with the store's local part fitted on weeks 41-45 "
-        f"(blend {local.head.popularity_weight:g}, "
+        f"(blend {local.head.popularity_weight:g}, neighbour weight "
+        f"{local.head.neighbour_weight:g}, "
         f"{'personal weights' if local.personal else 'no personal weights'})"
     )
     return result.arrays, local, note

@@ -54,10 +54,12 @@ from common.keys import load_signing_key
 from common.ledger import MerchantLedger
 from common.metric_sums import MetricSum, MetricSums
 from common.nextbasket import baselines
+from common.nextbasket.baskets import BasketLog, CaseSet
 from common.nextbasket.features import history_features
 from common.nextbasket.local import LocalHead, LocalState
 from common.nextbasket.metrics import SAMPLED, case_metrics, sampled_ndcg
 from common.nextbasket.model import BasketScorer, RecordTensors, load_shared_arrays
+from common.nextbasket.neighbours import NeighbourIndex
 from common.nextbasket.records import training_records
 from common.protocol import (
     BASELINE_LABELS,
@@ -100,8 +102,22 @@ def _heldout(periods: PeriodLog, period: int, rows: np.ndarray | None = None) ->
     if rows is not None:
         cases = cases.subset(rows)
         features = history_features(periods.log, cases)
-    held = HeldOut(cases, features, popularity[cases.catalogue], periods.items)
+    held = HeldOut(
+        cases,
+        features,
+        popularity[cases.catalogue],
+        periods.items,
+        neighbours=neighbour_scores(periods.log, cases),
+    )
     return Part(periods, held)
+
+
+def neighbour_scores(log: BasketLog, cases: CaseSet) -> np.ndarray:
+    """The cases' neighbour scores from every household's baskets before the earliest case
+    (held-out cases share one cutoff: their period's start)."""
+    before = float(cases.day.min()) if len(cases) else 0.0
+    index = NeighbourIndex.build(log, before_day=before, catalogue=cases.catalogue)
+    return index.scores(cases)
 
 
 def offline_parts(merchant: MerchantConfig, wanted: set[EvalPart], config: RunConfig) -> dict:

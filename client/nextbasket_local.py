@@ -5,7 +5,8 @@ validation weeks (the weeks after its training weeks) between
 
 - the shared weights as they are, or Ditto-personalised copies at a few pull strengths
   (:func:`client.nextbasket_training.personalise`, trained without DP on its own records), and
-- a popularity weight for its blend (:class:`common.nextbasket.local.LocalHead`),
+- a popularity weight and a neighbour weight (TIFU-KNN over its own households,
+  :mod:`common.nextbasket.neighbours`) for its blend (:class:`common.nextbasket.local.LocalHead`),
 
 keeping whichever scores the best NDCG@10 there (the simpler choice wins ties). Nothing of
 this is sent: the platform only ever receives shared weights and metric sums.
@@ -37,6 +38,7 @@ from common.nextbasket.model import (
 from common.nextbasket.spec import ScorerSpec
 
 POPULARITY_WEIGHTS: tuple[float, ...] = (0.0, 0.1, 0.25, 0.5, 1.0)
+NEIGHBOUR_WEIGHTS: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0)
 PROX_STRENGTHS: tuple[float, ...] = (1.0, 0.1)
 PERSONAL_TRAINING = LocalTraining(batch_size=256, local_epochs=2, learning_rate=3e-3)
 
@@ -50,6 +52,7 @@ class HeldOut:
     popularity: np.ndarray  # [catalogue] merchant sales before the held-out weeks
     items: np.ndarray  # [products, 3] hashed ids (records.item_ids)
     groups: CatalogueGroups | None = None  # of cases.catalogue, when the caller keeps them
+    neighbours: np.ndarray | None = None  # [cases, catalogue] NeighbourIndex.scores, if kept
 
 
 def scorer_model(arrays: dict[str, np.ndarray], spec: ScorerSpec) -> BasketScorer:
@@ -76,7 +79,7 @@ def raw_scores(arrays: dict[str, np.ndarray], spec: ScorerSpec, data: HeldOut) -
 
 def final_scores(raw: np.ndarray, head: LocalHead, data: HeldOut) -> np.ndarray:
     """The blend, ties broken by the merchant's popularity (as every baseline does)."""
-    return break_ties(head.apply(raw, data.popularity), data.popularity)
+    return break_ties(head.apply(raw, data.popularity, data.neighbours), data.popularity)
 
 
 def scores_with(
@@ -89,11 +92,12 @@ def scores_with(
 
 def _best_head(raw: np.ndarray, data: HeldOut) -> tuple[LocalHead, float]:
     best, best_value = LocalHead(0.0), -np.inf
-    for weight in POPULARITY_WEIGHTS:
-        head = LocalHead(weight)
-        value = MetricSums.of(case_metrics(final_scores(raw, head, data), data.cases))
-        if value.mean("ndcg@10") > best_value + 1e-12:
-            best, best_value = head, value.mean("ndcg@10")
+    for neighbour in NEIGHBOUR_WEIGHTS if data.neighbours is not None else (0.0,):
+        for weight in POPULARITY_WEIGHTS:
+            head = LocalHead(weight, neighbour)
+            value = MetricSums.of(case_metrics(final_scores(raw, head, data), data.cases))
+            if value.mean("ndcg@10") > best_value + 1e-12:
+                best, best_value = head, value.mean("ndcg@10")
     return best, best_value
 
 

@@ -84,13 +84,14 @@ def personal_state(merchant_id: str, shared: dict[str, np.ndarray]) -> LocalStat
     )
 
 
-@pytest.mark.parametrize("local", ["none", "blend", "personal"])
+@pytest.mark.parametrize("local", ["none", "blend", "neighbours", "personal"])
 def test_serving_ranks_a_household_exactly_as_the_evaluation(shop, local: str) -> None:
     merchant, train = shop
     shared = random_arrays(1)
     state = {
         "none": LocalState(merchant.id),
         "blend": LocalState(merchant.id, LocalHead(0.5)),
+        "neighbours": LocalState(merchant.id, LocalHead(0.1, 4.0)),
         "personal": personal_state(merchant.id, shared),
     }[local]
     held, log = evaluation_cases(merchant)

@@ -48,6 +48,7 @@ from common.nextbasket.features import (
 )
 from common.nextbasket.local import LocalState
 from common.nextbasket.model import CatalogueGroups, catalogue_groups, catalogue_terms
+from common.nextbasket.neighbours import NeighbourIndex
 from common.nextbasket.spec import ScorerSpec
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ class ServingEvents:
     codes: ProductCodes  # computed once per snapshot instead of once per request
     groups: CatalogueGroups  # the catalogue's category groups, once per snapshot
     product_ids: np.ndarray  # [C] product id of each catalogue position
+    neighbours: NeighbourIndex  # every household's TIFU vector from all events, once per snapshot
 
     @classmethod
     def of(cls, events: pd.DataFrame, spec: ScorerSpec) -> ServingEvents:
@@ -90,8 +92,18 @@ class ServingEvents:
         day = float(log.day.max())
         product = product_codes(log)
         groups = catalogue_groups(product.category, product.department, shop, periods.items)
+        index = NeighbourIndex.build(log, before_day=np.nextafter(day, np.inf), catalogue=shop)
         return cls(
-            log, periods.items, shop, popularity, day, codes, product, groups, log.product_ids[shop]
+            log,
+            periods.items,
+            shop,
+            popularity,
+            day,
+            codes,
+            product,
+            groups,
+            log.product_ids[shop],
+            index,
         )
 
     def cases(self, customer_ids: Sequence[str], at: float | None = None) -> CaseSet:
@@ -124,11 +136,20 @@ class ServingEvents:
             catalogue=self.catalogue,
         )
 
-    def held_out(self, customer_ids: Sequence[str], at: float | None = None) -> HeldOut:
-        """What the production scoring functions take, for these customers."""
+    def held_out(
+        self, customer_ids: Sequence[str], at: float | None = None, *, neighbours: bool = False
+    ) -> HeldOut:
+        """What the production scoring functions take, for these customers; their neighbour
+        scores too if asked (a blend with a neighbour weight needs them)."""
         cases = self.cases(customer_ids, at)
         features = history_features(self.log, cases, self.codes)
-        return HeldOut(cases, features, self.popularity, self.items, self.groups)
+        scores = None
+        if neighbours:
+            index = self.neighbours
+            if at is not None:  # the households' vectors as they were at that moment
+                index = NeighbourIndex.build(self.log, before_day=at, catalogue=self.catalogue)
+            scores = index.scores(cases)
+        return HeldOut(cases, features, self.popularity, self.items, self.groups, scores)
 
 
 class NextBasketScorer:
@@ -145,6 +166,7 @@ class NextBasketScorer:
         self.version_id = version_id
         self.events = events
         self.head = local.head
+        self._neighbours = local.head.neighbour_weight != 0  # computed per request only if used
         weights = local.weights_for(dict(shared))
         self.personal = weights is local.personal
         self._model = scorer_model(weights, spec)  # names and shapes checked here
@@ -155,15 +177,17 @@ class NextBasketScorer:
         self, customer_ids: Sequence[str], at: float | None = None
     ) -> tuple[np.ndarray, np.ndarray, HeldOut]:
         """([B, C] final scores that rank, [B, C] blended scores, the cases) for customers."""
-        held = self.events.held_out(customer_ids, at)
+        held = self.events.held_out(customer_ids, at, neighbours=self._neighbours)
         raw = model_scores(self._model, held, self._terms)
-        return final_scores(raw, self.head, held), self.head.apply(raw, held.popularity), held
+        blended = self.head.apply(raw, held.popularity, held.neighbours)
+        return final_scores(raw, self.head, held), blended, held
 
     def top_k(self, customer_ids: Sequence[str], k: int, at: float | None = None) -> TopK:
         """The ``k`` best of :meth:`final_scores` without forming them: the final score orders
         by the blended score, then by the merchant's sales (break_ties), then catalogue order."""
-        held = self.events.held_out(customer_ids, at)
-        blended = self.head.apply(model_scores(self._model, held, self._terms), held.popularity)
+        held = self.events.held_out(customer_ids, at, neighbours=self._neighbours)
+        raw = model_scores(self._model, held, self._terms)
+        blended = self.head.apply(raw, held.popularity, held.neighbours)
         index = best_k_by(blended, held.popularity, k)
         cases = held.cases
         return TopK(

@@ -99,6 +99,19 @@ def tifu_vectors(
     log: BasketLog, *, before_day: float, catalogue: np.ndarray, params: TifuParams
 ) -> np.ndarray:
     """[customers, catalogue] TIFU household vectors from the baskets before ``before_day``."""
+    kept, weight = tifu_decay_weights(log, before_day=before_day, params=params)
+    slot = np.searchsorted(catalogue, log.product[kept])
+    inside = slot < len(catalogue)
+    inside[inside] = catalogue[slot[inside]] == log.product[kept][inside]
+    vectors = np.zeros((log.n_customers, len(catalogue)))
+    np.add.at(vectors, (log.customer[kept][inside], slot[inside]), weight[inside])
+    return vectors
+
+
+def tifu_decay_weights(
+    log: BasketLog, *, before_day: float, params: TifuParams
+) -> tuple[np.ndarray, np.ndarray]:
+    """(event rows before ``before_day``, each one's TIFU weight in its household's vector)."""
     kept = np.flatnonzero(log.day < before_day)
     customer, basket = log.customer[kept], log.basket[kept]
     last = np.full(log.n_customers, -1, dtype=np.int64)
@@ -117,12 +130,7 @@ def tifu_vectors(
         * params.group_decay**group
         / np.maximum(groups[customer], 1)
     )
-    slot = np.searchsorted(catalogue, log.product[kept])
-    inside = slot < len(catalogue)
-    inside[inside] = catalogue[slot[inside]] == log.product[kept][inside]
-    vectors = np.zeros((log.n_customers, len(catalogue)))
-    np.add.at(vectors, (customer[inside], slot[inside]), weight[inside])
-    return vectors
+    return kept, weight
 
 
 @dataclass(frozen=True)

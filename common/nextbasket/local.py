@@ -25,18 +25,30 @@ FORMAT = 1
 
 @dataclass(frozen=True)
 class LocalHead:
-    """The merchant's blend of the (shared or personal) score with its own best sellers:
-    ``score + popularity_weight * log(1 + merchant sales of the product)``."""
+    """The merchant's blend of the (shared or personal) score with what it knows alone:
+    ``score + popularity_weight * log(1 + merchant sales of the product)
+    + neighbour_weight * neighbour score`` (:mod:`common.nextbasket.neighbours`: TIFU-KNN over
+    the merchant's own households, each case's largest = 1)."""
 
     popularity_weight: float = 0.0
+    neighbour_weight: float = 0.0
 
     def __post_init__(self) -> None:
-        if not math.isfinite(self.popularity_weight):
-            raise ConfigError(f"popularity_weight must be finite, got {self.popularity_weight}")
+        for name in ("popularity_weight", "neighbour_weight"):
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"{name} must be finite, got {getattr(self, name)}")
 
-    def apply(self, scores: np.ndarray, popularity: np.ndarray) -> np.ndarray:
-        """``scores`` [cases, catalogue]; ``popularity`` [catalogue] merchant sales."""
-        return scores + self.popularity_weight * np.log1p(popularity)[None, :]
+    def apply(
+        self, scores: np.ndarray, popularity: np.ndarray, neighbours: np.ndarray | None = None
+    ) -> np.ndarray:
+        """``scores`` [cases, catalogue]; ``popularity`` [catalogue] merchant sales;
+        ``neighbours`` [cases, catalogue] neighbour scores, needed when the weight is not 0."""
+        out = scores + self.popularity_weight * np.log1p(popularity)[None, :]
+        if self.neighbour_weight:
+            if neighbours is None or neighbours.shape != scores.shape:
+                raise ValueError("this blend needs the cases' neighbour scores")
+            out = out + self.neighbour_weight * neighbours
+        return out
 
 
 @dataclass(frozen=True)
@@ -63,6 +75,7 @@ class LocalState:
             "format": FORMAT,
             "merchant_id": self.merchant_id,
             "popularity_weight": self.head.popularity_weight,
+            "neighbour_weight": self.head.neighbour_weight,
             "prox": self.prox,
             "shared_sha256": self.shared_sha256,
         }
@@ -83,7 +96,9 @@ class LocalState:
             )
         return cls(
             merchant_id=merchant_id,
-            head=LocalHead(float(meta["popularity_weight"])),
+            head=LocalHead(
+                float(meta["popularity_weight"]), float(meta.get("neighbour_weight", 0.0))
+            ),
             prox=None if meta["prox"] is None else float(meta["prox"]),
             personal=arrays,
             shared_sha256=str(meta.get("shared_sha256", "")),
