@@ -91,9 +91,12 @@ class NeighbourIndex:
             squared[self.active[None, :] == code[:, None]] = np.inf
             k = min(self.params.neighbours, max(len(self.active) - 1, 1))
             order = np.argsort(squared, axis=1, kind="stable")[:, :k]
-            nearest = np.empty_like(own)
-            for row in range(len(code)):
-                nearest[row] = np.asarray(self.pool[order[row]].sum(axis=0)).reshape(-1) / k
+            # the mean of each case's k nearest vectors, as one sparse product
+            pick = sparse.csr_matrix(
+                (np.full(order.size, 1.0 / k), (np.repeat(np.arange(len(code)), k), order.ravel())),
+                shape=(len(code), len(self.active)),
+            )
+            nearest = (pick @ self.pool).toarray()
             blended = self.params.alpha * own + (1 - self.params.alpha) * nearest
         top = blended.max(axis=1, keepdims=True) if blended.shape[1] else blended[:, :1]
         return blended / np.where(top > 0, top, 1.0)
