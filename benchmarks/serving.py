@@ -142,9 +142,9 @@ def train_locally(events, valid, spec, seed: int):  # type: ignore[no-untyped-de
     is given; the store's local part fitted on weeks 41-45 as client/evaluation.py does."""
     import torch
 
-    from client.evaluation import neighbour_scores
+    from client.evaluation import heldout_part
     from client.merchant_data import TrainingData, period_log
-    from client.nextbasket_local import HeldOut, fit_local_state
+    from client.nextbasket_local import fit_local_state
     from client.nextbasket_training import train_scorer
     from client.training import LocalTraining
     from common.accounting import PrivacyUnit
@@ -175,19 +175,12 @@ def train_locally(events, valid, spec, seed: int):  # type: ignore[no-untyped-de
         noise_generator=generator,
     )
     periods = period_log([events, valid], spec)
-    cases, features, popularity = periods.heldout(2)
     local = fit_local_state(
         merchant_id=str(events["merchant_id"].iloc[0]),
         shared=result.arrays,
         spec=spec,
         records=records,
-        validation=HeldOut(
-            cases,
-            features,
-            popularity[cases.catalogue],
-            periods.items,
-            neighbours=neighbour_scores(periods.log, cases),
-        ),
+        validation=heldout_part(periods, 2).heldout,
         generator=torch.Generator().manual_seed(seed + 1),
     )
     note = (

@@ -97,7 +97,9 @@ def local_state_path(merchant: MerchantConfig) -> Path:
     return merchant.state_dir / LOCAL_STATE_FILE
 
 
-def _heldout(periods: PeriodLog, period: int, rows: np.ndarray | None = None) -> Part:
+def heldout_part(periods: PeriodLog, period: int, rows: np.ndarray | None = None) -> Part:
+    """A held-out period of ``periods`` (its ``rows`` only, if given) as the evaluation scores it,
+    neighbour scores included."""
     cases, features, popularity = periods.heldout(period)
     if rows is not None:
         cases = cases.subset(rows)
@@ -127,10 +129,10 @@ def offline_parts(merchant: MerchantConfig, wanted: set[EvalPart], config: RunCo
         files.append(merchant.validation_data)
     out: dict[EvalPart, Part] = {}
     if EvalPart.VALIDATION in wanted and merchant.validation_data is not None:
-        out[EvalPart.VALIDATION] = _heldout(period_log_of_files(files, config.model), 2)
+        out[EvalPart.VALIDATION] = heldout_part(period_log_of_files(files, config.model), 2)
     if EvalPart.TEST in wanted and merchant.test_data is not None:
         periods = period_log_of_files([*files, merchant.test_data], config.model)
-        out[EvalPart.TEST] = _heldout(periods, periods.periods)
+        out[EvalPart.TEST] = heldout_part(periods, periods.periods)
     return out
 
 
@@ -169,15 +171,15 @@ def online_parts(
     out: dict[EvalPart, Part] = {}
     stale_part: Part | None = None
     if EvalPart.FRESH in wanted and newest.cohort_id not in _trained_cohorts(merchant):
-        out[EvalPart.FRESH] = _heldout(periods, 2)
+        out[EvalPart.FRESH] = heldout_part(periods, 2)
         if stale:
-            stale_part = _heldout(period_log([training, fresh], config.model), 2)
+            stale_part = heldout_part(period_log([training, fresh], config.model), 2)
     if EvalPart.RECENT in wanted and merchant.holdout_share > 0:
         cases, _, _ = periods.heldout(2)
         customers = pd.Series(periods.log.customer_ids[cases.customer])
         rows = np.flatnonzero(held_out(customers, secret=secret, share=merchant.holdout_share))
         if len(rows):
-            out[EvalPart.RECENT] = _heldout(periods, 2, rows)
+            out[EvalPart.RECENT] = heldout_part(periods, 2, rows)
     return out, stale_part
 
 
