@@ -27,7 +27,12 @@ import numpy as np
 from scipy import sparse
 
 from common.errors import ConfigError
-from common.nextbasket.baskets import BasketLog, CaseSet, concatenated_ranges
+from common.nextbasket.baskets import (
+    BasketLog,
+    CaseSet,
+    catalogue_positions,
+    concatenated_ranges,
+)
 
 Scorer = Callable[[CaseSet], np.ndarray]
 
@@ -57,9 +62,7 @@ def household_counts(log: BasketLog, cases: CaseSet) -> np.ndarray:
     """[cases, catalogue] baskets of the case's history containing each catalogue product."""
     events = concatenated_ranges(cases.history_start, cases.history_end)
     owner = np.repeat(np.arange(len(cases)), cases.history_end - cases.history_start)
-    slot = np.searchsorted(cases.catalogue, log.product[events])
-    inside = slot < len(cases.catalogue)
-    inside[inside] = cases.catalogue[slot[inside]] == log.product[events][inside]
+    slot, inside = catalogue_positions(cases.catalogue, log.product[events])
     counts = np.zeros((len(cases), len(cases.catalogue)))
     np.add.at(counts, (owner[inside], slot[inside]), 1.0)
     return counts
@@ -100,9 +103,7 @@ def tifu_vectors(
 ) -> np.ndarray:
     """[customers, catalogue] TIFU household vectors from the baskets before ``before_day``."""
     kept, weight = tifu_decay_weights(log, before_day=before_day, params=params)
-    slot = np.searchsorted(catalogue, log.product[kept])
-    inside = slot < len(catalogue)
-    inside[inside] = catalogue[slot[inside]] == log.product[kept][inside]
+    slot, inside = catalogue_positions(catalogue, log.product[kept])
     vectors = np.zeros((log.n_customers, len(catalogue)))
     np.add.at(vectors, (log.customer[kept][inside], slot[inside]), weight[inside])
     return vectors

@@ -42,6 +42,17 @@ def concatenated_ranges(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
     return np.repeat(np.asarray(starts, dtype=np.int64) - offsets, sizes) + np.arange(sizes.sum())
 
 
+def catalogue_positions(
+    catalogue: np.ndarray, products: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(position of each of ``products`` in the sorted ``catalogue``, whether it is there);
+    a position is meaningful only where the second array is true."""
+    slot = np.searchsorted(catalogue, products)
+    inside = slot < len(catalogue)
+    inside[inside] = catalogue[slot[inside]] == products[inside]
+    return slot, inside
+
+
 @dataclass(frozen=True)
 class BasketLog:
     """One merchant's purchases as integer arrays (events sorted by customer, day, product).
@@ -217,9 +228,7 @@ def _cases(log: BasketLog, chosen: np.ndarray, shop: np.ndarray) -> CaseSet:
     sizes = ends - chosen
     items = concatenated_ranges(chosen, ends)
     products = log.product[items]
-    slot = np.searchsorted(shop, products)
-    found = slot < len(shop)
-    found[found] = shop[slot[found]] == products[found]
+    slot, found = catalogue_positions(shop, products)
     customer = log.customer[chosen]
     return CaseSet(
         merchant_id=log.merchant_id,

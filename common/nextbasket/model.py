@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from common.errors import ConfigError
-from common.nextbasket.baskets import CaseSet
+from common.nextbasket.baskets import CaseSet, catalogue_positions
 from common.nextbasket.features import REPEAT_FEATURES, HistoryFeatures
 from common.nextbasket.records import NEGATIVE, POSITIVE, RecordArrays
 from common.nextbasket.spec import ScorerSpec
@@ -339,6 +339,5 @@ def _history_in_catalogue(
     lo, hi = np.searchsorted(features.pair_key, [rows[0] * n, (rows[-1] + 1) * n])
     keys = features.pair_key[lo:hi]
     case, product = keys // n, keys % n
-    at = np.searchsorted(shop, product).clip(max=len(shop) - 1)
-    inside = shop[at] == product
+    at, inside = catalogue_positions(shop, product)
     return case[inside], at[inside]

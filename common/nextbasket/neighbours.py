@@ -22,7 +22,7 @@ import numpy as np
 from scipy import sparse
 
 from common.nextbasket.baselines import TifuParams, tifu_decay_weights
-from common.nextbasket.baskets import BasketLog, CaseSet
+from common.nextbasket.baskets import BasketLog, CaseSet, catalogue_positions
 
 # Fixed, not tuned per merchant: tuning TIFU-KNN's grid costs minutes per store, and the
 # blend weight chosen on validation already sets how much the term counts.
@@ -49,10 +49,7 @@ class NeighbourIndex:
         params: TifuParams = NEIGHBOUR_PARAMS,
     ) -> NeighbourIndex:
         kept, weight = tifu_decay_weights(log, before_day=before_day, params=params)
-        product = log.product[kept]
-        slot = np.searchsorted(catalogue, product)
-        inside = slot < len(catalogue)
-        inside[inside] = catalogue[slot[inside]] == product[inside]
+        slot, inside = catalogue_positions(catalogue, log.product[kept])
         vectors = sparse.csr_matrix(
             (weight[inside], (log.customer[kept][inside], slot[inside])),
             shape=(log.n_customers, len(catalogue)),

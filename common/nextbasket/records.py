@@ -32,7 +32,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from common.accounting import PrivacyUnit
-from common.nextbasket.baskets import BasketLog, CaseSet, concatenated_ranges
+from common.nextbasket.baskets import (
+    BasketLog,
+    CaseSet,
+    catalogue_positions,
+    concatenated_ranges,
+)
 from common.nextbasket.features import FEATURES, HistoryFeatures
 from common.nextbasket.spec import RecordSpec, ScorerSpec, hashed_ids
 
@@ -126,8 +131,7 @@ def basket_candidates(
     width = features.n_products
     history_case = features.pair_key // width
     history_product = features.pair_key % width
-    slot = np.searchsorted(cases.catalogue, history_product).clip(max=size - 1)
-    inside = cases.catalogue[slot] == history_product
+    slot, inside = catalogue_positions(cases.catalogue, history_product)
     history = history_case[inside] * size + slot[inside]  # sorted: pair keys are
     in_basket = np.isin(history, bought, assume_unique=True)
     unbought = history[~in_basket]
