@@ -12,6 +12,7 @@ Usage: python benchmarks/quality.py [--seeds 3] [--workers 2] [--quick]
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 import multiprocessing
 import pickle
@@ -710,7 +711,8 @@ def main(argv: list[str] | None = None) -> int:
         "--cache",
         type=Path,
         default=ROOT / "runs" / "quality-jobs",
-        help="finished jobs are kept here; a rerun skips them (delete it to start afresh)",
+        help="finished jobs are kept here, per model shape and schedule; a rerun skips them "
+        "(delete it after a change to the code to start afresh)",
     )
     parser.add_argument(
         "--report-only", action="store_true", help="write the report from the finished jobs"
@@ -726,7 +728,8 @@ def main(argv: list[str] | None = None) -> int:
     epsilons, units = ((3.0,), (PrivacyUnit.EVENT,)) if args.quick else (EPSILONS, UNITS)
     jobs = plan_jobs(seeds, epsilons, units)
     grid = Grid(data, spec, record_spec, schedule, seeds, log=lambda s: print(s, flush=True))
-    cache = args.cache / f"{args.merchants}-merchants-{args.rounds}-rounds"
+    shape = hashlib.sha256(repr((spec, record_spec, schedule)).encode()).hexdigest()[:12]
+    cache = args.cache / f"{args.merchants}-merchants-{args.rounds}-rounds-{shape}"
     cache.mkdir(parents=True, exist_ok=True)
     todo = []
     job_seconds = 0.0

@@ -242,8 +242,8 @@ def section(results: dict[str, Any]) -> list[str]:
         delta = f16["test_ndcg10"] - f32["test_ndcg10"]
         lines += [
             f"Quality, paired: one federation of {q['merchants']} merchants "
-            f"(`{' '.join(q['overrides'])}` over the default configuration, which trains the "
-            "default model with DP-SGD at epsilon 3) provisioned once and copied, so "
+            f"(`{' '.join(q['overrides'])}` over the default configuration: DP-SGD at "
+            "epsilon 3) provisioned once and copied, so "
             "both runs have the same data, run id and DP secrets (the same records, batches "
             "and noise); run in process. The only difference is the rounding of every released "
             "model to float16.",

@@ -84,14 +84,26 @@ class ModelMirror:
                 f"model version {version_id} is not in the mirror {self.root}: {exc.filename} "
                 "is missing"
             ) from None
-        manifest, arrays = self._verify(version_id, envelope, weights, source=str(manifest_path))
+        manifest, arrays = self._verify(
+            version_id,
+            envelope,
+            weights,
+            source=str(manifest_path),
+            weights_source=str(weights_path),
+        )
         return MirroredVersion(version_id, manifest, arrays)
 
     def _verify(
-        self, version_id: int, envelope: bytes, weights: bytes, *, source: str
+        self,
+        version_id: int,
+        envelope: bytes,
+        weights: bytes,
+        *,
+        source: str,
+        weights_source: str,
     ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         manifest = verify_manifest(envelope, self._verify_key, source=source, version_id=version_id)
-        arrays = verify_weights(manifest, weights, source=f"{source} (weights of v{version_id})")
+        arrays = verify_weights(manifest, weights, source=weights_source)
         return manifest, arrays
 
     # -- installing ----------------------------------------------------------------
@@ -120,8 +132,13 @@ class ModelMirror:
         for version_id in incoming.versions():
             if version_id in files:
                 envelope, weights = files[version_id]
-                source = f"manifest of version {version_id} from the platform"
-                self._verify(version_id, envelope, weights, source=source)
+                self._verify(
+                    version_id,
+                    envelope,
+                    weights,
+                    source=f"manifest of version {version_id} from the platform",
+                    weights_source=f"of version {version_id} from the platform",
+                )
                 to_write[version_id] = (envelope, weights)
             else:
                 self.load(version_id)  # must already be here, intact

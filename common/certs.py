@@ -38,6 +38,7 @@ from cryptography.x509.verification import (
 
 from common.atomic import atomic_write_bytes
 from common.errors import DeploymentError
+from common.keys import read_pem_file
 
 CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
@@ -50,6 +51,8 @@ PUBLIC_MODE = 0o644
 CURVE = ec.SECP384R1()
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _CLOCK_SKEW = dt.timedelta(minutes=5)
+_LAST_DATE = dt.datetime(9999, 12, 31, 23, 59, 59, tzinfo=dt.UTC)  # X.509's latest time
+_COMMON_NAME_BYTES = 64  # RFC 5280's upper bound for a common name
 
 
 @dataclass(frozen=True)
@@ -115,8 +118,32 @@ def _now() -> dt.datetime:
 
 def _validity_days(days: int) -> dt.timedelta:
     if not isinstance(days, int) or days <= 0:
-        raise DeploymentError(f"validity must be a positive number of days, got {days!r}")
+        raise DeploymentError(f"--days {days!r}: validity must be a positive number of days")
+    latest = (_LAST_DATE - _now()).days
+    if days > latest:
+        raise DeploymentError(
+            f"--days {days}: the certificate would be valid past {_LAST_DATE:%Y-%m-%d}, the "
+            f"last date X.509 can hold; expected at most {latest} days"
+        )
     return dt.timedelta(days=days)
+
+
+def _common_name(value: str, what: str) -> x509.Name:
+    """A subject holding ``value`` as its common name, which X.509 limits to 1-64 bytes."""
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise DeploymentError(f"{what} {value!r} is not valid text") from None
+    if not value.strip() or size > _COMMON_NAME_BYTES:
+        raise DeploymentError(
+            f"{what} {value!r} is {size} bytes; expected 1-{_COMMON_NAME_BYTES} bytes, "
+            "not only spaces"
+        )
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, value)])
+
+
+def _read_pem(path: Path, what: str) -> bytes:
+    return read_pem_file(path, what, error=DeploymentError)
 
 
 def init_ca(
@@ -125,9 +152,9 @@ def init_ca(
     """Create a self-signed CA (P-384) in ``out``; it signs SuperLink certificates only."""
     files = CaFiles(cert=out / CA_CERT, key=out / CA_KEY)
     lifetime = _validity_days(valid_days)
+    name = _common_name(common_name, "--common-name")
     _refuse_overwrite([files.cert, files.key], force=force)
     key = ec.generate_private_key(CURVE)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
     cert = (
         x509.CertificateBuilder()
@@ -166,10 +193,9 @@ def init_ca(
 
 def load_certificate(path: Path) -> x509.Certificate:
     """Read one PEM certificate, naming the file on failure."""
+    data = _read_pem(path, "certificate")
     try:
-        return x509.load_pem_x509_certificate(path.read_bytes())
-    except FileNotFoundError:
-        raise DeploymentError(f"certificate {path} does not exist") from None
+        return x509.load_pem_x509_certificate(data)
     except ValueError as exc:
         raise DeploymentError(f"{path} is not a PEM certificate: {exc}") from None
 
@@ -182,10 +208,9 @@ def _spki(public_key: object) -> bytes:
 
 def _load_ca(ca_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     cert = load_certificate(ca_dir / CA_CERT)
+    data = _read_pem(ca_dir / CA_KEY, "CA key")
     try:
-        key = serialization.load_pem_private_key((ca_dir / CA_KEY).read_bytes(), password=None)
-    except FileNotFoundError:
-        raise DeploymentError(f"CA key {ca_dir / CA_KEY} does not exist") from None
+        key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise DeploymentError(f"{ca_dir / CA_KEY} is not an unencrypted PEM key: {exc}") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey):
@@ -217,6 +242,7 @@ def issue_server_cert(
     if not hosts:
         raise DeploymentError("a server certificate needs at least one --host (DNS name or IP)")
     names = [_general_name(h) for h in hosts]
+    subject = _common_name(hosts[0], "the first --host (the certificate's common name)")
     lifetime = _validity_days(valid_days)
     ca_cert, ca_key = _load_ca(ca_dir)
     files = ServerFiles(cert=out / SERVER_CERT, key=out / SERVER_KEY, ca_cert=out / CA_CERT)
@@ -225,7 +251,7 @@ def issue_server_cert(
     ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     cert = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+        .subject_name(subject)
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
@@ -300,10 +326,9 @@ def verify_server_cert(*, cert_path: Path, ca_cert_path: Path, host: str) -> x50
 def verify_key_matches_cert(*, key_path: Path, cert_path: Path) -> None:
     """Check that the server key belongs to the server certificate (a common rotation slip)."""
     cert = load_certificate(cert_path)
+    data = _read_pem(key_path, "key")
     try:
-        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-    except FileNotFoundError:
-        raise DeploymentError(f"key {key_path} does not exist") from None
+        key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise DeploymentError(f"{key_path} is not an unencrypted PEM key: {exc}") from None
     probe = b"fedshop key check"
@@ -351,10 +376,9 @@ def generate_node_key(*, out: Path, name: str, force: bool = False) -> NodeKeyFi
 
 def load_node_public_key(path: Path) -> ec.EllipticCurvePublicKey:
     """Load a node's OpenSSH public key, insisting on ECDSA P-384 as Flower's examples use."""
+    data = _read_pem(path, "node public key")
     try:
-        key = serialization.load_ssh_public_key(path.read_bytes())
-    except FileNotFoundError:
-        raise DeploymentError(f"node public key {path} does not exist") from None
+        key = serialization.load_ssh_public_key(data)
     except (ValueError, UnsupportedAlgorithm) as exc:
         raise DeploymentError(f"{path} is not an OpenSSH public key: {exc}") from None
     if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != CURVE.name:
@@ -386,11 +410,8 @@ def load_allowlist(directory: Path) -> dict[str, Path]:
 
 def load_node_private_key(path: Path) -> ec.EllipticCurvePrivateKey:
     """Load a node's OpenSSH private key and refuse one that others can read."""
-    try:
-        mode = path.stat().st_mode & 0o777
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise DeploymentError(f"node private key {path} does not exist") from None
+    data = _read_pem(path, "node private key")
+    mode = path.stat().st_mode & 0o777
     if data.lstrip().startswith((b"ecdsa-sha2-", b"ssh-")):
         private = path.name.removesuffix(".pub") + ".key" if path.name.endswith(".pub") else None
         raise DeploymentError(

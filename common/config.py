@@ -319,8 +319,9 @@ class RunConfig:
 
     @classmethod
     def from_toml(cls, path: Path) -> RunConfig:
+        data = load_toml(path)  # its errors name the file already
         try:
-            return from_mapping(cls, load_toml(path))
+            return from_mapping(cls, data)
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
 

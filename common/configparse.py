@@ -2,7 +2,9 @@
 
 Unknown keys are errors, values are converted to the annotated type once, and every error
 names the full dotted key, so a typo in a merchant's configuration never silently becomes a
-default privacy parameter.
+default privacy parameter. Text from the command line (``--set``) is parsed into numbers and
+booleans; a TOML file has its own, so a quoted ``"3"`` or ``"yes"`` there is refused rather
+than guessed at.
 """
 
 from __future__ import annotations
@@ -22,6 +24,28 @@ from common.errors import ConfigError
 T = TypeVar("T")
 
 
+class TomlString(str):
+    """A string as written in a TOML file: text, never a number or boolean in quotes."""
+
+    __slots__ = ()
+
+
+def _from_toml(value: Any) -> Any:
+    """``value`` with every string marked as :class:`TomlString`, at any depth."""
+    if isinstance(value, str):
+        return TomlString(value)
+    if isinstance(value, dict):
+        return {key: _from_toml(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_from_toml(item) for item in value]
+    return value
+
+
+def _refuse_quoted(value: Any, key: str, expected: str) -> None:
+    if isinstance(value, TomlString):
+        raise ConfigError(f"{key}: expected {expected}, got the string {str(value)!r}")
+
+
 def _convert(value: Any, annotation: Any, key: str) -> Any:
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
@@ -32,14 +56,22 @@ def _convert(value: Any, annotation: Any, key: str) -> Any:
         for option in options:
             try:
                 return _convert(value, option, key)
-            except ConfigError:
+            except ConfigError as exc:
+                if len(options) == 1:  # its own message says what was expected
+                    raise exc from None
                 continue
         raise ConfigError(f"{key}: {value!r} is not a valid {annotation}")
     if origin is tuple:
-        items = value.split(",") if isinstance(value, str) else list(value)
         (inner, *_rest) = typing.get_args(annotation) or (str,)
+        if isinstance(value, TomlString) and inner is not str:
+            raise ConfigError(f"{key}: expected a TOML array, got the string {str(value)!r}")
+        if isinstance(value, str):  # "a,b" from --set
+            items: list[Any] = value.split(",")
+        else:
+            items = list(value)
         return tuple(
-            _convert(item.strip() if isinstance(item, str) else item, inner, key) for item in items
+            _convert(type(item)(item.strip()) if isinstance(item, str) else item, inner, key)
+            for item in items
         )
     if dataclasses.is_dataclass(annotation) and isinstance(annotation, type):
         if not isinstance(value, Mapping):
@@ -52,12 +84,14 @@ def _convert(value: Any, annotation: Any, key: str) -> Any:
             allowed = ", ".join(str(m.value) for m in annotation)
             raise ConfigError(f"{key}: {value!r} is not one of {allowed}") from None
     if annotation is bool:
+        _refuse_quoted(value, key, "a TOML boolean (true or false, without quotes)")
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
             return value.lower() in ("true", "1", "yes")
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
     if annotation is int:
+        _refuse_quoted(value, key, "a TOML integer (without quotes)")
         if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         try:
@@ -65,6 +99,7 @@ def _convert(value: Any, annotation: Any, key: str) -> Any:
         except (TypeError, ValueError):
             raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
     if annotation is float:
+        _refuse_quoted(value, key, "a TOML number (without quotes)")
         if isinstance(value, bool):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         try:
@@ -98,6 +133,16 @@ def from_mapping(cls: type[T], data: Mapping[str, Any], *, prefix: str = "") -> 
             known = ", ".join(sorted(names))
             raise ConfigError(f"unknown configuration key {dotted!r} (known here: {known})")
         kwargs[name] = _convert(value, hints[name], dotted)
+    missing = [
+        f"{prefix}.{name}" if prefix else name
+        for name, f in fields.items()
+        if name not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        keys = ", ".join(repr(key) for key in missing)
+        raise ConfigError(f"missing required key{'s' if len(missing) > 1 else ''} {keys}")
     try:
         return cls(**kwargs)
     except TypeError as exc:
@@ -126,14 +171,31 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def load_toml(path: Path) -> dict[str, Any]:
-    """Read a TOML file, naming the file and line on a syntax error."""
+    """Read a TOML file, naming the file and line on a syntax error. Its strings come back as
+    :class:`TomlString`, so that a quoted number or boolean in it is refused, not parsed."""
     try:
-        with path.open("rb") as handle:
-            return tomllib.load(handle)
+        data = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"configuration file {path} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(
+            f"configuration file {path} is a directory; expected a TOML file"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"configuration file {path} cannot be read: {exc.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"configuration file {path} is not UTF-8 text (byte 0x{data[exc.start]:02x} at "
+            f"offset {exc.start}); expected a TOML file"
+        ) from None
+    try:
+        parsed = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"configuration file {path}: {exc}") from None
+        raise ConfigError(f"configuration file {path} is not valid TOML: {exc}") from None
+    marked: dict[str, Any] = _from_toml(parsed)
+    return marked
 
 
 def as_plain_dict(obj: Any) -> Any:

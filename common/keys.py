@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from common.atomic import atomic_create
-from common.errors import ConfigError, IntegrityError
+from common.errors import ConfigError, FedshopError, IntegrityError
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 PRIVATE_SUFFIX = ".key"
@@ -68,18 +68,22 @@ def generate_keypair(directory: Path, *, name: str) -> tuple[Path, Path]:
     return private_path, public_path
 
 
-def _read(path: Path, what: str) -> bytes:
+def read_pem_file(path: Path, what: str, *, error: type[FedshopError] = ConfigError) -> bytes:
+    """The bytes of ``path``; a missing file, a directory or an unreadable one is named as
+    ``what`` in an ``error`` (keys and certificates report through different classes)."""
     try:
         return Path(path).read_bytes()
     except FileNotFoundError:
-        raise ConfigError(f"{what} file {path} does not exist") from None
+        raise error(f"{what} {path} does not exist") from None
+    except IsADirectoryError:
+        raise error(f"{what} {path} is a directory; expected a PEM file") from None
     except OSError as exc:
-        raise ConfigError(f"{what} file {path} cannot be read: {exc.strerror}") from None
+        raise error(f"{what} {path} cannot be read: {exc.strerror}") from None
 
 
 def load_signing_key(path: Path) -> Ed25519PrivateKey:
     """Load a merchant's private key; errors name the file and what is wrong with it."""
-    data = _read(path, "signing key")
+    data = read_pem_file(path, "signing key file")
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
@@ -91,7 +95,7 @@ def load_signing_key(path: Path) -> Ed25519PrivateKey:
 
 def load_verify_key(path: Path) -> Ed25519PublicKey:
     """Load a merchant's public key; errors name the file and what is wrong with it."""
-    data = _read(path, "public key")
+    data = read_pem_file(path, "public key file")
     try:
         key = serialization.load_pem_public_key(data)
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:

@@ -11,6 +11,11 @@ Crash safety: the version id is reserved inside one SQLite write transaction; th
 written to temporary names, fsynced and renamed; only then is the row inserted and the
 transaction committed. A crash leaves either no version (stray files are overwritten by the next
 registration, whose id is the same) or a complete one.
+
+The index is never recreated over existing versions: a missing, empty or unreadable
+``registry.sqlite`` beside version files is an integrity error, since an empty index would
+silently drop the promotion history. Only the platform's training loop creates a registry;
+the ``model`` commands open one with ``create=False``.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import io
 import math
 import re
 import sqlite3
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import Enum
@@ -58,6 +63,8 @@ __all__ = [
 
 INDEX_NAME = "registry.sqlite"
 _ARRAY_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+_VERSION_FILE = re.compile(r"^v[0-9]+\.(npz|manifest\.json)$")
+_TABLES = frozenset({"versions", "promotions", "gate_decisions"})
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS versions (
@@ -219,6 +226,21 @@ def _check_merchants(merchants: Sequence[str], privacy: Mapping[str, float]) -> 
     return tuple(sorted(names))
 
 
+@contextlib.contextmanager
+def _index_errors(path: Path) -> Iterator[None]:
+    """A file that is not a SQLite database (junk, truncated) as a one-line integrity error.
+
+    Only the plain ``DatabaseError`` is translated: its subclasses (a locked database, a
+    constraint) say something else and keep their own meaning.
+    """
+    try:
+        yield
+    except sqlite3.DatabaseError as exc:
+        if type(exc) is not sqlite3.DatabaseError:
+            raise
+        raise IntegrityError(f"registry index {path} is not a readable database: {exc}") from None
+
+
 def _serialise_npz(arrays: Mapping[str, np.ndarray]) -> bytes:
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)  # type: ignore[arg-type]
@@ -230,6 +252,8 @@ class ModelRegistry:
 
     ``signing_key`` may be ``None`` for read-only use (listing, promoting, loading); registering
     a version then fails. ``verify_key`` is always needed: nothing is returned unverified.
+    ``create=False`` opens an existing registry only, so that a mistyped path is an error
+    instead of a new, empty registry.
     """
 
     def __init__(
@@ -238,16 +262,54 @@ class ModelRegistry:
         *,
         signing_key: Ed25519PrivateKey | None,
         verify_key: Ed25519PublicKey,
+        create: bool = True,
     ) -> None:
         self.root = Path(root)
         self.versions_dir = self.root / "versions"
-        self.versions_dir.mkdir(parents=True, exist_ok=True)
         self.index_path = self.root / INDEX_NAME
         self._signing_key = signing_key
         self._verify_key = verify_key
         self._fault_hook: Callable[[str], None] = _no_fault
+        self._open_index(create=create)
+
+    def _open_index(self, *, create: bool) -> None:
+        """Check that ``root`` holds a registry (or create one); never overwrite lost history."""
+        for directory in (self.root, self.versions_dir):
+            if directory.exists() and not directory.is_dir():
+                raise ConfigError(f"model registry path {directory} is not a directory")
+        if not create and not self.root.exists():
+            raise ConfigError(f"model registry {self.root} does not exist")
+        if self.index_path.exists() and not self.index_path.is_file():
+            raise IntegrityError(f"registry index {self.index_path} is not a file")
+        tables: set[str] = set()
+        if self.index_path.exists():
+            with self._connect() as conn:
+                rows = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+                tables = {str(name) for (name,) in rows}
+        if _TABLES.issubset(tables):
+            return
+        if tables:
+            raise IntegrityError(
+                f"registry index {self.index_path} is not a model registry index "
+                f"(tables {sorted(tables)})"
+            )
+        stray = self._version_files()
+        if stray:
+            raise IntegrityError(
+                f"registry index {self.index_path} is missing or empty but {self.versions_dir} "
+                f"holds {len(stray)} version file(s) (e.g. {stray[0]}); restore the index from "
+                "a backup instead of recreating it, which would lose the promotion history"
+            )
+        if not create:
+            raise ConfigError(f"{self.root} is not a model registry: it has no {INDEX_NAME}")
+        self.versions_dir.mkdir(parents=True, exist_ok=True)
         with self._connect() as conn:
             conn.executescript(_SCHEMA)
+
+    def _version_files(self) -> builtins.list[str]:
+        if not self.versions_dir.is_dir():
+            return []
+        return sorted(p.name for p in self.versions_dir.iterdir() if _VERSION_FILE.match(p.name))
 
     gate = staticmethod(gate)
 
@@ -256,11 +318,21 @@ class ModelRegistry:
         """The platform key every manifest of this registry verifies against."""
         return self._verify_key
 
-    def _connect(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
-        return sqlite_store.connect(self.index_path, foreign_keys=True)
+    @contextlib.contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        with (
+            _index_errors(self.index_path),
+            sqlite_store.connect(self.index_path, foreign_keys=True) as conn,
+        ):
+            yield conn
 
-    def _transaction(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
-        return sqlite_store.transaction(self.index_path, foreign_keys=True)
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with (
+            _index_errors(self.index_path),
+            sqlite_store.transaction(self.index_path, foreign_keys=True) as conn,
+        ):
+            yield conn
 
     def register(
         self,
@@ -421,7 +493,11 @@ class ModelRegistry:
         return self.get(version_id)
 
     def rollback(self, *, reason: str, now: datetime | None = None) -> ModelVersion:
-        """Serve again the version promoted before the current one (a stack: repeatable)."""
+        """Serve again the version promoted before the current one (a stack: repeatable).
+
+        The target is verified exactly as a promotion verifies it, inside the transaction and
+        before the row is written: a version that fails verification is never served again.
+        """
         if not reason.strip():
             raise ConfigError("a rollback needs a non-empty reason")
         at = _now_iso(now)
@@ -432,6 +508,7 @@ class ModelRegistry:
             target = conn.execute(
                 "SELECT version_id, previous_seq FROM promotions WHERE seq = ?", (current[2],)
             ).fetchone()
+            self.load_arrays(int(target[0]))  # raises, and the transaction rolls back
             conn.execute(
                 "INSERT INTO promotions (version_id, action, reason, previous_seq, at) "
                 "VALUES (?,?,?,?,?)",

@@ -105,3 +105,21 @@ def test_import_needs_out(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as info:
         cli.main(["data", "import", str(write(tmp_path / "e.csv"))])
     assert info.value.code == 2
+
+
+def test_rows_with_an_extra_field_are_refused_not_shifted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every row one field longer than the header: refused, not read with a row index."""
+    path = tmp_path / "e.csv"
+    path.write_text(
+        "merchant_id,customer_id,product_id,timestamp,quantity,price\n"
+        "X,m1,c1,p1,2017-05-01,1,2\nX,m1,c2,p1,2017-05-01,1,2\n"
+    )
+    expected = f"file {path}, row 1: the row has 7 fields, the header has 6"
+    assert cli.main(["data", "validate", str(path)]) == 4
+    assert expected in capsys.readouterr().err
+    out = tmp_path / "store" / "events.parquet"
+    assert cli.main(["data", "import", str(path), "--out", str(out)]) == 4
+    assert expected in capsys.readouterr().err
+    assert not out.parent.exists()

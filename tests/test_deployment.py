@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from common import certs
-from common.errors import DeploymentError, ExitCode
+from common.errors import ConfigError, DeploymentError, ExitCode
 from simulations.commands import deploy
 from simulations.deployment.flower import (
     SuperLinkSpec,
@@ -191,8 +191,10 @@ def test_server_plan_validates_everything_first(pki: h.Pki, tmp_path: Path) -> N
         deploy.plan_server(
             parse("server", "--state", state, "--insecure-dev", "--nodes-allowlist", "x")
         )
-    with pytest.raises(DeploymentError, match="does not exist"):
+    with pytest.raises(ConfigError, match="does not exist"):
         deploy.plan_server(parse(*tls, "--config", str(tmp_path / "missing.toml")))
+    with pytest.raises(ConfigError, match="is a directory; expected a TOML file"):
+        deploy.plan_server(parse(*tls, "--config", str(tmp_path)))
     spec = h.write_run_spec(tmp_path / "run.json", run_dir=str(tmp_path), min_nodes=1)
     with pytest.raises(DeploymentError, match="online-config are not declared"):
         deploy.plan_server(parse(*tls, "--config", str(spec), "--flwr-config", "online-config=x"))
@@ -244,7 +246,7 @@ def test_server_plan_checks_what_the_fedshop_run_needs(pki: h.Pki, tmp_path: Pat
             )
         )
     run_toml.write_text("[federation]\nrounds = 'two'\n")
-    with pytest.raises(DeploymentError, match=r"federation\.rounds"):
+    with pytest.raises(ConfigError, match=r"federation\.rounds"):
         deploy.plan_server(parse(*run, "--keys-dir", str(keys_dir)))
     run_toml.write_text("[federation]\nrounds = 2\n")
     plan = deploy.plan_server(parse(*run, "--keys-dir", str(keys_dir)))

@@ -84,6 +84,7 @@ def test_integer_ids_and_missing_text_are_accepted() -> None:
         ("quantity", "nan", "> 0"),
         ("quantity", "inf", "> 0"),
         ("quantity", "two", "> 0"),
+        ("quantity", "-0", "> 0"),
         ("price", "-0.01", ">= 0"),
         ("price", "", ">= 0"),
         ("timestamp", "yesterday", "ISO 8601"),
@@ -101,6 +102,20 @@ def test_bad_cell_names_row_column_and_expectation(column: str, value: str, expe
     assert expected in str(error) and repr(value) in str(error)
     assert "events.csv" in str(error)
     assert error.exit_code is ExitCode.DATA
+
+
+def test_minus_zero_price_is_zero() -> None:
+    """A price of -0 is >= 0 (the documented rule) and is stored as 0, like a price of 0."""
+    raw = raw_frame()
+    raw.loc[1, "price"] = "-0"
+    raw.loc[2, "price"] = "-0.0"
+    out = validate_events(raw, source="x")
+    assert out["price"].tolist() == [2.5, 0.0, 0.0, 2.5]
+    assert not np.signbit(out["price"]).any()
+    zeros = raw_frame().assign(price=["2.50", "0", "0", "2.50"])
+    pd.testing.assert_frame_equal(out, validate_events(zeros, source="x"))
+    native = validate_events(raw_frame().assign(price=[2.5, -0.0, 0.0, 2.5]), source="x")
+    assert not np.signbit(native["price"]).any()
 
 
 def test_first_offending_row_wins_across_columns() -> None:
@@ -290,6 +305,42 @@ def test_csv_and_parquet_round_trips_are_identical(frame: pd.DataFrame) -> None:
     assert not expected.duplicated(list(KEY_COLUMNS)).any()
 
 
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(frame=canonical_frames(), suffix=st.sampled_from([".csv", ".csv.gz"]), data=st.data())
+def test_rows_with_a_wrong_number_of_fields_are_refused(
+    frame: pd.DataFrame, suffix: str, data: st.DataObject
+) -> None:
+    """Any data row with more or fewer fields than the header is refused, naming the first."""
+    lines = frame.to_csv(index=False).splitlines()
+    assert '"' not in "".join(lines)  # no quoting: a row is a line and fields split on ","
+    width = len(lines[0].split(","))
+    bad_rows = data.draw(st.sets(st.integers(1, len(lines) - 1), min_size=1, max_size=3))
+    for row in bad_rows:
+        fields = lines[row].split(",")
+        change = data.draw(st.sampled_from(["prepend", "append", "cut"]))
+        if change == "cut":  # merchant_id is never empty, so the line never becomes blank
+            fields = fields[: -data.draw(st.integers(1, width - 1))]
+        else:
+            extra = data.draw(st.lists(st.sampled_from(["X", "", "7"]), min_size=1, max_size=3))
+            fields = extra + fields if change == "prepend" else fields + extra
+        lines[row] = ",".join(fields)
+    text = "\n".join(lines) + "\n"
+    first = min(bad_rows)
+    count = len(lines[first].split(","))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"e{suffix}"
+        if suffix == ".csv.gz":
+            path.write_bytes(gzip.compress(text.encode()))
+        else:
+            path.write_text(text)
+        with pytest.raises(DataValidationError) as info:
+            read_events(path)
+    error = info.value
+    assert (error.file, error.row, error.column) == (str(path), first, None)
+    assert f"row {first}: the row has {count} fields, the header has {width}" in str(error)
+    assert error.exit_code is ExitCode.DATA
+
+
 # ------------------------------------------------------------------ files
 
 
@@ -309,6 +360,85 @@ def test_read_csv_gz_and_csv_row_numbers(tmp_path: Path) -> None:
     assert info.value.row == 3 and info.value.file == str(path)
     text = gzip.decompress(path.read_bytes()).decode().splitlines()
     assert text[info.value.row].split(",")[4] == "-1"  # row N is file line N+1 (header first)
+
+
+HEADER = "merchant_id,customer_id,product_id,timestamp,quantity,price\n"
+
+
+@pytest.mark.parametrize(
+    ("body", "row", "fields"),
+    [
+        ("X,m1,c1,p1,2017-05-01,1,2\nX,m1,c2,p1,2017-05-01,1,2\n", 1, 7),  # all rows one more
+        ("m1,c1,p1,2017-05-01,1,2\nX,m1,c2,p1,2017-05-01,1,2\n", 2, 7),
+        ("X,m1,c1,p1,2017-05-01,1,2\nm1,c2,p1,2017-05-01,1,2\n", 1, 7),
+        ("m1,c1,p1,2017-05-01,1,2\nm1,c2,p1,2017-05-01,1\n", 2, 5),
+        ("m1,c1,p1,2017-05-01,1,2,\nm1,c2,p1,2017-05-01,1,2\n", 1, 7),  # a trailing comma
+        ("m1,c1,p1,2017-05-01,1,2\n\nm1,c2,p1,2017-05-01,1\nm1\n", 2, 5),  # blank lines skip
+        ("m1,c1,p1,2017-05-01,1,2\nm1,c2,p1,2017-05-01,1,2,3,4\n", 2, 8),
+        ('m1,"c\n1",p1,2017-05-01,1,2\nm1,c2,p1,2017-05-01\n', 2, 4),  # rows, not lines
+    ],
+)
+def test_a_row_with_a_wrong_number_of_fields_is_named(
+    tmp_path: Path, body: str, row: int, fields: int
+) -> None:
+    path = tmp_path / "e.csv"
+    path.write_text(HEADER + body)
+    with pytest.raises(DataValidationError) as info:
+        read_events(path)
+    assert str(info.value) == (
+        f"file {path}, row {row}: the row has {fields} fields, the header has 6"
+    )
+    assert info.value.exit_code is ExitCode.DATA
+
+
+def test_csv_header_names_are_read_as_written(tmp_path: Path) -> None:
+    path = tmp_path / "e.csv"
+    path.write_text(HEADER.replace("price", "price,price") + "m1,c1,p1,2017-05-01,1,2,2\n")
+    with pytest.raises(DataValidationError, match="'price' appears twice"):
+        read_events(path)
+    path.write_text(HEADER.replace("\n", ",\n") + "m1,c1,p1,2017-05-01,1,2,\n")
+    out = read_events(path, mapping={"Unnamed: 6": DROP})  # an unnamed column, as pandas names it
+    assert out["price"].tolist() == [2.0]
+
+
+@pytest.mark.parametrize(
+    ("content", "expected", "line"),
+    [
+        (
+            b"m1,c1,p1,2017-05-01,1,2\nm1,c\xff2,p1,2017-05-01,1,2\n",
+            "row 2, column 'customer_id'",
+            3,
+        ),
+        (b'm1,"c\n\n1",p1,2017-05-01,1,2\xe9\n', "row 1, column 'price'", 4),
+    ],
+)
+def test_a_byte_that_is_not_utf8_is_located(
+    tmp_path: Path, content: bytes, expected: str, line: int
+) -> None:
+    path = tmp_path / "e.csv"
+    path.write_bytes(HEADER.encode() + content)
+    with pytest.raises(DataValidationError) as info:
+        read_events(path)
+    message = str(info.value)
+    assert f"file {path}, {expected}: not UTF-8 text" in message
+    byte = "0xff" if b"\xff" in content else "0xe9"
+    assert f"byte {byte} on line {line} of the file" in message  # the line that holds it
+    path.write_bytes(b"merchant_\xe9id" + HEADER.encode()[11:] + b"m1,c1,p1,2017-05-01,1,2\n")
+    with pytest.raises(DataValidationError, match="header line is not UTF-8") as info:
+        read_events(path)
+    assert info.value.row is None
+
+
+def test_ids_are_text_in_csv_and_float_columns_are_refused(tmp_path: Path) -> None:
+    """A CSV cell is text: "1.0" is the text id "1.0", as in a Parquet text column; only a
+    column of floats (whose values lost their text) is refused."""
+    path = tmp_path / "e.csv"
+    path.write_text(HEADER + "m1,1.0,p1,2017-05-01,1,2\nm1,1,p1,2017-05-01,1,2\n")
+    assert sorted(read_events(path)["customer_id"]) == ["1", "1.0"]
+    text = raw_frame().assign(customer_id=["1.0", "1", "2", "2.0"])
+    assert validate_events(text, source="x")["customer_id"].tolist() == ["1.0", "1", "2", "2.0"]
+    error = error_of(raw_frame().assign(customer_id=[1.0, 1.0, 2.0, 2.0]))
+    assert (error.row, error.column) == (1, "customer_id")
 
 
 def test_unsupported_suffix(tmp_path: Path) -> None:

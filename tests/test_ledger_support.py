@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -64,3 +65,20 @@ def build_ledger(directory: Path, merchant_id: str, rounds: int) -> tuple[Path, 
     ) as ledger:
         entries = [ledger.append(make_release(merchant_id, r)) for r in range(1, rounds + 1)]
     return path, entries
+
+
+def ledger_contents(path: Path) -> tuple[list[tuple[Any, ...]], ...]:
+    """What a ledger file holds, read from its tables without their indexes: the entries in
+    storage order (without ``pos``, which only orders them), the meta rows and the catalogue."""
+    conn = sqlite3.connect(path)
+    try:
+        return (
+            conn.execute(
+                "SELECT merchant_id, seq, release_json, prev_hash, entry_hash, signature "
+                "FROM entries NOT INDEXED ORDER BY pos"
+            ).fetchall(),
+            conn.execute("SELECT key, value FROM meta NOT INDEXED ORDER BY rowid").fetchall(),
+            conn.execute("SELECT type, name, tbl_name, sql FROM sqlite_master").fetchall(),
+        )
+    finally:
+        conn.close()

@@ -186,8 +186,9 @@ def test_files_edited_in_the_mirror_are_refused_on_load(platform, tmp_path: Path
     mirror = ModelMirror(shop.models_dir, verify_key=load_verify_key(platform.public))
     path = mirror.versions_dir / f"v{platform.ids[0]:06d}.npz"
     path.write_bytes(path.read_bytes()[:-8] + b"\0" * 8)
-    with pytest.raises(IntegrityError, match="SHA-256"):
+    with pytest.raises(IntegrityError, match="SHA-256") as raised:
         mirror.load(platform.ids[0])
+    assert str(path) in str(raised.value)  # names the file that changed, not its manifest
     # A publication that needs a version the mirror holds only corrupted is refused too.
     signed = platform.publisher.sign(reason="again")
     bare = ConfigRecord({PUBLICATION_KEY: signed.envelope})

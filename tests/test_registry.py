@@ -274,3 +274,137 @@ def test_cli_list_show_promote_rollback(
     assert main(["model", "show", "2", *flags]) == ExitCode.INTEGRITY
     assert "v000002.npz changed" in capsys.readouterr().err
     assert main(["model", "rollback", "--reason", "x", *flags]) == ExitCode.STATE
+
+
+@pytest.fixture()
+def cli_registry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[ModelRegistry, Path, Path]:
+    """A registry with versions 1..3, 1 then 2 promoted, and the public key's path."""
+    from common.keys import generate_keypair, load_signing_key, load_verify_key
+    from simulations import cli
+
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ("simulations.commands.model",))
+    private, public = generate_keypair(tmp_path / "keys", name="platform")
+    root = tmp_path / "reg"
+    reg = ModelRegistry(
+        root, signing_key=load_signing_key(private), verify_key=load_verify_key(public)
+    )
+    for seed in (1, 2, 3):
+        register(reg, seed, 0.1 * seed, parent=seed - 1 or None)
+    reg.promote(1, reason="first", now=NOW)
+    reg.promote(2, reason="second", now=NOW)
+    return reg, root, public
+
+
+def _flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _edit_manifest(path: Path) -> None:
+    envelope = json.loads(path.read_text())
+    envelope["manifest"]["privacy"]["m2"] = 0.01
+    path.write_text(json.dumps(envelope))
+
+
+@pytest.mark.parametrize("damage", ["weights byte", "manifest", "wrong key"])
+def test_rollback_verifies_the_target_before_recording(
+    cli_registry: tuple[ModelRegistry, Path, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    damage: str,
+) -> None:
+    from common.errors import ExitCode
+    from common.keys import generate_keypair
+    from simulations.cli import main
+
+    reg, root, public = cli_registry
+    reg.promote(3, reason="third", now=NOW)  # rolling back would serve 2 again
+    key_file = public
+    if damage == "weights byte":
+        _flip_byte(root / "versions" / "v000002.npz")
+        named = "v000002.npz"
+    elif damage == "manifest":
+        _edit_manifest(root / "versions" / "v000002.manifest.json")
+        named = "v000002.manifest.json"
+    else:
+        key_file = generate_keypair(tmp_path / "other", name="other")[1]
+        named = "v000002.manifest.json"
+    before = reg.history()
+    flags = ["--registry", str(root), "--verify-key", str(key_file)]
+    code = main(["model", "rollback", "--reason", "oops", *flags])
+    assert code == ExitCode.INTEGRITY
+    assert named in capsys.readouterr().err
+    assert reg.history() == before  # nothing recorded
+    if damage == "wrong key":  # the registry itself is intact and still serves 3
+        assert main(["model", "list", "--registry", str(root), "--verify-key", str(public)]) == 0
+        assert "   3*" in capsys.readouterr().out
+    else:
+        with pytest.raises(IntegrityError, match=named.replace(".", r"\.")):
+            reg.rollback(reason="oops", now=NOW)
+        assert reg.history() == before
+        promoted = reg.promoted()
+        assert promoted is not None and promoted.id == 3
+
+
+def test_model_commands_never_create_a_registry(
+    cli_registry: tuple[ModelRegistry, Path, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from common.errors import ExitCode
+    from simulations.cli import main
+
+    _, root, public = cli_registry
+
+    def run(action: list[str], registry: Path) -> tuple[int, str]:
+        code = main(["model", *action, "--registry", str(registry), "--verify-key", str(public)])
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+        return code, err
+
+    readers = [["list"], ["show", "1"], ["history"]]
+    writers = [["promote", "1", "--reason", "r"], ["rollback", "--reason", "r"]]
+    missing = tmp_path / "typo" / "registry"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    a_file = tmp_path / "events.csv"
+    a_file.write_text("customer_id\n")
+    for action in readers + writers:
+        code, err = run(action, missing)
+        assert code == ExitCode.CONFIG and str(missing) in err and "does not exist" in err
+        code, err = run(action, empty)
+        assert code == ExitCode.CONFIG and "registry.sqlite" in err
+        code, err = run(action, a_file)
+        assert code == ExitCode.CONFIG and "not a directory" in err
+    assert not (tmp_path / "typo").exists() and list(empty.iterdir()) == []
+
+    index = root / "registry.sqlite"
+    saved = index.read_bytes()
+    index.write_bytes(saved[:4096])  # truncated: its first page only
+    for action in readers:
+        code, err = run(action, root)
+        assert code == ExitCode.INTEGRITY and str(index) in err
+    index.write_bytes(b"not a database at all, just some junk bytes " * 100)
+    for action in readers + writers:
+        code, err = run(action, root)
+        assert code == ExitCode.INTEGRITY and str(index) in err
+
+    index.unlink()  # deleted: the promotion history is gone and must not be recreated empty
+    for action in readers + writers:
+        code, err = run(action, root)
+        assert code == ExitCode.INTEGRITY and str(index) in err and "v000001" in err
+    assert not index.exists()
+    key = Ed25519PrivateKey.generate()
+    with pytest.raises(IntegrityError, match="promotion history"):
+        ModelRegistry(root, signing_key=key, verify_key=key.public_key())
+    assert not index.exists()
+    index.write_bytes(b"")  # an empty index is no better than a missing one
+    with pytest.raises(IntegrityError, match="promotion history"):
+        ModelRegistry(root, signing_key=key, verify_key=key.public_key())
+
+    index.write_bytes(saved)  # restored from a backup: everything is back
+    assert main(["model", "history", "--registry", str(root), "--verify-key", str(public)]) == 0
+    assert "second" in capsys.readouterr().out

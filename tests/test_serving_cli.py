@@ -91,7 +91,10 @@ def test_recommend_names_bad_input(world: World, capsys: pytest.CaptureFixture) 
     )
     assert code == ExitCode.CONFIG and ".csv or .parquet" in capsys.readouterr().err
     code = main(["recommend", "--config", config(world), "--customer", "c", "--version", "9"])
-    assert code == ExitCode.INTEGRITY and "not in the mirror" in capsys.readouterr().err
+    assert code == ExitCode.NOT_FOUND and "not in the mirror" in capsys.readouterr().err
+    (world.merchant.models_dir / "versions" / "v000001.npz").unlink()  # held, then damaged
+    code = main(["recommend", "--config", config(world), "--customer", "c", "--version", "1"])
+    assert code == ExitCode.INTEGRITY and "v000001.npz is missing" in capsys.readouterr().err
 
 
 def test_serve_refuses_a_public_address_without_tls(

@@ -3,13 +3,17 @@ atomic Parquet writer, and ``import`` (validate everything, then write, all or n
 
 from __future__ import annotations
 
+import csv
 import gzip
 import io
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import pandas as pd
 
 from common.atomic import atomic_write_bytes
@@ -99,30 +103,140 @@ class _LimitedReader(io.RawIOBase):
         return len(data)
 
 
+@contextmanager
+def _csv_bytes(path: Path, fmt: EventFormat, *, max_bytes: int) -> Iterator[io.BufferedReader]:
+    """The file's bytes (decompressed for .csv.gz), never more than ``max_bytes`` of them."""
+    opener = gzip.open if fmt is EventFormat.CSV_GZ else open
+    with opener(path, "rb") as inner:
+        yield io.BufferedReader(_LimitedReader(inner, limit=max_bytes, source=str(path)))
+
+
 def _read_csv(
     path: Path, fmt: EventFormat, *, max_bytes: int, max_rows: int | None
 ) -> pd.DataFrame:
+    """The file's cells as text, header line as column names.
+
+    The header is read as a row of its own (``header=None``), so that a data row with more
+    fields than the header is a parse error rather than a row index pandas infers silently.
+    Shorter rows are padded with ``""`` by the parser; where that may have happened (an empty
+    cell in the last column), the records are counted again to find them.
+    """
     source = str(path)
-    opener = gzip.open if fmt is EventFormat.CSV_GZ else open
+    failure: str | None = None
     try:
-        with opener(path, "rb") as inner:
-            limited = io.BufferedReader(_LimitedReader(inner, limit=max_bytes, source=source))
-            return pd.read_csv(
-                limited,
+        with _csv_bytes(path, fmt, max_bytes=max_bytes) as stream:
+            cells = pd.read_csv(
+                stream,
+                header=None,
                 dtype=str,
                 keep_default_na=False,
                 na_filter=False,
                 encoding="utf-8-sig",
-                nrows=None if max_rows is None else max_rows + 1,
+                nrows=None if max_rows is None else max_rows + 2,
             )
     except pd.errors.EmptyDataError:
         raise DataValidationError("the file is empty (no header line)", file=source) from None
     except pd.errors.ParserError as exc:
-        raise DataValidationError(f"not a valid CSV file: {exc}", file=source) from None
+        failure = f"not a valid CSV file: {exc}"
     except UnicodeDecodeError:
-        raise DataValidationError("not UTF-8 text", file=source) from None
+        failure = "not UTF-8 text; save the file as UTF-8"
     except (OSError, EOFError) as exc:
         raise DataValidationError(f"cannot read the file: {exc}", file=source) from None
+    if failure is not None:
+        _check_records(path, fmt, max_bytes=max_bytes, find_bytes=True)
+        raise DataValidationError(failure, file=source)
+    # an empty header name becomes "Unnamed: i", as pandas names it when it reads a header
+    header = [name or f"Unnamed: {i}" for i, name in enumerate(cells.iloc[0].tolist())]
+    frame = cells.iloc[1:].reset_index(drop=True)
+    frame.columns = pd.Index(header, dtype=object)
+    padded = np.flatnonzero((frame.iloc[:, -1] == "").to_numpy(dtype=bool))
+    if padded.size:
+        _check_records(path, fmt, max_bytes=max_bytes, last_row=int(padded[-1]) + 1)
+    return frame
+
+
+_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
+
+
+def _check_records(
+    path: Path,
+    fmt: EventFormat,
+    *,
+    max_bytes: int,
+    find_bytes: bool = False,
+    last_row: int | None = None,
+) -> None:
+    """Raise for the first record whose number of fields differs from the header's (or, with
+    ``find_bytes``, that holds a byte that is not UTF-8); stop after data row ``last_row``.
+
+    Rows are counted as everywhere else: data rows from 1, header and blank lines excluded.
+    """
+    source = str(path)
+    errors = "surrogateescape" if find_bytes else "strict"
+    try:
+        with _csv_bytes(path, fmt, max_bytes=max_bytes) as stream:
+            text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors=errors, newline="")
+            _scan_records(text, source=source, find_bytes=find_bytes, last_row=last_row)
+    except (OSError, EOFError, UnicodeDecodeError):
+        return  # the caller reports the failure it met itself
+
+
+def _scan_records(
+    text: io.TextIOWrapper, *, source: str, find_bytes: bool, last_row: int | None
+) -> None:
+    reader = csv.reader(text)
+    header: list[str] | None = None
+    row = 0
+    while last_row is None or row < last_row:
+        first_line = reader.line_num + 1
+        try:
+            fields = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            raise DataValidationError(
+                f"not a valid CSV file: {exc}", file=source, row=row + 1 if header else None
+            ) from None
+        if not fields or (len(fields) == 1 and not fields[0].strip(" \t")):
+            continue  # a blank line, skipped by the reader of the table too
+        if find_bytes:
+            _check_bytes(fields, first_line, source=source, row=row + 1, header=header)
+        if header is None:
+            header = fields
+            continue
+        row += 1
+        if len(fields) != len(header):
+            raise DataValidationError(
+                f"the row has {len(fields)} fields, the header has {len(header)}",
+                file=source,
+                row=row,
+            )
+
+
+def _check_bytes(
+    fields: list[str], first_line: int, *, source: str, row: int | None, header: list[str] | None
+) -> None:
+    """Raise if a field holds a byte that is not UTF-8 (decoded as a lone surrogate)."""
+    for index, field in enumerate(fields):
+        found = _ESCAPED_BYTE.search(field)
+        if found is None:
+            continue
+        line = first_line + sum(f.count("\n") for f in fields[:index])
+        line += field[: found.start()].count("\n")
+        byte = ord(found.group()) - 0xDC00
+        where = f"byte 0x{byte:02x} on line {line} of the file"
+        if header is None:
+            raise DataValidationError(
+                f"the header line is not UTF-8 text ({where}); save the file as UTF-8",
+                file=source,
+            )
+        column = header[index].strip() if index < len(header) else None
+        raise DataValidationError(
+            f"not UTF-8 text ({where}); save the file as UTF-8",
+            file=source,
+            row=row,
+            column=column,
+        )
 
 
 def _read_parquet(path: Path, *, max_rows: int | None) -> pd.DataFrame:

@@ -103,8 +103,10 @@ def _text_column(series: pd.Series, *, id_column: bool) -> _Checked:
 
 
 def _floats(values: Any) -> pd.Series:
+    """Float64 values, NaN where not a number; ``-0`` becomes ``0`` (adding +0.0 does that),
+    so that "0" and "-0" give the same table."""
     numbers = pd.Series(pd.to_numeric(values, errors="coerce"))
-    return pd.Series(numbers.to_numpy(dtype="float64", na_value=np.nan))
+    return pd.Series(numbers.to_numpy(dtype="float64", na_value=np.nan) + 0.0)
 
 
 def _numeric(series: pd.Series) -> tuple[pd.Series, np.ndarray]:

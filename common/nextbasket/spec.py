@@ -40,8 +40,8 @@ class ScorerSpec:
     product_buckets: int = 1 << 15
     category_buckets: int = 1 << 10
     department_buckets: int = 64
-    embedding_dim: int = 8
-    hidden_dim: int = 32
+    embedding_dim: int = 16
+    hidden_dim: int = 64
 
     def __post_init__(self) -> None:
         for name in ("product_buckets", "category_buckets", "department_buckets"):

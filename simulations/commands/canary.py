@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from common.errors import AuditInconclusiveError, PrivacyViolationError
+from simulations.cli import check_output_file
 
 if TYPE_CHECKING:
     from simulations.canary import CanaryConfig, CanaryReport
@@ -145,6 +146,8 @@ def _handle(args: argparse.Namespace) -> int:
     from simulations.canary import run_canary_audit, write_report
 
     config = config_from_args(args)
+    if args.json is not None:  # named now, not after the audit has run
+        check_output_file(args.json, "--json")
     report = run_canary_audit(config)
     print(format_report(report))
     if args.json is not None:

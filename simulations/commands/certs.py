@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 
 from common import certs
+from common.errors import DeploymentError
+from simulations.cli import check_output_directory
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -72,6 +74,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _init(args: argparse.Namespace) -> int:
+    check_output_directory(args.out, "--out", error=DeploymentError)
     files = certs.init_ca(
         args.out, common_name=args.common_name, valid_days=args.days, force=args.force
     )
@@ -80,6 +83,7 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _issue_server(args: argparse.Namespace) -> int:
+    check_output_directory(args.out, "--out", error=DeploymentError)
     files = certs.issue_server_cert(
         ca_dir=args.ca_dir, hosts=args.host, out=args.out, valid_days=args.days, force=args.force
     )
@@ -89,6 +93,7 @@ def _issue_server(args: argparse.Namespace) -> int:
 
 
 def _issue_node(args: argparse.Namespace) -> int:
+    check_output_directory(args.out, "--out", error=DeploymentError)
     files = certs.generate_node_key(out=args.out, name=args.name, force=args.force)
     print(f"node private key (stays with the merchant, mode 600): {files.private_key}")
     print(f"node public key (send to the platform): {files.public_key}")

@@ -7,6 +7,8 @@ table to a Parquet file atomically, so a failed import leaves the destination un
 from __future__ import annotations
 
 import argparse
+import math
+from pathlib import Path
 from typing import Any
 
 from common.errors import ConfigError
@@ -17,6 +19,7 @@ from common.events import (
     read_events,
     summarize,
 )
+from simulations.cli import check_output_file
 
 MIB = 1024 * 1024
 
@@ -74,8 +77,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def _limits(args: argparse.Namespace) -> tuple[int, int | None]:
-    if not args.max_mb > 0:
-        raise ConfigError(f"--max-mb must be > 0, got {args.max_mb}")
+    if not (args.max_mb > 0 and math.isfinite(args.max_mb)):
+        raise ConfigError(f"--max-mb must be a finite number > 0, got {args.max_mb}")
     if args.max_rows is not None and args.max_rows < 1:
         raise ConfigError(f"--max-rows must be >= 1, got {args.max_rows}")
     return int(args.max_mb * MIB), args.max_rows
@@ -94,6 +97,7 @@ def run_validate(args: argparse.Namespace) -> int:
 
 def run_import(args: argparse.Namespace) -> int:
     max_bytes, max_rows = _limits(args)
+    check_output_file(Path(args.out), "--out")
     report = import_events(
         args.file,
         args.out,

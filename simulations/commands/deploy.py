@@ -16,7 +16,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from common import certs
-from common.errors import DeploymentError
+from common.errors import ConfigError, DeploymentError
+from simulations.cli import tcp_port
 from simulations.deployment.flower import (
     WILDCARD_HOSTS,
     SuperLinkSpec,
@@ -67,10 +68,15 @@ def _register_server(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
     p.add_argument("--certs", type=Path, help="directory with server.crt, server.key, ca.crt")
     p.add_argument("--state", type=Path, required=True, help="SuperLink state, logs, proxy")
     p.add_argument("--host", default="127.0.0.1", help="merchant-facing address (0.0.0.0: all)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="merchant-facing port; 0 = free")
+    p.add_argument(
+        "--port",
+        type=tcp_port("--port"),
+        default=DEFAULT_PORT,
+        help="merchant-facing port; 0 = free",
+    )
     p.add_argument(
         "--control-port",
-        type=int,
+        type=tcp_port("--control-port"),
         default=DEFAULT_CONTROL_PORT,
         help="the SuperLink's own port on 127.0.0.1 (Control API for `flwr`); 0 = free",
     )
@@ -119,7 +125,12 @@ def _register_client(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
         help="print the app hash of --app (what this merchant answers) and exit",
     )
     p.add_argument("--flwr-home", type=Path, help="private Flower directory (default: by config)")
-    p.add_argument("--runtime-port", type=int, default=0, help="local Runtime API; 0 = free")
+    p.add_argument(
+        "--runtime-port",
+        type=tcp_port("--runtime-port"),
+        default=0,
+        help="local Runtime API; 0 = free",
+    )
     p.add_argument("--max-retries", type=int, help="give up after N failed connection attempts")
     p.add_argument(
         "--idle-poll",
@@ -213,8 +224,10 @@ def plan_run(args: argparse.Namespace) -> RunRequest | None:
                 raise DeploymentError(f"{flag} needs --config (the run to submit)")
         return None
     config = args.config.resolve()
+    if config.is_dir():
+        raise ConfigError(f"--config {config} is a directory; expected a TOML file")
     if not config.is_file():
-        raise DeploymentError(f"--config {config} does not exist")
+        raise ConfigError(f"--config {config} does not exist")
     extra = parse_flwr_config([*args.flwr_config, *(["online=true"] if args.online else [])])
     app_dir = args.app.resolve()
     keys = ["fedshop-config", *(key for key, _ in extra)]
@@ -233,15 +246,13 @@ def plan_run(args: argparse.Namespace) -> RunRequest | None:
 
 
 def check_fedshop_run(request: RunRequest) -> RunRequest:
-    """What the fedshop ServerApp needs: a valid run TOML, a run directory, merchants' keys."""
+    """What the fedshop ServerApp needs: a valid run TOML, a run directory, merchants' keys.
+    A bad run TOML is a configuration error (its message names the file and key)."""
     from common.config import RunConfig
     from common.errors import FedshopError
     from common.keys import load_key_directory
 
-    try:
-        RunConfig.from_toml(request.config)
-    except FedshopError as exc:
-        raise DeploymentError(f"--config {request.config}: {exc.one_line()}") from None
+    RunConfig.from_toml(request.config)
     if request.run_dir is None or request.keys_dir is None:
         raise DeploymentError(
             "--run-dir DIR and --keys-dir DIR are required with --config for the fedshop app"

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from common import keys
+from simulations.cli import check_output_directory
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -36,6 +37,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _generate(args: argparse.Namespace) -> int:
+    check_output_directory(args.out, "--out")
     private_path, public_path = keys.generate_keypair(args.out, name=args.name)
     fingerprint = keys.key_fingerprint(keys.load_verify_key(public_path))
     print(f"private key (keep on the merchant, mode 600): {private_path}")

@@ -35,6 +35,7 @@ from common.events import (
     write_events,
 )
 from common.split import TimeSplit, parse_moment, split_by_dates, split_by_span
+from simulations.cli import check_output_directory
 
 EVENTS_FILE = "events.parquet"
 HOLDOUT_DIR = "holdout"
@@ -283,6 +284,7 @@ def _populate(
 
 def run_init(args: argparse.Namespace) -> int:
     certs.validate_name(args.id)
+    check_output_directory(args.out, "--out")
     events = read_own_events(args.events, args.id, parse_mapping(args.map))
     split = time_split(events, args)
     folder = create_merchant_folder(

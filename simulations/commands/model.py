@@ -2,6 +2,7 @@
 
 Every command verifies what it prints against the platform's public key (``--verify-key``):
 a version whose manifest was altered makes the command fail with the integrity exit code.
+No command creates a registry: a mistyped ``--registry`` is an error, not a new empty one.
 """
 
 from __future__ import annotations
@@ -79,7 +80,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def _open(args: argparse.Namespace) -> ModelRegistry:
     return ModelRegistry(
-        args.registry, signing_key=None, verify_key=load_verify_key(args.verify_key)
+        args.registry,
+        signing_key=None,
+        verify_key=load_verify_key(args.verify_key),
+        create=False,
     )
 
 

@@ -19,7 +19,8 @@ from datetime import datetime
 from pathlib import Path
 
 from client.merchant import MerchantConfig
-from common.errors import ConfigError
+from common.errors import ConfigError, NotFoundError
+from simulations.cli import tcp_port
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,11 @@ def _register_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
     )
     _config_flag(p)
     p.add_argument("--host", help="address to listen on (default: merchant.serving.host)")
-    p.add_argument("--port", type=int, help="0 picks a free port (default: merchant.serving.port)")
+    p.add_argument(
+        "--port",
+        type=tcp_port("--port"),
+        help="0 picks a free port (default: merchant.serving.port)",
+    )
     p.add_argument(
         "--allow-plaintext",
         action="store_true",
@@ -139,6 +144,8 @@ def run_recommend(args: argparse.Namespace) -> int:
 
     _one_blas_thread()
     merchant = _merchant(args)
+    if args.version is not None:
+        _check_held(merchant, args.version)
     customers = [args.customer] if args.customer is not None else read_customers(args.customers)
     result = recommend_batch(load_scorer(merchant, args.version), customers, args.k)
     if args.out is not None:
@@ -152,6 +159,24 @@ def run_recommend(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def _check_held(merchant: MerchantConfig, version: int) -> None:
+    """A version the mirror never received is a lookup miss (not found); a version it received
+    or the publication names, with a file gone, is damage the mirror reports as an integrity
+    error when it loads it."""
+    from client.publish import open_mirror
+
+    mirror = open_mirror(merchant)
+    publication = mirror.publication()
+    if publication is None or version in publication.versions():
+        return
+    stem = mirror.versions_dir / f"v{version:06d}"
+    if not any(stem.with_suffix(ext).exists() for ext in (".manifest.json", ".npz")):
+        raise NotFoundError(
+            f"model version {version} is not in the mirror {mirror.root} of merchant "
+            f"{merchant.id} (it holds the versions published to it)"
+        )
 
 
 # -- serve --------------------------------------------------------------------------------

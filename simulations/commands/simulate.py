@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from common.config import RunConfig
 from common.configparse import apply_overrides, load_toml
+from simulations.cli import check_output_directory
 
 if TYPE_CHECKING:
     from simulations.online import StreamSpec
@@ -117,6 +118,8 @@ def run(args: argparse.Namespace) -> int:
                 "drop --config/--set/--data/--map/--online"
             )
         return _run_offline(args, resume_layout(args.resume), began)
+    if args.out is not None:
+        check_output_directory(args.out, "--out")
     config = load_config(args.config, args.overrides, data=args.data, maps=args.map)
     requested = None if args.online is None else _check_online_flags(args)
     layout, stream = _provision(
