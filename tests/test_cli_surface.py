@@ -39,6 +39,7 @@ def test_help_works_for_every_command(path: tuple[str, ...], capsys) -> None:
     assert info.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith(f"usage: {' '.join(path)}")
+    assert "%%" not in out  # a description is not %-formatted: "%%" would print as is
 
 
 def test_help_through_the_installed_entry_point_lists_each_command_once() -> None:

@@ -108,7 +108,7 @@ def _register_ab(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         help="A/B tests between model versions at the merchant",
         description="Reports on the A/B test the merchant's serving runs between the serving "
         "version and a candidate: per-arm hit rate, NDCG@10 and revenue-weighted hit rate with "
-        "95%% confidence intervals, from the merchant's own impression and purchase logs.",
+        "95% confidence intervals, from the merchant's own impression and purchase logs.",
     )
     sub = parser.add_subparsers(dest="ab_command", metavar="ACTION", required=True)
     p = sub.add_parser(
