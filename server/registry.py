@@ -318,20 +318,17 @@ class ModelRegistry:
         """The platform key every manifest of this registry verifies against."""
         return self._verify_key
 
-    @contextlib.contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        with (
-            _index_errors(self.index_path),
-            sqlite_store.connect(self.index_path, foreign_keys=True) as conn,
-        ):
-            yield conn
+    def _connect(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return self._open(sqlite_store.connect)
+
+    def _transaction(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return self._open(sqlite_store.transaction)
 
     @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with (
-            _index_errors(self.index_path),
-            sqlite_store.transaction(self.index_path, foreign_keys=True) as conn,
-        ):
+    def _open(
+        self, opener: Callable[..., contextlib.AbstractContextManager[sqlite3.Connection]]
+    ) -> Iterator[sqlite3.Connection]:
+        with _index_errors(self.index_path), opener(self.index_path, foreign_keys=True) as conn:
             yield conn
 
     def register(
