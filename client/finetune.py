@@ -15,7 +15,6 @@ The cohort is read once, from the bytes whose hash the inbox checked, and traine
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
@@ -75,9 +74,6 @@ def _inbox(merchant: MerchantConfig, instruction: TrainInstruction) -> Inbox:
         raise ConfigError(
             f"merchant {merchant.id} has no inbox in its configuration; set merchant.inbox"
         )
-    cap = merchant.stream_epsilon_cap
-    if not (math.isfinite(cap) and cap > 0):
-        raise ConfigError(f"merchant.stream_epsilon_cap must be > 0, got {cap!r}")
     if instruction.planned_rounds < 1:
         raise ConfigError(
             f"planned rounds per cohort must be >= 1, got {instruction.planned_rounds}"

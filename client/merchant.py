@@ -14,7 +14,7 @@ import tomli_w
 
 from client.inbox import ArrivalMode
 from client.serving.config import ServingConfig
-from common.accounting import PrivacyUnit
+from common.accounting import MAX_EPSILON_CAP, MIN_NOISE_MULTIPLIER, PrivacyUnit
 from common.configparse import from_mapping, load_toml
 from common.errors import ConfigError
 from common.keys import NAME_PATTERN
@@ -36,7 +36,8 @@ class MerchantConfig:
     max_noise_multiplier: float = 10.0  # refuse rounds whose remaining budget needs more noise
     inbox: Path | None = None  # online fine-tuning: the inbox root (see docs/online.md)
     inbox_arrival: ArrivalMode = ArrivalMode.STABLE  # how the inbox knows a file is complete
-    stream_epsilon_cap: float = 1.0  # per stream cohort (event level); composes per customer
+    # per stream cohort (event level; composes per customer), never above epsilon_cap:
+    stream_epsilon_cap: float = 1.0
     # Held-out events the merchant scores models on (federated evaluation, client/evaluation.py):
     validation_data: Path | None = None  # weeks after `data` (per-round validation)
     test_data: Path | None = None  # weeks after `validation_data` (final test)
@@ -54,13 +55,18 @@ class MerchantConfig:
                 f"merchant.id {self.id!r} is not a valid merchant name: use 1-128 letters, "
                 "digits, '.', '_' or '-', starting with a letter or digit"
             )
-        if not (self.epsilon_cap > 0 and math.isfinite(self.epsilon_cap)):
-            raise ConfigError(f"merchant.epsilon_cap must be > 0, got {self.epsilon_cap}")
+        for name in ("epsilon_cap", "stream_epsilon_cap"):
+            if not 0 < getattr(self, name) <= MAX_EPSILON_CAP:
+                raise ConfigError(
+                    f"merchant.{name} must be in (0, {MAX_EPSILON_CAP:g}], got "
+                    f"{getattr(self, name)}"
+                )
         if not (0 < self.delta < 1):
             raise ConfigError(f"merchant.delta must be in (0, 1), got {self.delta}")
-        if not self.max_noise_multiplier > 0:
+        if not self.max_noise_multiplier >= MIN_NOISE_MULTIPLIER:
             raise ConfigError(
-                f"merchant.max_noise_multiplier must be > 0, got {self.max_noise_multiplier}"
+                f"merchant.max_noise_multiplier must be >= {MIN_NOISE_MULTIPLIER:g}, got "
+                f"{self.max_noise_multiplier}"
             )
         if self.threads < 1:
             raise ConfigError(f"merchant.threads must be >= 1, got {self.threads}")

@@ -92,6 +92,17 @@ def _rdp_epsilon(history: Sequence[MechanismStep], delta: float) -> float:
     return float(epsilon)
 
 
+# Below this noise multiplier fedshop reports epsilon as unbounded instead of computing it: every
+# accountant gives tens to thousands there (sigma 0.1, q 0.01, 100 steps: about 350), the PLD
+# accountant needs minutes (sigma 0.01) or refuses the size of the grid (smaller still), and a
+# request for such noise is refused when the configuration is read.
+MIN_NOISE_MULTIPLIER = 0.3
+
+# Above this, a cap on epsilon no longer limits what a release reveals; a non-private baseline
+# is ``privacy.enabled = false``, which the ledger records as such.
+MAX_EPSILON_CAP = 100.0
+
+
 def validate_delta(delta: float) -> float:
     if not (0 < delta < 1):
         raise ConfigError(f"delta must be in (0, 1), got {delta!r}")
@@ -143,11 +154,12 @@ def epsilon_spent(
     delta: float,
     accountant: AccountantKind = AccountantKind.PLD,
 ) -> float:
-    """Cumulative epsilon of ``history`` at ``delta``; 0 for an empty history, inf without noise."""
+    """Cumulative epsilon of ``history`` at ``delta``; 0 for an empty history, inf when a step
+    has no noise or less than ``MIN_NOISE_MULTIPLIER`` (an upper bound, so still true)."""
     validate_delta(delta)
     if not history:
         return 0.0
-    if any(step.noise_multiplier == 0 for step in history):
+    if any(step.noise_multiplier < MIN_NOISE_MULTIPLIER for step in history):
         return math.inf
     if accountant is AccountantKind.RDP:
         return _rdp_epsilon(history, delta)
@@ -206,7 +218,7 @@ def _calibrate(
             f"the budget is used up: epsilon {spent:.3f} already spent of {target:g}, and even "
             f"noise multiplier {max_sigma:g} would pass the cap"
         )
-    low, high = 0.05, max_sigma
+    low, high = MIN_NOISE_MULTIPLIER, max_sigma
     while high / low > 1.005:
         mid = math.sqrt(low * high)
         if eps_at(mid) > target:

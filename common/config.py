@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import tomli_w
 
-from common.accounting import AccountantKind, PrivacyUnit
+from common.accounting import MAX_EPSILON_CAP, MIN_NOISE_MULTIPLIER, AccountantKind, PrivacyUnit
 from common.canonical import canonical_json
 from common.configparse import as_plain_dict, from_mapping, load_toml
 from common.errors import ConfigError
@@ -90,6 +90,14 @@ class FederationConfig:
             raise ConfigError(f"federation.min_merchants must be >= 1, got {self.min_merchants}")
         if not self.round_timeout_s > 0:
             raise ConfigError("federation.round_timeout_s must be > 0")
+        if not self.server_learning_rate > 0:
+            raise ConfigError(
+                f"federation.server_learning_rate must be > 0, got {self.server_learning_rate}"
+            )
+        if not self.proximal_mu >= 0:
+            raise ConfigError(f"federation.proximal_mu must be >= 0, got {self.proximal_mu}")
+        if not self.max_update_norm > 0:
+            raise ConfigError(f"federation.max_update_norm must be > 0, got {self.max_update_norm}")
 
 
 @dataclass(frozen=True)
@@ -119,6 +127,8 @@ class TrainingConfig:
                 raise ConfigError(f"training.{name} must be >= 1, got {getattr(self, name)}")
         if self.learning_rate is not None and not self.learning_rate > 0:
             raise ConfigError(f"training.learning_rate must be > 0, got {self.learning_rate}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"training.momentum must be in [0, 1), got {self.momentum}")
 
 
 @dataclass(frozen=True)
@@ -134,14 +144,21 @@ class PrivacyConfig:
     accountant: AccountantKind = AccountantKind.PLD  # calibration and caps; RDP is recorded too
 
     def __post_init__(self) -> None:
-        if not (self.epsilon_cap > 0 and math.isfinite(self.epsilon_cap)):
-            raise ConfigError(f"privacy.epsilon_cap must be > 0, got {self.epsilon_cap}")
+        if not 0 < self.epsilon_cap <= MAX_EPSILON_CAP:
+            raise ConfigError(
+                f"privacy.epsilon_cap must be in (0, {MAX_EPSILON_CAP:g}], got {self.epsilon_cap} "
+                "(a non-private baseline is privacy.enabled = false)"
+            )
         if not (0 < self.delta < 1):
             raise ConfigError(f"privacy.delta must be in (0, 1), got {self.delta}")
         if not (self.clipping_norm > 0 and math.isfinite(self.clipping_norm)):
             raise ConfigError(f"privacy.clipping_norm must be > 0, got {self.clipping_norm}")
-        if self.noise_multiplier is not None and not self.noise_multiplier > 0:
-            raise ConfigError(f"privacy.noise_multiplier must be > 0, got {self.noise_multiplier}")
+        if self.noise_multiplier is not None and not self.noise_multiplier >= MIN_NOISE_MULTIPLIER:
+            raise ConfigError(
+                f"privacy.noise_multiplier must be >= {MIN_NOISE_MULTIPLIER:g}, got "
+                f"{self.noise_multiplier} (below it epsilon is unbounded for every accountant "
+                "fedshop uses; a non-private baseline is privacy.enabled = false)"
+            )
 
 
 @dataclass(frozen=True)

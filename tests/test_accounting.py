@@ -6,7 +6,14 @@ import math
 import pytest
 from dp_accounting import dp_event, rdp
 
-from common.accounting import AccountantKind, MechanismStep, epsilon_spent, noise_for_target
+from common.accounting import (
+    MAX_EPSILON_CAP,
+    MIN_NOISE_MULTIPLIER,
+    AccountantKind,
+    MechanismStep,
+    epsilon_spent,
+    noise_for_target,
+)
 from common.errors import ConfigError
 
 
@@ -79,6 +86,27 @@ def test_pld_discretisation_is_pessimistic():
 def test_empty_and_noiseless():
     assert epsilon_spent([], delta=1e-5) == 0.0
     assert math.isinf(epsilon_spent([MechanismStep(0.0, 0.1, 1)], delta=1e-5))
+
+
+@pytest.mark.parametrize("accountant", list(AccountantKind))
+@pytest.mark.parametrize("sigma", [1e-9, 0.01, MIN_NOISE_MULTIPLIER * 0.99])
+def test_noise_below_the_floor_is_unbounded_at_once(accountant, sigma):
+    """A ledger entry with almost no noise (sigma 1e-9 made the PLD grid too large to build,
+    0.01 took minutes) is reported as unbounded: a true upper bound, found without accounting."""
+    history = [MechanismStep(1.0, 0.01, 10), MechanismStep(sigma, 0.01, 100)]
+    assert math.isinf(epsilon_spent(history, delta=1e-5, accountant=accountant))
+
+
+def test_at_the_floor_epsilon_is_finite_and_large():
+    epsilon = epsilon_spent([MechanismStep(MIN_NOISE_MULTIPLIER, 0.01, 100)], delta=1e-5)
+    assert 10 < epsilon < math.inf  # no useful guarantee is lost below the floor
+
+
+def test_calibration_for_a_loose_target_stays_at_or_above_the_floor():
+    sigma = noise_for_target(target_epsilon=MAX_EPSILON_CAP, delta=1e-5, sample_rate=0.5, steps=1)
+    assert sigma >= MIN_NOISE_MULTIPLIER
+    reached = epsilon_spent([MechanismStep(sigma, 0.5, 1)], delta=1e-5)
+    assert reached <= MAX_EPSILON_CAP
 
 
 @pytest.mark.parametrize("accountant", list(AccountantKind))

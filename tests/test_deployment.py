@@ -134,11 +134,15 @@ def test_client_checks_files_before_starting(tmp_path: Path, pki: h.Pki) -> None
     config = h.make_merchant(tmp_path, "m1")
     base = ["client", "--superlink", "x:1", "--ca-cert", str(pki.ca / "ca.crt")]
     key = str(pki.nodes / "m1.node.key")
-    with pytest.raises(DeploymentError, match="does not exist"):
+    with pytest.raises(ConfigError, match=r"nope\.toml does not exist"):
         deploy.plan_client(parse(*base, "--config", str(tmp_path / "nope.toml"), "--node-key", key))
     (tmp_path / "bad.toml").write_text("[other]\n")
-    with pytest.raises(DeploymentError, match=r"no \[merchant\] table"):
+    with pytest.raises(ConfigError, match=r"bad\.toml: expected exactly one \[merchant\] table"):
         deploy.plan_client(parse(*base, "--config", str(tmp_path / "bad.toml"), "--node-key", key))
+    loose = tmp_path / "loose.toml"
+    loose.write_text(config.read_text().replace("[merchant]", "[merchant]\nepsilon_cap = 1e300"))
+    with pytest.raises(ConfigError, match=r"loose\.toml: merchant\.epsilon_cap must be in"):
+        deploy.plan_client(parse(*base, "--config", str(loose), "--node-key", key))
     with pytest.raises(DeploymentError, match="not an OpenSSH private key"):
         deploy.plan_client(
             parse(*base, "--config", str(config), "--node-key", str(pki.server / "server.key"))

@@ -147,6 +147,14 @@ def test_unknown_key_is_an_error_and_names_it():
         ("model.embedding_dim=0", r"model\.embedding_dim must be >= 1"),
         ("model.product_buckets=1", r"model\.product_buckets must be >= 2"),
         ("federation.update_dtype=bfloat16", r"federation\.update_dtype: 'bfloat16' is not one"),
+        ("privacy.epsilon_cap=1e300", r"privacy\.epsilon_cap must be in \(0, 100\], got 1e\+300"),
+        ("privacy.noise_multiplier=1e-9", r"privacy\.noise_multiplier must be >= 0\.3"),
+        ("privacy.noise_multiplier=0.29", r"privacy\.noise_multiplier must be >= 0\.3"),
+        ("training.momentum=2.0", r"training\.momentum must be in \[0, 1\)"),
+        ("training.momentum=-0.1", r"training\.momentum must be in \[0, 1\)"),
+        ("federation.server_learning_rate=-0.01", r"federation\.server_learning_rate must be > 0"),
+        ("federation.proximal_mu=-0.01", r"federation\.proximal_mu must be >= 0"),
+        ("federation.max_update_norm=0", r"federation\.max_update_norm must be > 0"),
     ],
 )
 def test_bad_values_rejected(override, fragment):

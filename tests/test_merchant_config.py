@@ -24,7 +24,7 @@ _paths = st.text(
     min_size=1,
     max_size=30,
 ).map(lambda s: Path("/") / s.strip("/") if s.strip("/") else Path("/x"))
-_positive = st.floats(min_value=1e-6, max_value=1e6, allow_nan=False, allow_infinity=False)
+_positive = st.floats(min_value=1e-6, max_value=100, allow_nan=False, allow_infinity=False)
 
 
 @settings(max_examples=150, deadline=None)
@@ -111,4 +111,25 @@ def test_ids_the_ledger_refuses_are_refused_when_the_config_is_loaded(
     table = {"id": merchant_id, "data": "d", "state_dir": "s", "signing_key": "k"}
     toml.write_text(tomli_w.dumps({"merchant": table}), encoding="utf-8")
     with pytest.raises(ConfigError, match=r"merchant\.toml: merchant\.id .* not a valid"):
+        MerchantConfig.from_toml(toml)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("epsilon_cap", 1e300, r"merchant\.epsilon_cap must be in \(0, 100\], got 1e\+300"),
+        ("epsilon_cap", 0.0, r"merchant\.epsilon_cap must be in \(0, 100\]"),
+        ("stream_epsilon_cap", 0.0, r"merchant\.stream_epsilon_cap must be in \(0, 100\]"),
+        ("stream_epsilon_cap", 101.0, r"merchant\.stream_epsilon_cap must be in \(0, 100\]"),
+        ("max_noise_multiplier", 0.1, r"merchant\.max_noise_multiplier must be >= 0\.3"),
+        ("delta", 1.0, r"merchant\.delta must be in \(0, 1\)"),
+    ],
+)
+def test_privacy_settings_out_of_range_are_refused_naming_file_and_key(
+    tmp_path: Path, key: str, value: float, expected: str
+) -> None:
+    toml = tmp_path / "merchant.toml"
+    table = {"id": "store-1", "data": "d", "state_dir": "s", "signing_key": "k", key: value}
+    toml.write_text(tomli_w.dumps({"merchant": table}), encoding="utf-8")
+    with pytest.raises(ConfigError, match=rf"merchant\.toml: {expected}"):
         MerchantConfig.from_toml(toml)

@@ -97,6 +97,23 @@ def test_recommend_names_bad_input(world: World, capsys: pytest.CaptureFixture) 
     assert code == ExitCode.INTEGRITY and "v000001.npz is missing" in capsys.readouterr().err
 
 
+def test_recommend_refuses_an_empty_customer_list(
+    world: World, capsys: pytest.CaptureFixture
+) -> None:
+    world.publish(serving=world.register(1))
+    code = main(["recommend", "--config", config(world), "--customer", " "])
+    assert (
+        code == ExitCode.CONFIG
+        and "--customer: the customer id is empty" in capsys.readouterr().err
+    )
+    for name, text in [("none.txt", "\n\n"), ("none.csv", "customer_id\n")]:
+        path = world.root / name
+        path.write_text(text)
+        code = main(["recommend", "--config", config(world), "--customers", str(path)])
+        err = capsys.readouterr().err
+        assert code == ExitCode.DATA and name in err and "lists none" in err
+
+
 def test_serve_refuses_a_public_address_without_tls(
     world: World, capsys: pytest.CaptureFixture
 ) -> None:
@@ -126,6 +143,22 @@ def test_feedback_reads_a_shop_export_and_reports(
     broken.write_text(export.read_text().replace(",1,2.5,", ",-1,2.5,"))
     code = main(["feedback", "--config", config(world), "--events", str(broken), *args[5:]])
     assert code == ExitCode.DATA and "row 1" in capsys.readouterr().err
+
+
+def test_feedback_with_another_merchants_rows_creates_no_serving_state(
+    world: World, capsys: pytest.CaptureFixture
+) -> None:
+    export = world.root / "orders.csv"
+    export.write_text(
+        "merchant_id,customer_id,product_id,timestamp,quantity,price\n"
+        f"{world.merchant.id},c1,p1,2030-01-01T10:00:00Z,1,2.5\n"
+        "someone-else,c2,p2,2030-01-01T11:00:00Z,2,1.0\n"
+    )
+    code = main(["feedback", "--config", config(world), "--events", str(export)])
+    err = capsys.readouterr().err
+    assert code == ExitCode.DATA and "orders.csv" in err and "row 2" in err
+    assert "'someone-else'" in err
+    assert not world.merchant.serving_dir.exists()
 
 
 def test_ab_report_without_an_experiment_says_so(

@@ -107,6 +107,8 @@ def read_customers(path: Path) -> list[str]:
         raise DataValidationError(
             "empty customer id", file=str(path), row=int(empty[0]) + 1, column=CUSTOMER_ID
         )
+    if ids.empty:
+        raise DataValidationError("no customer ids: the file lists none", file=str(path))
     return list(dict.fromkeys(ids))  # each customer once, in file order
 
 

@@ -47,7 +47,8 @@ def attribution_window(merchant: MerchantConfig) -> timedelta:
     return timedelta(hours=merchant.serving.attribution_window_hours)
 
 
-def _check_merchant(frame: pd.DataFrame, merchant: MerchantConfig, source: str) -> None:
+def check_merchant_rows(frame: pd.DataFrame, merchant: MerchantConfig, source: str) -> None:
+    """Every row is this merchant's; checked before any serving state is created or touched."""
     other = frame.index[frame[MERCHANT_ID] != merchant.id]
     if len(other):
         raise DataValidationError(
@@ -79,7 +80,7 @@ def record_purchases(
     now: datetime | None = None,
 ) -> FeedbackResult:
     """Join validated purchases (a canonical frame) to responses, then hand them to learning."""
-    _check_merchant(frame, merchant, source)
+    check_merchant_rows(frame, merchant, source)
     counts = attribute(store, frame, window=attribution_window(merchant), source=source, now=now)
     return FeedbackResult(counts, to_inbox(frame, merchant))
 

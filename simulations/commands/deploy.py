@@ -26,7 +26,7 @@ from simulations.deployment.flower import (
     preflight_tls,
 )
 from simulations.deployment.merchant import ClientPlan, run_merchant
-from simulations.deployment.pinning import extra_app_hashes, local_app_hash
+from simulations.deployment.pinning import local_app_hash
 from simulations.deployment.platform import RunRequest, ServerPlan, run_platform
 from simulations.deployment.process import free_port
 
@@ -335,10 +335,14 @@ def run_server(args: argparse.Namespace) -> int:
 
 def plan_client(args: argparse.Namespace) -> ClientPlan:
     """Validate the merchant's command line and files; refuse plaintext unless asked."""
+    from client.merchant import MerchantConfig
+
     if args.config is None or args.superlink is None:
         raise DeploymentError("--config merchant.toml and --superlink HOST:PORT are required")
     config = args.config.resolve()
-    extra_app_hashes(config)  # the [merchant] table and its app_hashes, checked up front
+    # The whole merchant.toml is read up front: a bad key is a configuration error (exit 3)
+    # here, not a supernode that starts and fails on its first message.
+    MerchantConfig.from_toml(config)
     if args.insecure_dev:
         if args.ca_cert is not None or args.node_key is not None:
             raise DeploymentError("--insecure-dev cannot be combined with --ca-cert/--node-key")

@@ -146,6 +146,8 @@ def run_recommend(args: argparse.Namespace) -> int:
     merchant = _merchant(args)
     if args.version is not None:
         _check_held(merchant, args.version)
+    if args.customer is not None and not args.customer.strip():
+        raise ConfigError("--customer: the customer id is empty")
     customers = [args.customer] if args.customer is not None else read_customers(args.customers)
     result = recommend_batch(load_scorer(merchant, args.version), customers, args.k)
     if args.out is not None:
@@ -282,7 +284,7 @@ def _stop_requested(signum: int, frame: object) -> None:
 
 # -- feedback -----------------------------------------------------------------------------
 def run_feedback(args: argparse.Namespace) -> int:
-    from client.serving.feedback import record_purchases
+    from client.serving.feedback import check_merchant_rows, record_purchases
     from client.serving.store import ServingStore
     from common.errors import DataValidationError
     from common.events import MERCHANT_ID, read_events
@@ -296,6 +298,7 @@ def run_feedback(args: argparse.Namespace) -> int:
         if exc.column != MERCHANT_ID:
             raise
         events = read_events(args.events, mapping=mapping)
+    check_merchant_rows(events, merchant, str(args.events))  # before the store is created
     result = record_purchases(
         events, merchant, ServingStore(merchant.serving_dir), source=str(args.events)
     )

@@ -73,7 +73,11 @@ def make_merchant(root: Path, name: str) -> Path:
     directory = root / "merchants" / name
     directory.mkdir(parents=True)
     config = directory / "merchant.toml"
-    config.write_text(f'[merchant]\nid = "{name}"\n', encoding="utf-8")
+    config.write_text(
+        f'[merchant]\nid = "{name}"\ndata = "events.parquet"\nstate_dir = "state"\n'
+        'signing_key = "ledger.key"\n',
+        encoding="utf-8",
+    )
     return config
 
 
