@@ -29,7 +29,13 @@ import torch
 from client.merchant_data import TrainingData, period_log
 from client.nextbasket_training import train_scorer
 from client.training import DPSettings, LocalTraining, steps_per_round
-from common.accounting import MechanismStep, PrivacyUnit, epsilon_spent, noise_for_target
+from common.accounting import (
+    MIN_NOISE_MULTIPLIER,
+    MechanismStep,
+    PrivacyUnit,
+    epsilon_spent,
+    noise_for_target,
+)
 from common.atomic import atomic_write_json
 from common.errors import ConfigError
 from common.nextbasket.model import BasketScorer, RecordTensors, load_shared_arrays, shared_arrays
@@ -193,8 +199,12 @@ class CanaryConfig:
             self.target_epsilon > 0 and math.isfinite(self.target_epsilon)
         ):
             raise ConfigError(f"target_epsilon must be > 0, got {self.target_epsilon!r}")
-        if self.noise_multiplier is not None and not self.noise_multiplier > 0:
-            raise ConfigError(f"noise_multiplier must be > 0, got {self.noise_multiplier!r}")
+        if self.noise_multiplier is not None and not self.noise_multiplier >= MIN_NOISE_MULTIPLIER:
+            raise ConfigError(
+                f"noise_multiplier must be >= {MIN_NOISE_MULTIPLIER:g}, got "
+                f"{self.noise_multiplier!r} (below it epsilon is unbounded: no claim to audit; "
+                "--no-noise trains without noise as a control)"
+            )
         if not 0 < self.delta < 1:
             raise ConfigError(f"delta must be in (0, 1), got {self.delta!r}")
         if not 0 < self.confidence < 1:

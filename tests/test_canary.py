@@ -287,6 +287,8 @@ def test_config_validation_names_the_value():
         CanaryConfig(canaries=10, guesses_per_side=6)
     with pytest.raises(ConfigError, match="-1"):
         CanaryConfig(target_epsilon=-1.0)
+    with pytest.raises(ConfigError, match=r"noise_multiplier must be >= 0\.3, got 0\.1"):
+        CanaryConfig(target_epsilon=None, noise_multiplier=0.1)
     with pytest.raises(ConfigError, match="items_per_canary"):
         CanaryConfig(items_per_canary=7, records=RECORDS)
     assert CanaryConfig(canaries=1000).per_side == 400
