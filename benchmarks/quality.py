@@ -731,16 +731,7 @@ def main(argv: list[str] | None = None) -> int:
     shape = hashlib.sha256(repr((spec, record_spec, schedule)).encode()).hexdigest()[:12]
     cache = args.cache / f"{args.merchants}-merchants-{args.rounds}-rounds-{shape}"
     cache.mkdir(parents=True, exist_ok=True)
-    todo = []
-    job_seconds = 0.0
-    for job in jobs:
-        saved = cache / f"{job_key(job)}.pkl"
-        if saved.exists():
-            methods, timings, took = pickle.loads(saved.read_bytes())
-            grid.merge(methods, timings)
-            job_seconds += took
-        else:
-            todo.append(job)
+    todo = [job for job in jobs if not (cache / f"{job_key(job)}.pkl").exists()]
     print(f"{len(jobs) - len(todo)} of {len(jobs)} jobs already in {cache}", flush=True)
     if todo and not args.report_only:
         context = multiprocessing.get_context("spawn")
@@ -754,10 +745,17 @@ def main(argv: list[str] | None = None) -> int:
             for done, future in enumerate(as_completed(futures), start=1):
                 result = future.result()
                 atomic_write_bytes(cache / f"{job_key(futures[future])}.pkl", pickle.dumps(result))
-                grid.merge(result[0], result[1])
-                job_seconds += result[2]
                 at = time.perf_counter() - began
                 print(f"[{done}/{len(todo)}] {result[2]:.0f}s (at {at:.0f}s)", flush=True)
+    # Merged in the plan's order, not the order jobs finished in: the report's rows are the
+    # same from run to run.
+    job_seconds = 0.0
+    for job in jobs:
+        saved = cache / f"{job_key(job)}.pkl"
+        if saved.exists():
+            methods, timings, took = pickle.loads(saved.read_bytes())
+            grid.merge(methods, timings)
+            job_seconds += took
     missing = [job_key(j) for j in jobs if not (cache / f"{job_key(j)}.pkl").exists()]
     if missing:
         print(f"report from the finished jobs only; missing: {', '.join(missing)}", flush=True)

@@ -43,3 +43,42 @@ def test_machine_figures_are_shares_and_seconds() -> None:
     reference = reference_work_seconds(repeats=2)
     assert 0.001 < reference < 10
     assert 0.0 <= stolen_share(before) <= 1.0
+
+
+def test_per_seed_counts_pair_trained_methods_by_seed_and_reuse_one_seed_baselines() -> None:
+    from types import SimpleNamespace
+
+    import numpy as np
+    from quality_report import CENTRAL, FEDERATED, LOCAL_DP, P_TOPFREQ, TIFU, _per_seed_counts
+
+    def method(*seeds: dict[str, float]) -> SimpleNamespace:
+        return SimpleNamespace(
+            seeds=[{m: {"ndcg@10": np.array([v, v])} for m, v in s.items()} for s in seeds]
+        )
+
+    report = SimpleNamespace(
+        merchants=["a", "b"],
+        methods={
+            P_TOPFREQ: method({"a": 0.5, "b": 0.3}),
+            TIFU: method({"a": 0.4, "b": 0.35}),
+            LOCAL_DP: method({"a": 0.45, "b": 0.2}, {"a": 0.55, "b": 0.2}),
+            FEDERATED: method({"a": 0.6, "b": 0.3}, {"a": 0.5, "b": 0.29}),
+            CENTRAL: method({"a": 0.7, "b": 0.4}, {"a": 0.5, "b": 0.36}),
+        },
+    )
+    # Seed 0: best local a 0.5 (P-TopFreq), b 0.35 (TIFU); seed 1: a 0.55 (local DP seed 1).
+    # A tie with P-TopFreq counts as "at or above", never as "above".
+    assert _per_seed_counts(report) == [  # type: ignore[arg-type]
+        {
+            "seed": 0,
+            "federated_at_or_above_p_topfreq": 2,
+            "federated_above_best_local": 1,
+            "central_above_best_local": 2,
+        },
+        {
+            "seed": 1,
+            "federated_at_or_above_p_topfreq": 1,
+            "federated_above_best_local": 0,
+            "central_above_best_local": 1,
+        },
+    ]
