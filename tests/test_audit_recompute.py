@@ -89,8 +89,10 @@ def test_customer_level_composes_across_cohorts_at_each_delta(tmp_path: Path) ->
     assert rows[1].pld > epsilon_spent([one], delta=1e-6)  # the second composed the first
 
 
-def test_zero_noise_is_infinite_and_flagged(tmp_path: Path) -> None:
-    entries = _entries(tmp_path, [{"noise_multiplier": 0.0, "epsilon_after": 1.0}])
+@pytest.mark.parametrize("sigma", [0.0, 1e-9, 0.25])
+def test_no_or_too_little_noise_is_infinite_and_flagged(tmp_path: Path, sigma: float) -> None:
+    """Below the accountable floor (0.3) a release is unbounded, whatever it recorded."""
+    entries = _entries(tmp_path, [{"noise_multiplier": sigma, "epsilon_after": 1.0}])
     (row,) = recompute_chain("m1", entries)
     assert math.isinf(row.rdp) and math.isinf(row.pld)
     assert row.flags

@@ -19,7 +19,13 @@ from dataclasses import dataclass
 import dp_accounting
 from dp_accounting import pld, rdp
 
-from common.accounting import AccountantKind, MechanismStep, PrivacyUnit, merged
+from common.accounting import (
+    MIN_NOISE_MULTIPLIER,
+    AccountantKind,
+    MechanismStep,
+    PrivacyUnit,
+    merged,
+)
 from common.ledger import LedgerEntry
 from common.ledger.claims import composition_history
 
@@ -54,9 +60,16 @@ def _event(step: MechanismStep) -> dp_accounting.DpEvent:
     return dp_accounting.SelfComposedDpEvent(sampled, step.steps)
 
 
+def _unbounded(history: tuple[MechanismStep, ...]) -> bool:
+    """Less noise than ``MIN_NOISE_MULTIPLIER`` in any step: infinity is a true bound there, and
+    the accountants need minutes or more (sigma 0.01) or fail (sigma 1e-9) on a
+    ledger that records such a step."""
+    return any(s.noise_multiplier < MIN_NOISE_MULTIPLIER for s in history)
+
+
 @functools.lru_cache(maxsize=4096)
 def _pld(history: tuple[MechanismStep, ...], delta: float) -> float:
-    if any(s.noise_multiplier == 0 for s in history):
+    if _unbounded(history):
         return math.inf
     accountant = pld.PLDAccountant(value_discretization_interval=AUDIT_PLD_GRID)
     accountant.compose(dp_accounting.ComposedDpEvent([_event(s) for s in history]))
@@ -65,7 +78,7 @@ def _pld(history: tuple[MechanismStep, ...], delta: float) -> float:
 
 @functools.lru_cache(maxsize=4096)
 def _rdp(history: tuple[MechanismStep, ...], delta: float) -> float:
-    if any(s.noise_multiplier == 0 for s in history):
+    if _unbounded(history):
         return math.inf
     accountant = rdp.RdpAccountant()
     accountant.compose(dp_accounting.ComposedDpEvent([_event(s) for s in history]))
