@@ -103,6 +103,13 @@ MIN_NOISE_MULTIPLIER = 0.3
 MAX_EPSILON_CAP = 100.0
 
 
+def unbounded(history: Sequence[MechanismStep]) -> bool:
+    """A step with less noise than ``MIN_NOISE_MULTIPLIER`` (or none): epsilon counts as
+    infinite, a true bound found without accounting. The one rule for the merchant, the
+    platform and the auditor's independent recomputation."""
+    return any(step.noise_multiplier < MIN_NOISE_MULTIPLIER for step in history)
+
+
 def validate_delta(delta: float) -> float:
     if not (0 < delta < 1):
         raise ConfigError(f"delta must be in (0, 1), got {delta!r}")
@@ -159,7 +166,7 @@ def epsilon_spent(
     validate_delta(delta)
     if not history:
         return 0.0
-    if any(step.noise_multiplier < MIN_NOISE_MULTIPLIER for step in history):
+    if unbounded(history):
         return math.inf
     if accountant is AccountantKind.RDP:
         return _rdp_epsilon(history, delta)

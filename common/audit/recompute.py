@@ -19,13 +19,7 @@ from dataclasses import dataclass
 import dp_accounting
 from dp_accounting import pld, rdp
 
-from common.accounting import (
-    MIN_NOISE_MULTIPLIER,
-    AccountantKind,
-    MechanismStep,
-    PrivacyUnit,
-    merged,
-)
+from common.accounting import AccountantKind, MechanismStep, PrivacyUnit, merged, unbounded
 from common.ledger import LedgerEntry
 from common.ledger.claims import composition_history
 
@@ -60,16 +54,9 @@ def _event(step: MechanismStep) -> dp_accounting.DpEvent:
     return dp_accounting.SelfComposedDpEvent(sampled, step.steps)
 
 
-def _unbounded(history: tuple[MechanismStep, ...]) -> bool:
-    """Less noise than ``MIN_NOISE_MULTIPLIER`` in any step: infinity is a true bound there, and
-    the accountants need minutes or more (sigma 0.01) or fail (sigma 1e-9) on a
-    ledger that records such a step."""
-    return any(s.noise_multiplier < MIN_NOISE_MULTIPLIER for s in history)
-
-
 @functools.lru_cache(maxsize=4096)
 def _pld(history: tuple[MechanismStep, ...], delta: float) -> float:
-    if _unbounded(history):
+    if unbounded(history):
         return math.inf
     accountant = pld.PLDAccountant(value_discretization_interval=AUDIT_PLD_GRID)
     accountant.compose(dp_accounting.ComposedDpEvent([_event(s) for s in history]))
@@ -78,7 +65,7 @@ def _pld(history: tuple[MechanismStep, ...], delta: float) -> float:
 
 @functools.lru_cache(maxsize=4096)
 def _rdp(history: tuple[MechanismStep, ...], delta: float) -> float:
-    if _unbounded(history):
+    if unbounded(history):
         return math.inf
     accountant = rdp.RdpAccountant()
     accountant.compose(dp_accounting.ComposedDpEvent([_event(s) for s in history]))
